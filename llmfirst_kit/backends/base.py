@@ -1,0 +1,148 @@
+"""The one contract every backend implements: stream one model call.
+
+A backend has two steps:
+
+- ``prepare(request)``: everything that must happen before the request is issued (validate the input,
+  load the model, build and count the prompt). Errors here cost no model call.
+- ``generate(prepared, record)``: an async iterator of :class:`Chunk`, each stamped with
+  ``time.perf_counter_ns()`` at arrival; on completion it fills the record's statistics (exact token
+  counts, finish reason, server timings).
+
+:class:`ModelCall` wraps the two: it stamps the request start between them, appends every chunk to the
+:class:`~llmfirst_kit.records.CallRecord`, and marks the record ``ok``, ``cancelled`` or ``error`` --
+keeping whatever text arrived before a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from ..errors import InvalidInput
+from ..records import CallRecord, new_id
+
+
+@dataclass
+class CallRequest:
+    messages: list[dict[str, str]]
+    model: str | None = None  # None: the backend's default
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = 0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    json_schema: dict[str, Any] | None = None  # structured output: the answer must match this schema
+    cache: str = "reuse"  # reuse: keep the matching prompt prefix in the KV cache; cold: evaluate all
+    num_ctx: int | None = None
+
+    def validate(self) -> None:
+        if not self.messages:
+            raise InvalidInput("no messages to send; give at least one user message")
+        last = self.messages[-1].get("content", "")
+        if not isinstance(last, str) or not last.strip():
+            raise InvalidInput("the question is empty; pass a non-empty question")
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidInput(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.cache not in ("reuse", "cold"):
+            raise InvalidInput(f"cache must be 'reuse' or 'cold', got {self.cache!r}")
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed,
+            "top_k": self.top_k, "top_p": self.top_p, "stop": list(self.stop), "cache": self.cache,
+            "structured": self.json_schema is not None, "num_ctx": self.num_ctx,
+        }
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    t_ns: int  # time.perf_counter_ns() at arrival
+    tokens: int | None = None  # output tokens this chunk carries, when the backend knows
+
+
+class Backend(ABC):
+    name: str = ""
+
+    def call(self, request: CallRequest, *, call_id: str | None = None) -> "ModelCall":
+        return ModelCall(self, request, call_id=call_id)
+
+    @abstractmethod
+    async def prepare(self, request: CallRequest) -> Any:
+        """Validate and get ready; returns whatever ``generate`` needs. Sets nothing on a record."""
+
+    @abstractmethod
+    def generate(self, prepared: Any, record: CallRecord) -> AsyncIterator[Chunk]:
+        """Issue the call and yield its chunks; fill the record's statistics at the end."""
+
+    @abstractmethod
+    def resolve_model(self, model: str | None) -> str:
+        """The model's canonical name (raises UnknownModel / BackendUnavailable with the fix)."""
+
+    async def aclose(self) -> None:  # pragma: no cover - optional
+        return None
+
+
+class ModelCall:
+    """One model call: ``async for chunk in call`` streams it; ``call.record`` holds what happened.
+
+    Leaving the ``async for`` early, or cancelling the task that runs it, stops the generation (the
+    embedded backend stops decoding within one token step). Iterate once.
+    """
+
+    def __init__(self, backend: Backend, request: CallRequest, *, call_id: str | None = None):
+        self.backend = backend
+        self.request = request
+        self.record = CallRecord(call_id=call_id or new_id("call"), backend=backend.name,
+                                 model=request.model or "", params=request.params())
+        self._started = False
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        if self._started:
+            raise RuntimeError("a ModelCall streams once; make a new call to stream again")
+        self._started = True
+        # The generator is not stored on self: leaving `async for` early drops the last reference, so the
+        # event loop finalises it at once (running its `finally`, which stops the generation).
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[Chunk]:
+        rec = self.record
+        try:
+            self.request.validate()
+            prepared = await self.backend.prepare(self.request)
+            rec.model = getattr(prepared, "model_name", rec.model) or rec.model
+            rec.start_ns = time.perf_counter_ns()
+            async for chunk in self.backend.generate(prepared, rec):
+                if not chunk.text:
+                    continue
+                rec.chunk_ns.append(chunk.t_ns)
+                rec.chunk_tokens.append(chunk.tokens if chunk.tokens is not None else 1)
+                rec.text += chunk.text
+                yield chunk
+            rec.status = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            self._mark_cancelled()
+            raise
+        except Exception as exc:
+            rec.status, rec.error = "error", f"{type(exc).__name__}: {exc}"
+            rec.finish_reason = rec.finish_reason or "error"
+            raise
+        finally:
+            rec.end_ns = time.perf_counter_ns()
+
+    def _mark_cancelled(self) -> None:
+        rec = self.record
+        rec.status, rec.finish_reason = "cancelled", "cancelled"
+        if rec.output_tokens is None:
+            rec.output_tokens = sum(rec.chunk_tokens)
+            rec.token_count_source = rec.token_count_source or "chunks delivered before cancel"
+
+    async def collect(self) -> CallRecord:
+        """Stream to the end without a consumer; returns the record."""
+        async for _ in self:
+            pass
+        return self.record

@@ -1,0 +1,330 @@
+"""Embedded backend: llama-cpp-python in this process, no server.
+
+Why a decode loop of our own (on ``Llama.generate``) rather than ``create_chat_completion(stream=True)``:
+
+- exact counts: every sampled token passes through this loop, so output tokens are counted, not
+  estimated, and each chunk knows how many tokens it carries;
+- every token is stamped with ``perf_counter_ns()`` the moment its text is known;
+- cancellation is checked after every token, so decoding stops within one token step;
+- text is decoded incrementally (linear time); llama-cpp-python's stream re-detokenizes the whole
+  completion for every token.
+
+The prompt is built exactly as llama-cpp-python builds it (the GGUF's Jinja chat template, or a named
+chat format), and sampling uses the same ``generate`` call and parameters.
+
+Threading: decoding runs in a worker thread and hands chunks to the event loop with
+``call_soon_threadsafe``; the loop never blocks. One ``Llama`` per model file, shared by every backend
+instance in the process and guarded by a FIFO lock, so concurrent calls queue fairly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from ..errors import BackendError, ContextOverflow, InvalidInput
+from ..models import DEFAULT_MODEL, ResolvedModel, resolve
+from ..records import CallRecord
+from .base import Backend, CallRequest, Chunk
+
+DEFAULT_N_CTX = 4096
+
+
+def default_threads() -> int:
+    """All cores (llama-cpp-python's own default is half of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class FifoLock:
+    """A lock granted in arrival order; a waiter can give up when its call is cancelled."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    def acquire(self, cancelled: threading.Event) -> bool:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            while self._queue[0] is not me:
+                self._cond.wait(0.05)
+                if cancelled.is_set():
+                    self._queue.remove(me)
+                    self._cond.notify_all()
+                    return False
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._queue.popleft()
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        return max(0, len(self._queue) - 1)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded ``Llama`` and its bookkeeping (shared process-wide)."""
+
+    resolved: ResolvedModel
+    llm: Any
+    n_ctx: int
+    n_threads: int
+    load_s: float
+    lock: FifoLock = field(default_factory=FifoLock)
+    formatter: Any = None
+    calls: int = 0
+    tokens_decoded: int = 0  # every token sampled by this model (for tests of cancellation)
+    busy: bool = False
+
+    def format_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Messages -> prompt tokens, as llama-cpp-python builds them. (The chat format's stop strings are
+        its end-of-turn special tokens, which the decode loop already ends on as end-of-generation.)"""
+        if not self.resolved.system_role:
+            messages = fold_system_message(messages)
+        result = self.formatter(messages=messages)
+        return self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+
+
+def fold_system_message(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """For chat formats without a system role: put the system text at the top of the first user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
+    rest = [dict(m) for m in messages if m.get("role") != "system"]
+    if system and rest and rest[0].get("role") == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    return rest
+
+
+_LOADED: dict[tuple[str, int, int], LoadedModel] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None) -> LoadedModel:
+    """Load (once per process) the model's ``Llama``; later calls return the same object."""
+    import llama_cpp
+    from llama_cpp import llama_chat_format
+
+    resolved = resolve(name_or_path)
+    n_threads = n_threads or default_threads()
+    key = (str(resolved.path), n_ctx, n_threads)
+    with _LOAD_LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        t0 = time.perf_counter()
+        llm = llama_cpp.Llama(
+            model_path=str(resolved.path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+            chat_format=resolved.chat_format, verbose=False,
+        )
+        load_s = time.perf_counter() - t0
+        if resolved.chat_format:
+            formatter = getattr(llama_chat_format, f"format_{resolved.chat_format.replace('-', '_')}")
+        elif "tokenizer.chat_template" in llm.metadata:
+            eos, bos = llm.token_eos(), llm.token_bos()
+            formatter = llama_chat_format.Jinja2ChatFormatter(
+                template=llm.metadata["tokenizer.chat_template"],
+                eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos],
+            )
+        else:
+            raise InvalidInput(f"{resolved.path} has no chat template; register it in llmfirst_kit.models "
+                               f"with a chat_format (e.g. 'gemma', 'chatml')")
+        loaded = LoadedModel(resolved=resolved, llm=llm, n_ctx=n_ctx, n_threads=n_threads, load_s=load_s,
+                             formatter=formatter)
+        _LOADED[key] = loaded
+        return loaded
+
+
+@dataclass
+class Prepared:
+    model_name: str
+    loaded: LoadedModel
+    prompt_tokens: list[int]
+    stop: list[str]
+    request: CallRequest
+    grammar: Any
+    cold_load: bool
+
+
+_DONE = object()
+
+
+class EmbeddedBackend(Backend):
+    """Stream from a GGUF model in-process (llama-cpp-python)."""
+
+    name = "embedded"
+
+    def __init__(self, model: str | None = None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None):
+        self.default_model = model or DEFAULT_MODEL
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or default_threads()
+
+    def resolve_model(self, model: str | None) -> str:
+        return resolve(model or self.default_model).name
+
+    def load(self, model: str | None = None, n_ctx: int | None = None) -> LoadedModel:
+        return load_model(model or self.default_model, n_ctx=n_ctx or self.n_ctx, n_threads=self.n_threads)
+
+    async def prepare(self, request: CallRequest) -> Prepared:
+        model = request.model or self.default_model
+        n_ctx = request.num_ctx or self.n_ctx
+        key_before = set(_LOADED)
+        loaded = await asyncio.to_thread(self.load, model, n_ctx)
+        cold = (str(loaded.resolved.path), loaded.n_ctx, loaded.n_threads) not in key_before
+        tokens = await asyncio.to_thread(loaded.format_prompt, request.messages)
+        need = len(tokens) + request.max_tokens
+        if need > loaded.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(tokens)} tokens and max_tokens is {request.max_tokens}: {need} tokens, but "
+                f"the context of {loaded.resolved.name} is {loaded.n_ctx}; shorten the prompt, lower max_tokens, "
+                f"or load the model with a larger n_ctx (nothing was truncated)"
+            )
+        grammar = None
+        if request.json_schema is not None:
+            grammar = await asyncio.to_thread(schema_grammar, request.json_schema)
+        return Prepared(model_name=loaded.resolved.name, loaded=loaded, prompt_tokens=tokens,
+                        stop=list(request.stop), request=request, grammar=grammar, cold_load=cold)
+
+    async def generate(self, prepared: Prepared, record: CallRecord) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                cancelled.set()
+
+        loaded = prepared.loaded
+        record.model_info = loaded.resolved.info()
+        record.cold_load = prepared.cold_load
+        record.load_s = loaded.load_s if prepared.cold_load else None
+        worker = threading.Thread(target=_decode, args=(prepared, put, cancelled), daemon=True,
+                                  name=f"llmfirst-decode-{record.call_id}")
+        worker.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Chunk):
+                    yield item
+                elif isinstance(item, dict):  # final statistics
+                    record.prompt_tokens = item["prompt_tokens"]
+                    record.output_tokens = item["output_tokens"]
+                    record.finish_reason = item["finish_reason"]
+                    record.token_count_source = "llama.cpp tokenizer (exact)"
+                    record.server = {"queue_ns": item["queue_ns"], "prompt_eval_tokens": item["prompt_eval_tokens"]}
+                elif isinstance(item, BaseException):
+                    raise item
+                elif item is _DONE:
+                    return
+        finally:
+            cancelled.set()  # no-op after a normal end; otherwise the worker stops at its next token
+
+
+def schema_grammar(schema: dict[str, Any]) -> Any:
+    from llama_cpp import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except Exception as exc:
+        raise InvalidInput(f"cannot turn this JSON schema into a grammar ({exc}); simplify the schema") from exc
+
+
+def _decode(prepared: Prepared, put: Callable[[Any], None], cancelled: threading.Event) -> None:
+    """Worker thread: wait for the model, decode token by token, hand chunks to the loop."""
+    import llama_cpp
+
+    loaded, req = prepared.loaded, prepared.request
+    llm = loaded.llm
+    t_queued = time.perf_counter_ns()
+    if not loaded.lock.acquire(cancelled):
+        put(_DONE)
+        return
+    try:
+        queue_ns = time.perf_counter_ns() - t_queued
+        loaded.busy = True
+        loaded.calls += 1
+        if req.cache == "cold":
+            llm.reset()
+        cached_prefix = _common_prefix(llm, prepared.prompt_tokens) if req.cache == "reuse" else 0
+        llm.set_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llm._model.vocab
+        stops = prepared.stop
+        holdback = max((len(s) for s in stops), default=1) - 1
+        pending_text = ""
+        pending_tokens = 0
+        output_tokens = 0
+        finish = "length"
+
+        def emit(text: str, n: int) -> None:
+            put(Chunk(text=text, t_ns=time.perf_counter_ns(), tokens=n))
+
+        gen = llm.generate(
+            prepared.prompt_tokens, temp=req.temperature, top_k=req.top_k if req.top_k is not None else 40,
+            top_p=req.top_p if req.top_p is not None else 0.95, min_p=0.05, repeat_penalty=1.0,
+            grammar=prepared.grammar,
+        )
+        try:
+            for token in gen:
+                loaded.tokens_decoded += 1
+                if cancelled.is_set():
+                    finish = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                output_tokens += 1
+                pending_tokens += 1
+                pending_text += utf8.decode(llm.detokenize([token]))
+                if stops:
+                    hit = min((i for i in (pending_text.find(s) for s in stops) if i >= 0), default=-1)
+                    if hit >= 0:
+                        pending_text = pending_text[:hit]
+                        finish = "stop"
+                        break
+                    safe = len(pending_text) - holdback if holdback else len(pending_text)
+                    if safe > 0:
+                        emit(pending_text[:safe], pending_tokens)
+                        pending_text, pending_tokens = pending_text[safe:], 0
+                elif pending_text:
+                    emit(pending_text, pending_tokens)
+                    pending_text, pending_tokens = "", 0
+                if output_tokens >= req.max_tokens:
+                    break
+        finally:
+            gen.close()
+        pending_text += utf8.decode(b"", final=True)
+        if pending_text and finish != "cancelled":
+            emit(pending_text, pending_tokens)
+        if finish == "cancelled":
+            put(_DONE)
+            return
+        put({"prompt_tokens": len(prepared.prompt_tokens), "output_tokens": output_tokens, "finish_reason": finish,
+             "queue_ns": queue_ns, "prompt_eval_tokens": len(prepared.prompt_tokens) - cached_prefix})
+        put(_DONE)
+    except Exception as exc:  # surfaced in the consumer as an error event; text so far is kept
+        put(BackendError(f"llama.cpp failed while decoding: {type(exc).__name__}: {exc}"))
+    finally:
+        loaded.busy = False
+        loaded.lock.release()
+
+
+def _common_prefix(llm: Any, tokens: list[int]) -> int:
+    """How many prompt tokens llama-cpp-python will find already in its KV cache."""
+    n = 0
+    for a, b in zip(llm._input_ids[: llm.n_tokens], tokens):
+        if a != b:
+            break
+        n += 1
+    return n

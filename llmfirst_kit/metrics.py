@@ -1,0 +1,235 @@
+"""Every latency formula of the kit, as pure functions of records.
+
+Definitions follow vLLM ``bench serve`` and guidellm:
+
+- TTFT: first non-empty content chunk - request start
+- E2E: last content chunk - request start
+- TPOT: (E2E - TTFT) / (output_tokens - 1); undefined (None) for fewer than two tokens
+- ITL: gaps between consecutive content chunks (per chunk; a chunk can hold several tokens)
+- decode tokens/s: output_tokens / (E2E - TTFT); overall tokens/s: output_tokens / E2E
+- user-visible TTFT of a run: first content chunk of any visible stage - run start
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+from .records import CallRecord, RunRecord
+
+NS = 1e9
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Service-level objectives; defaults are the paper's targets."""
+
+    ttft_s: float = 3.0
+    tpot_s: float = 0.100
+    e2e_s: float = 120.0
+
+
+DEFAULT_SLO = SLO()
+
+
+def ttft_s(rec: CallRecord) -> float | None:
+    if not rec.chunk_ns:
+        return None
+    return (rec.chunk_ns[0] - rec.start_ns) / NS
+
+
+def e2e_s(rec: CallRecord) -> float | None:
+    if not rec.chunk_ns:
+        return None
+    return (rec.chunk_ns[-1] - rec.start_ns) / NS
+
+
+def tpot_s(rec: CallRecord) -> float | None:
+    n, t, e = rec.output_tokens, ttft_s(rec), e2e_s(rec)
+    if n is None or n < 2 or t is None or e is None:
+        return None
+    return (e - t) / (n - 1)
+
+
+def tpot_incl_first_s(rec: CallRecord) -> float | None:
+    """guidellm's variant: E2E / output_tokens (the first token's latency included)."""
+    n, e = rec.output_tokens, e2e_s(rec)
+    if not n or e is None:
+        return None
+    return e / n
+
+
+def itl_s(rec: CallRecord) -> list[float]:
+    return [(b - a) / NS for a, b in zip(rec.chunk_ns, rec.chunk_ns[1:])]
+
+
+def decode_tps(rec: CallRecord) -> float | None:
+    n, t, e = rec.output_tokens, ttft_s(rec), e2e_s(rec)
+    if not n or n < 2 or t is None or e is None or e <= t:
+        return None
+    return n / (e - t)
+
+
+def overall_tps(rec: CallRecord) -> float | None:
+    n, e = rec.output_tokens, e2e_s(rec)
+    if not n or not e:
+        return None
+    return n / e
+
+
+def slo_verdict(ttft: float | None, tpot: float | None, e2e: float | None,
+                slo: SLO = DEFAULT_SLO) -> dict[str, bool | None]:
+    """True = met, False = missed, None = undefined (no token, or TPOT of a one-token answer)."""
+    return {
+        "ttft": None if ttft is None else ttft < slo.ttft_s,
+        "tpot": None if tpot is None else tpot < slo.tpot_s,
+        "e2e": None if e2e is None else e2e < slo.e2e_s,
+    }
+
+
+def call_metrics(rec: CallRecord, slo: SLO = DEFAULT_SLO) -> dict[str, Any]:
+    """Flat metrics of one call (seconds, tokens, tokens/s) plus its SLO verdict."""
+    t, e, p = ttft_s(rec), e2e_s(rec), tpot_s(rec)
+    itl = itl_s(rec)
+    return {
+        "ttft_s": t,
+        "e2e_s": e,
+        "tpot_s": p,
+        "tpot_incl_first_s": tpot_incl_first_s(rec),
+        "itl_mean_s": sum(itl) / len(itl) if itl else None,
+        "itl_max_s": max(itl) if itl else None,
+        "output_tokens": rec.output_tokens,
+        "prompt_tokens": rec.prompt_tokens,
+        "tokens_per_s": decode_tps(rec),
+        "overall_tokens_per_s": overall_tps(rec),
+        "token_count_source": rec.token_count_source,
+        "load_s": rec.load_s,
+        "cold_load": rec.cold_load,
+        "slo": slo_verdict(t, p, e, slo),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def user_ttft_s(run: RunRecord) -> float | None:
+    """First content chunk of any stage the user sees - run start."""
+    firsts = [s.call.chunk_ns[0] for s in run.stages if s.visible and s.call.chunk_ns]
+    if not firsts:
+        return None
+    return (min(firsts) - run.start_ns) / NS
+
+
+def run_e2e_s(run: RunRecord) -> float | None:
+    ends = [s.call.chunk_ns[-1] for s in run.stages if s.call.chunk_ns]
+    if not ends:
+        return None
+    return (max(ends) - run.start_ns) / NS
+
+
+def kit_overhead_s(run: RunRecord) -> float:
+    """Time between stages spent in the kit: from the end of one sequential stage's call to the next
+    stage's request start. Stages that overlap (a cascade) contribute nothing."""
+    total = 0
+    prev_end: int | None = None
+    for s in sorted(run.stages, key=lambda s: s.call.start_ns):
+        if prev_end is not None and s.call.start_ns > prev_end:
+            total += s.call.start_ns - prev_end
+        end = s.call.end_ns or (s.call.chunk_ns[-1] if s.call.chunk_ns else s.call.start_ns)
+        prev_end = end if prev_end is None else max(prev_end, end)
+    return total / NS
+
+
+def compliance(run: RunRecord) -> float | None:
+    """Share of user-visible characters produced by a model call (1.0 = everything a model wrote)."""
+    total = sum(len(v.text) for v in run.shown)
+    if total == 0:
+        return None
+    by_model = sum(len(v.text) for v in run.shown if v.call_id is not None and _is_model_call(run, v))
+    return by_model / total
+
+
+def _is_model_call(run: RunRecord, v: Any) -> bool:
+    """A visible string counts as model-made only if it is a substring of that call's recorded output."""
+    for s in run.stages:
+        if s.call.call_id == v.call_id:
+            return v.text in s.call.text
+    return False
+
+
+def run_metrics(run: RunRecord, slo: SLO = DEFAULT_SLO) -> dict[str, Any]:
+    visible = [s for s in run.stages if s.visible]
+    answer = visible[-1].call if visible else (run.stages[-1].call if run.stages else None)
+    ut, e = user_ttft_s(run), run_e2e_s(run)
+    tp = tpot_s(answer) if answer else None
+    return {
+        "user_ttft_s": ut,
+        "e2e_s": e,
+        "answer_tpot_s": tp,
+        "model_calls": len(run.stages),
+        "output_tokens": sum(s.call.output_tokens or 0 for s in run.stages),
+        "kit_overhead_s": kit_overhead_s(run),
+        "compliance": compliance(run),
+        "quality": None if run.quality is None else run.quality.get("score"),
+        "slo": slo_verdict(ut, tp, e, slo),
+    }
+
+
+# ------------------------------------------------------------------------------------------- frames
+
+def calls_frame(records: Iterable[CallRecord], slo: SLO = DEFAULT_SLO):
+    """One row per call: ids, parameters and every metric."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        m = call_metrics(r, slo)
+        verdict = m.pop("slo")
+        rows.append({
+            "call_id": r.call_id, "backend": r.backend, "model": r.model, "status": r.status,
+            "warmup": r.warmup, **{f"param_{k}": v for k, v in r.params.items() if not isinstance(v, (dict, list))},
+            **m, **{f"slo_{k}": v for k, v in verdict.items()},
+        })
+    return pd.DataFrame(rows)
+
+
+def runs_frame(runs: Iterable[RunRecord], slo: SLO = DEFAULT_SLO):
+    """One row per run: labels (study parameters), the run metrics and the SLO verdict."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        m = run_metrics(run, slo)
+        verdict = m.pop("slo")
+        rows.append({
+            "run_id": run.run_id, "preset": run.preset, "query": run.query, "status": run.status,
+            "warmup": run.warmup, **run.labels, **m, **{f"slo_{k}": v for k, v in verdict.items()},
+        })
+    return pd.DataFrame(rows)
+
+
+def percentiles(frame, by: Sequence[str] = (), columns: Sequence[str] | None = None,
+                q: Sequence[int] = (50, 90, 95, 99)):
+    """p50/p90/p95/p99 of each metric column over repeats; warm-up rows excluded (and counted)."""
+    import pandas as pd
+
+    df = frame
+    if "warmup" in df.columns:
+        df = df[~df["warmup"].astype(bool)]
+    if columns is None:
+        columns = [c for c in ("ttft_s", "user_ttft_s", "tpot_s", "answer_tpot_s", "e2e_s", "tokens_per_s")
+                   if c in df.columns]
+    out = []
+    groups = df.groupby(list(by), dropna=False) if by else [((), df)]
+    for key, g in groups:
+        row: dict[str, Any] = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row["n"] = len(g)
+        for c in columns:
+            vals = pd.to_numeric(g[c], errors="coerce").dropna()
+            for p in q:
+                row[f"{c}_p{p}"] = vals.quantile(p / 100) if len(vals) else None
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def slo_dict(slo: SLO) -> dict[str, float]:
+    return asdict(slo)

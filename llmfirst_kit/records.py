@@ -1,0 +1,161 @@
+"""Records: what one model call and one pipeline run leave behind.
+
+Records hold raw observations only (monotonic ``time.perf_counter_ns()`` stamps, texts, token counts as
+the backend reported them). Every derived figure (TTFT, TPOT, ...) is computed from them in
+``llmfirst_kit.metrics``; nothing here does arithmetic on time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class CallRecord:
+    """One streamed model call, as observed by the client.
+
+    ``start_ns`` is taken just before the backend call is issued (after prompt building).
+    ``chunk_ns[i]`` is the arrival time of the i-th non-empty content chunk and ``chunk_tokens[i]``
+    how many output tokens it carried (a chunk can hold several tokens, e.g. a Korean syllable split
+    over two byte-level tokens).
+    """
+
+    call_id: str
+    backend: str
+    model: str
+    params: dict[str, Any] = field(default_factory=dict)
+    started_at: str = field(default_factory=utc_now)
+    start_ns: int = 0
+    end_ns: int = 0  # when the call returned (after its final statistics)
+    chunk_ns: list[int] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    token_count_source: str = ""
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    status: str = "running"  # running | ok | cancelled | error
+    error: str | None = None
+    load_s: float | None = None  # model load paid by this call (embedded load or Ollama load_duration)
+    cold_load: bool = False
+    server: dict[str, Any] = field(default_factory=dict)  # server-side timings in ns, as the server gave them
+    model_info: dict[str, Any] = field(default_factory=dict)
+    warmup: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CallRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Visible:
+    """One string a user saw, with where it came from (``call_id`` of the model call, or ``None``)."""
+
+    stage: str
+    text: str
+    call_id: str | None
+
+
+@dataclass
+class StageRecord:
+    name: str
+    visible: bool
+    call: CallRecord
+    wait_ns: int = 0  # run start -> this stage's request start
+
+
+@dataclass
+class RunRecord:
+    """One pipeline run: its stages (each one model call), decisions and everything the user saw."""
+
+    run_id: str
+    preset: str
+    query: str
+    started_at: str = field(default_factory=utc_now)
+    start_ns: int = 0
+    end_ns: int = 0
+    status: str = "running"  # running | ok | cancelled | error
+    error: str | None = None
+    stages: list[StageRecord] = field(default_factory=list)
+    decisions: dict[str, Any] = field(default_factory=dict)
+    shown: list[Visible] = field(default_factory=list)
+    quality: dict[str, Any] | None = None
+    labels: dict[str, Any] = field(default_factory=dict)  # study parameters: model, quantization, repeat...
+    warmup: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        data = dict(data)
+        data["stages"] = [
+            StageRecord(name=s["name"], visible=s["visible"], call=CallRecord.from_dict(s["call"]),
+                        wait_ns=s.get("wait_ns", 0))
+            for s in data.get("stages", [])
+        ]
+        data["shown"] = [Visible(**v) for v in data.get("shown", [])]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class RunLog:
+    """Append-only JSONL log. Each record is written and fsync'ed as soon as it is finished, so a crash
+    loses at most the call in progress."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: CallRecord | RunRecord) -> None:
+        kind = "run" if isinstance(record, RunRecord) else "call"
+        line = json.dumps({"kind": kind, **record.to_dict()}, ensure_ascii=False)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def __iter__(self) -> Iterator[CallRecord | RunRecord]:
+        return iter(read_log(self.path))
+
+
+def read_log(path: str | os.PathLike[str]) -> list[CallRecord | RunRecord]:
+    """Read a JSONL run log; a torn last line (crash mid-write) is skipped."""
+    out: list[CallRecord | RunRecord] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kind = data.pop("kind", "call")
+            out.append(RunRecord.from_dict(data) if kind == "run" else CallRecord.from_dict(data))
+    return out
+
+
+def write_log(path: str | os.PathLike[str], records: Iterable[CallRecord | RunRecord]) -> None:
+    log = RunLog(path)
+    for r in records:
+        log.append(r)
