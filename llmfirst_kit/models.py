@@ -196,10 +196,14 @@ def _assemble(spec: ModelSpec, parts: list[Path]) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 22)
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. disk full: don't leave hundreds of MB behind
+        raise
     os.replace(tmp, target)  # atomic: a crash never leaves a half-written model under the final name
     return target
 

@@ -129,13 +129,25 @@ class RunLog:
     def append(self, record: CallRecord | RunRecord) -> None:
         kind = "run" if isinstance(record, RunRecord) else "call"
         line = json.dumps({"kind": kind, **record.to_dict()}, ensure_ascii=False)
+        # after a crash mid-write the file ends in a torn line: start on a fresh line, or this record is lost too
+        prefix = "\n" if _ends_torn(self.path) else ""
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+            fh.write(prefix + line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def __iter__(self) -> Iterator[CallRecord | RunRecord]:
         return iter(read_log(self.path))
+
+
+def _ends_torn(path: Path) -> bool:
+    """True if the file exists, is not empty and does not end with a newline."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except OSError:  # missing or empty
+        return False
 
 
 def read_log(path: str | os.PathLike[str]) -> list[CallRecord | RunRecord]:

@@ -83,7 +83,8 @@ class Backend(ABC):
     def resolve_model(self, model: str | None) -> str:
         """The model's canonical name (raises UnknownModel / BackendUnavailable with the fix)."""
 
-    async def aclose(self) -> None:  # pragma: no cover - optional
+    def structured_output_problem(self, model: str | None) -> str | None:
+        """Why ``model`` cannot return JSON-schema output, or None if it can."""
         return None
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from ..errors import BackendError, ContextOverflow, InvalidInput
-from ..models import DEFAULT_MODEL, ResolvedModel, resolve
+from ..models import DEFAULT_MODEL, REGISTRY, ResolvedModel, resolve
 from ..records import CallRecord
 from .base import Backend, CallRequest, Chunk
 
@@ -170,6 +170,14 @@ class EmbeddedBackend(Backend):
 
     def resolve_model(self, model: str | None) -> str:
         return resolve(model or self.default_model).name
+
+    def structured_output_problem(self, model: str | None) -> str | None:
+        resolved = resolve(model or self.default_model)
+        if resolved.spec is not None and not resolved.spec.instruct:
+            instruct = [n for n, sp in REGISTRY.items() if sp.instruct]
+            return (f"{resolved.name} is a base model (not instruction-tuned) and cannot follow a schema as a "
+                    f"decision maker or judge; use one of: {', '.join(instruct)}")
+        return None
 
     def load(self, model: str | None = None, n_ctx: int | None = None) -> LoadedModel:
         return load_model(model or self.default_model, n_ctx=n_ctx or self.n_ctx, n_threads=self.n_threads)
@@ -321,10 +329,12 @@ def _decode(prepared: Prepared, put: Callable[[Any], None], cancelled: threading
 
 
 def _common_prefix(llm: Any, tokens: list[int]) -> int:
-    """How many prompt tokens llama-cpp-python will find already in its KV cache."""
+    """How many prompt tokens llama-cpp-python will find already in its KV cache (and not evaluate)."""
     n = 0
     for a, b in zip(llm._input_ids[: llm.n_tokens], tokens):
         if a != b:
             break
         n += 1
-    return n
+    if n == len(tokens) and not (llm.n_tokens == len(tokens) and not getattr(llm, "_requires_eval", True)):
+        n -= 1  # as Llama.generate does: the whole prompt is cached, but its last token is replayed for logits
+    return max(n, 0)
