@@ -66,7 +66,8 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-async def backend(httpserver):
+async def ollama(httpserver):
+    """An OllamaBackend pointed at the loopback server (named apart from conftest's embedded ``backend``)."""
     b = OllamaBackend(MODEL, host=httpserver.url_for("/"))
     yield b
     await b.aclose()
@@ -82,11 +83,11 @@ async def stream(backend: OllamaBackend, request: CallRequest):
 
 # ------------------------------------------------------------------------------------------- streaming
 
-async def test_streams_text_and_maps_server_stats(httpserver, backend):
+async def test_streams_text_and_maps_server_stats(httpserver, ollama):
     seen: list[dict[str, Any]] = []
     serve_chat(httpserver, [part("Hel"), part("lo"), part(" world"), final()], seen)
 
-    rec, chunks = await stream(backend, CallRequest(messages=QUESTION, max_tokens=5))
+    rec, chunks = await stream(ollama, CallRequest(messages=QUESTION, max_tokens=5))
 
     assert [c.text for c in chunks] == ["Hel", "lo", " world"]
     assert all(c.tokens == 1 for c in chunks)
@@ -121,13 +122,13 @@ async def test_streams_text_and_maps_server_stats(httpserver, backend):
     assert "format" not in body
 
 
-async def test_sampling_options_forwarded(httpserver, backend):
+async def test_sampling_options_forwarded(httpserver, ollama):
     seen: list[dict[str, Any]] = []
     serve_chat(httpserver, [part("ok"), final(eval_count=1)], seen)
     req = CallRequest(messages=QUESTION, model="llama3.2:1b", max_tokens=32, temperature=0.7, seed=42,
                       top_k=20, top_p=0.9, stop=["\n\n"], num_ctx=8192)
 
-    rec, _ = await stream(backend, req)
+    rec, _ = await stream(ollama, req)
 
     assert rec.model == "llama3.2:1b"
     assert seen[0]["model"] == "llama3.2:1b"
@@ -135,13 +136,13 @@ async def test_sampling_options_forwarded(httpserver, backend):
                                   "top_p": 0.9, "stop": ["\n\n"], "num_ctx": 8192}
 
 
-async def test_structured_output_forwards_the_schema(httpserver, backend):
+async def test_structured_output_forwards_the_schema(httpserver, ollama):
     schema = {"type": "object", "properties": {"route": {"type": "string", "enum": ["search", "answer"]}},
               "required": ["route"]}
     seen: list[dict[str, Any]] = []
     serve_chat(httpserver, [part('{"route"'), part(': "search"}'), final(eval_count=6)], seen)
 
-    rec, _ = await stream(backend, CallRequest(messages=QUESTION, json_schema=schema))
+    rec, _ = await stream(ollama, CallRequest(messages=QUESTION, json_schema=schema))
 
     assert seen[0]["format"] == schema
     assert json.loads(rec.text) == {"route": "search"}
@@ -149,10 +150,10 @@ async def test_structured_output_forwards_the_schema(httpserver, backend):
 
 
 @pytest.mark.parametrize("load_ns, cold", [(2_500_000_000, True), (4_000_000, False)])
-async def test_cold_load_flag_follows_load_duration(httpserver, backend, load_ns, cold):
+async def test_cold_load_flag_follows_load_duration(httpserver, ollama, load_ns, cold):
     serve_chat(httpserver, [part("Hi"), final(load_duration=load_ns)])
 
-    rec, _ = await stream(backend, CallRequest(messages=QUESTION))
+    rec, _ = await stream(ollama, CallRequest(messages=QUESTION))
 
     assert rec.cold_load is cold
     assert rec.load_s == pytest.approx(load_ns / 1e9)
@@ -160,10 +161,10 @@ async def test_cold_load_flag_follows_load_duration(httpserver, backend, load_ns
     assert call_metrics(rec)["cold_load"] is cold
 
 
-async def test_without_eval_count_falls_back_to_chunks(httpserver, backend):
+async def test_without_eval_count_falls_back_to_chunks(httpserver, ollama):
     serve_chat(httpserver, [part("a"), part("b"), part("c"), final(eval_count=None, prompt_eval_count=None)])
 
-    rec, _ = await stream(backend, CallRequest(messages=QUESTION))
+    rec, _ = await stream(ollama, CallRequest(messages=QUESTION))
 
     assert rec.output_tokens == 3
     assert "no eval_count" in rec.token_count_source
@@ -171,7 +172,7 @@ async def test_without_eval_count_falls_back_to_chunks(httpserver, backend):
     assert rec.server["eval_count"] is None
 
 
-async def test_leaving_early_cancels_and_closes_the_connection(httpserver, backend):
+async def test_leaving_early_cancels_and_closes_the_connection(httpserver, ollama):
     """Ollama stops generating when its client disconnects: leaving the loop must close the stream."""
     server_saw: list[str] = []
 
@@ -189,7 +190,7 @@ async def test_leaving_early_cancels_and_closes_the_connection(httpserver, backe
         return Response(lines(), content_type="application/x-ndjson")
 
     httpserver.expect_request("/api/chat", method="POST").respond_with_handler(slow_handler)
-    call = backend.call(CallRequest(messages=QUESTION))
+    call = ollama.call(CallRequest(messages=QUESTION))
 
     async for chunk in call:
         assert chunk.text == "t0 "
@@ -208,10 +209,10 @@ async def test_leaving_early_cancels_and_closes_the_connection(httpserver, backe
 
 # ---------------------------------------------------------------------------------------------- errors
 
-async def test_unknown_model_names_the_pull_command(httpserver, backend):
+async def test_unknown_model_names_the_pull_command(httpserver, ollama):
     httpserver.expect_request("/api/chat", method="POST").respond_with_json(
         {"error": "model 'nosuch:1b' not found"}, status=404)
-    call = backend.call(CallRequest(messages=QUESTION, model="nosuch:1b"))
+    call = ollama.call(CallRequest(messages=QUESTION, model="nosuch:1b"))
 
     with pytest.raises(UnknownModel) as info:
         await call.collect()
@@ -244,9 +245,9 @@ async def test_unreachable_server_for_list_models_too():
     await b.aclose()
 
 
-async def test_error_line_mid_stream_keeps_the_text_so_far(httpserver, backend):
+async def test_error_line_mid_stream_keeps_the_text_so_far(httpserver, ollama):
     serve_chat(httpserver, [part("Hello"), part(", wor"), {"error": "an error was encountered while running the model"}])
-    call = backend.call(CallRequest(messages=QUESTION))
+    call = ollama.call(CallRequest(messages=QUESTION))
     received: list[str] = []
 
     with pytest.raises(BackendError) as info:
@@ -261,20 +262,20 @@ async def test_error_line_mid_stream_keeps_the_text_so_far(httpserver, backend):
     assert len(call.record.chunk_ns) == 2
 
 
-async def test_other_http_error_reports_status_and_message(httpserver, backend):
+async def test_other_http_error_reports_status_and_message(httpserver, ollama):
     httpserver.expect_request("/api/chat", method="POST").respond_with_json(
         {"error": "model requires more system memory (5.5 GiB) than is available (1.2 GiB)"}, status=500)
 
     with pytest.raises(BackendError) as info:
-        await backend.call(CallRequest(messages=QUESTION)).collect()
+        await ollama.call(CallRequest(messages=QUESTION)).collect()
 
     assert not isinstance(info.value, UnknownModel)
     assert "HTTP 500" in str(info.value) and "more system memory" in str(info.value)
 
 
-async def test_stream_cut_before_done_is_an_error(httpserver, backend):
+async def test_stream_cut_before_done_is_an_error(httpserver, ollama):
     serve_chat(httpserver, [part("partial"), part(" answer")])
-    call = backend.call(CallRequest(messages=QUESTION))
+    call = ollama.call(CallRequest(messages=QUESTION))
 
     with pytest.raises(BackendError, match="final statistics"):
         await call.collect()
@@ -283,9 +284,9 @@ async def test_stream_cut_before_done_is_an_error(httpserver, backend):
     assert call.record.status == "error"
 
 
-async def test_cold_cache_request_is_refused_before_any_call(httpserver, backend):
+async def test_cold_cache_request_is_refused_before_any_call(httpserver, ollama):
     with pytest.raises(InvalidInput, match="cache='reuse'"):
-        await backend.call(CallRequest(messages=QUESTION, cache="cold")).collect()
+        await ollama.call(CallRequest(messages=QUESTION, cache="cold")).collect()
     assert httpserver.log == []
 
 
@@ -313,18 +314,18 @@ async def test_env_host_is_used_for_the_call(httpserver, monkeypatch):
     await b.aclose()
 
 
-async def test_list_models_and_version(httpserver, backend):
+async def test_list_models_and_version(httpserver, ollama):
     httpserver.expect_request("/api/tags", method="GET").respond_with_json({"models": [
         {"model": "qwen2.5:0.5b", "modified_at": "2025-01-01T00:00:00Z", "digest": "abc", "size": 397821319,
          "details": {"family": "qwen2", "parameter_size": "494.03M", "quantization_level": "Q4_K_M"}}]})
     httpserver.expect_request("/api/version", method="GET").respond_with_json({"version": "0.9.6"})
 
-    models = await backend.list_models()
+    models = await ollama.list_models()
 
     assert [m["model"] for m in models] == ["qwen2.5:0.5b"]
     assert models[0]["size"] == 397821319
     assert models[0]["details"]["quantization_level"] == "Q4_K_M"
-    assert await backend.version() == "0.9.6"
+    assert await ollama.version() == "0.9.6"
 
 
 # ------------------------------------------------------------------------------ a real server, if any

@@ -83,6 +83,9 @@ class Backend(ABC):
     def resolve_model(self, model: str | None) -> str:
         """The model's canonical name (raises UnknownModel / BackendUnavailable with the fix)."""
 
+    async def aclose(self) -> None:
+        """Release connections (the Ollama client); nothing to do for in-process backends."""
+
     def structured_output_problem(self, model: str | None) -> str | None:
         """Why ``model`` cannot return JSON-schema output, or None if it can."""
         return None

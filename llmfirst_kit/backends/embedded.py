@@ -20,6 +20,7 @@ instance in the process and guarded by a FIFO lock, so concurrent calls queue fa
 from __future__ import annotations
 
 import asyncio
+import atexit
 import codecs
 import collections
 import json
@@ -106,6 +107,16 @@ def fold_system_message(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 
 _LOADED: dict[tuple[str, int, int], LoadedModel] = {}
 _LOAD_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Free the models before interpreter shutdown: ``Llama.__del__`` run during module teardown fails with
+    a traceback (its ``llama_cpp`` globals are already gone). A model still decoding is left alone."""
+    for key, loaded in list(_LOADED.items()):
+        if not loaded.busy:
+            loaded.llm.close()
+            _LOADED.pop(key, None)
 
 
 def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None) -> LoadedModel:

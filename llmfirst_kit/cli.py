@@ -1,0 +1,218 @@
+"""The ``llmfirst`` command: a thin layer over functions a notebook can call too.
+
+Model text goes to stdout as it streams; stage labels, decisions and the metrics line go to stderr, so
+``llmfirst ask ... > answer.txt`` keeps only what the model wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from .backends import BACKENDS, get_backend
+from .errors import InvalidInput, KitError
+from .events import Decision, Error, Token
+from .metrics import call_metrics, run_metrics
+from .models import DEFAULT_MODEL, known_names, status
+from .pipeline import PRESETS, Pipeline
+from .records import RunLog, RunRecord
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (at least 1), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmfirst", description="Streaming LLM-first pipelines, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="stream an answer and print its metrics")
+    ask.add_argument("question")
+    ask.add_argument("--backend", default="embedded", help=f"one of: {', '.join(BACKENDS)} (default embedded)")
+    ask.add_argument("--model", default=None, help=f"registry name or .gguf path (embedded default {DEFAULT_MODEL})")
+    ask.add_argument("--host", default=None, help="Ollama host (default: $OLLAMA_HOST or the client's default)")
+    ask.add_argument("--max-tokens", type=_positive_int, default=512)
+    ask.add_argument("--preset", default="direct", help=f"one of: {', '.join(PRESETS)} (default direct)")
+    ask.add_argument("--rewrite", action="store_true", help="add the query-rewrite stage")
+    ask.add_argument("--review", action="store_true", help="add the LLM judge stage")
+    ask.add_argument("--judge-model", default=None)
+    ask.add_argument("--fast-model", default=None, help="the cascade's opening model")
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--seed", type=int, default=0)
+    ask.add_argument("--log", default=None, help="append the run record to this JSONL file")
+    ask.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    models = sub.add_parser("models", help="the embedded model registry and each model's status")
+    models.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="side-by-side benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    ov = bsub.add_parser("overhead", help="kit embedded backend vs raw llama-cpp-python stream")
+    ov.add_argument("--model", default=DEFAULT_MODEL)
+    ov.add_argument("--runs", type=_positive_int, default=5)
+    ov.add_argument("--max-tokens", type=_positive_int, default=128)
+    ov.add_argument("--json", action="store_true")
+    pl = bsub.add_parser("pipeline", help="user-visible TTFT of presets, interleaved")
+    pl.add_argument("--model", default=None)
+    pl.add_argument("--presets", default="direct,staged")
+    pl.add_argument("--repeats", type=_positive_int, default=1)
+    pl.add_argument("--max-tokens", type=_positive_int, default=256)
+    pl.add_argument("--json", action="store_true")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ ask
+
+def _summary(rec: RunRecord, pipe: Pipeline) -> dict[str, Any]:
+    """The --json object: the answer call's metrics at the top level, the run's beside them."""
+    visible = [s for s in rec.stages if s.visible]
+    answer = visible[-1].call if visible else (rec.stages[-1].call if rec.stages else None)
+    cm = call_metrics(answer, pipe.slo) if answer else {}
+    rm = run_metrics(rec, pipe.slo)
+    return {
+        "status": rec.status, "error": rec.error, "run_id": rec.run_id,
+        "text": answer.text if answer else "", "model": answer.model if answer else rec.labels.get("model"),
+        "backend": rec.labels.get("backend"), "preset": rec.preset,
+        "ttft_s": cm.get("ttft_s"), "e2e_s": cm.get("e2e_s"), "tpot_s": cm.get("tpot_s"),
+        "output_tokens": cm.get("output_tokens"), "prompt_tokens": cm.get("prompt_tokens"),
+        "tokens_per_s": cm.get("tokens_per_s"), "token_count_source": cm.get("token_count_source"),
+        "load_s": cm.get("load_s"), "cold_load": cm.get("cold_load"),
+        "slo": cm.get("slo", {"ttft": None, "tpot": None, "e2e": None}),
+        "user_ttft_s": rm["user_ttft_s"], "run_e2e_s": rm["e2e_s"], "model_calls": rm["model_calls"],
+        "kit_overhead_s": rm["kit_overhead_s"], "compliance": rm["compliance"],
+        "decisions": {k: {"value": v["value"], "status": v["status"]} for k, v in rec.decisions.items()},
+        "quality": rm["quality"], "query": rec.query,
+        "stages": [
+            {"name": s.name, "model": s.call.model, "text": s.call.text, "visible": s.visible,
+             "status": s.call.status, **{k: call_metrics(s.call)[k] for k in ("ttft_s", "tpot_s", "e2e_s",
+                                                                               "output_tokens")}}
+            for s in rec.stages
+        ],
+    }
+
+
+def _metrics_line(summary: dict[str, Any]) -> str:
+    def f(v: Any, unit: str = "s", scale: float = 1.0) -> str:
+        return "n/a" if v is None else f"{v * scale:.3f}{unit}" if unit == "s" else f"{v * scale:.1f}{unit}"
+
+    slo = " ".join(f"{k}:{'ok' if v else ('n/a' if v is None else 'MISS')}" for k, v in summary["slo"].items())
+    parts = [f"status={summary['status']}", f"preset={summary['preset']}", f"model={summary['model']}",
+             f"user_ttft={f(summary['user_ttft_s'])}", f"ttft={f(summary['ttft_s'])}",
+             f"tpot={f(summary['tpot_s'], 'ms', 1000)}", f"e2e={f(summary['e2e_s'])}",
+             f"tokens={summary['output_tokens']} ({summary['token_count_source']})",
+             f"tok/s={f(summary['tokens_per_s'], '')}", f"compliance={summary['compliance']}",
+             f"quality={summary['quality']}", f"slo[{slo}]"]
+    return " ".join(parts)
+
+
+async def ask(args: argparse.Namespace) -> int:
+    options = {"host": args.host} if args.backend == "ollama" and args.host else {}
+    backend = get_backend(args.backend, **options)
+    pipe = Pipeline.from_preset(args.preset, backend=backend, model=args.model, rewrite=args.rewrite,
+                                review=args.review, judge_model=args.judge_model, fast_model=args.fast_model,
+                                max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    run = pipe.start(args.question)
+    current: str | None = None
+    labelled = len(pipe.stages) > 1  # label each stream when there are several (cascade stages interleave)
+    err = sys.stderr
+    try:
+        async for ev in run:
+            if args.json:
+                continue
+            if isinstance(ev, Token):
+                if labelled and ev.stage != current:
+                    current = ev.stage
+                    print(f"\n[{ev.stage}]", file=err, flush=True)
+                print(ev.text, end="", flush=True, file=sys.stdout if ev.visible else err)
+            elif isinstance(ev, Decision):
+                print(f"\n[decision {ev.name} ({ev.status})] {json.dumps(ev.value, ensure_ascii=False)}", file=err)
+            elif isinstance(ev, Error):
+                print(f"\nerror [{ev.code}] in stage {ev.stage}: {ev.message}", file=err)
+    except asyncio.CancelledError:
+        pass
+    rec = run.record
+    if args.log:
+        RunLog(args.log).append(rec)
+    summary = _summary(rec, pipe)
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        print(file=sys.stdout)
+        print(_metrics_line(summary), file=err)
+    return {"ok": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(rec.status, EXIT_FAILED)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+def models_cmd(args: argparse.Namespace) -> int:
+    rows = [status(name) for name in known_names()]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return EXIT_OK
+    for r in rows:
+        state = "verified" if r["verified"] else ("installed" if r["installed"] else "missing")
+        default = " (default)" if r["name"] == DEFAULT_MODEL else ""
+        print(f"{r['name']:<20} {r['title']:<30} {r['quantization']:<7} {r['parameters']:>5} "
+              f"{r['size'] / 1e6:7.1f} MB  {'instruct' if r['instruct'] else 'base':<8} {state}{default}")
+        if r.get("problem"):
+            print(f"    {r['problem']}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+async def bench_cmd(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.bench == "overhead":
+        result = await bench.overhead(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
+    else:
+        presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
+        result = await bench.pipeline(model=args.model, presets=presets, repeats=args.repeats,
+                                      max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "ask":
+            return asyncio.run(ask(args))
+        if args.command == "models":
+            return models_cmd(args)
+        if args.command == "bench":
+            return asyncio.run(bench_cmd(args))
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
+    except InvalidInput as exc:
+        return _fail(args, exc, EXIT_BAD_INPUT)
+    except KitError as exc:
+        return _fail(args, exc, EXIT_FAILED)
+    return EXIT_FAILED
+
+
+def _fail(args: argparse.Namespace, exc: KitError, code: int) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"status": "error", "code": exc.code, "error": str(exc)}, ensure_ascii=False))
+    print(f"llmfirst: error: {exc}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
