@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from .backends import BACKENDS, get_backend
-from .errors import InvalidInput, KitError
+from .errors import ContextOverflow, InvalidInput, KitError, UnknownModel
 from .events import Decision, Error, Token
 from .metrics import call_metrics, run_metrics
 from .models import DEFAULT_MODEL, known_names, status
@@ -21,6 +21,7 @@ from .pipeline import PRESETS, Pipeline
 from .records import RunLog, RunRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+BAD_INPUT_CODES = {cls.code for cls in (InvalidInput, ContextOverflow, UnknownModel)}
 
 
 def _positive_int(text: str) -> int:
@@ -124,10 +125,14 @@ async def ask(args: argparse.Namespace) -> int:
                                 max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     run = pipe.start(args.question)
     current: str | None = None
+    error_code: str | None = None
     labelled = len(pipe.stages) > 1  # label each stream when there are several (cascade stages interleave)
     err = sys.stderr
     try:
         async for ev in run:
+            if isinstance(ev, Error):
+                error_code = ev.code
+                print(f"\nllmfirst: error [{ev.code}] in stage {ev.stage}: {ev.message}", file=err)
             if args.json:
                 continue
             if isinstance(ev, Token):
@@ -137,8 +142,6 @@ async def ask(args: argparse.Namespace) -> int:
                 print(ev.text, end="", flush=True, file=sys.stdout if ev.visible else err)
             elif isinstance(ev, Decision):
                 print(f"\n[decision {ev.name} ({ev.status})] {json.dumps(ev.value, ensure_ascii=False)}", file=err)
-            elif isinstance(ev, Error):
-                print(f"\nerror [{ev.code}] in stage {ev.stage}: {ev.message}", file=err)
     except asyncio.CancelledError:
         pass
     rec = run.record
@@ -150,6 +153,8 @@ async def ask(args: argparse.Namespace) -> int:
     else:
         print(file=sys.stdout)
         print(_metrics_line(summary), file=err)
+    if error_code in BAD_INPUT_CODES:  # found before a model call (e.g. a prompt longer than the context)
+        return EXIT_BAD_INPUT
     return {"ok": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(rec.status, EXIT_FAILED)
 
 

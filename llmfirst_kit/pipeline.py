@@ -131,9 +131,9 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
     elif name == "staged":
         stages = [
             strategy_stage(),
-            Stage(name="analysis", sees=q, budget_share=0.25,
+            Stage(name="analysis", sees=q, budget_share=0.5,
                   instruction="Briefly analyse the user's intent and likely expertise level. Do not answer yet."),
-            Stage(name="reasoning", sees=(*q, "analysis"), budget_share=0.25,
+            Stage(name="reasoning", sees=(*q, "analysis"), budget_share=0.5,
                   instruction=("Reason about how best to answer, given the analysis: what matters, what to "
                                "include, what to avoid. Do not write the answer yet.")),
             Stage(name="answer", sees=(*q, "analysis", "reasoning"), budget_share=1.0,
@@ -329,11 +329,14 @@ class Run:
 
     def _budget(self, stage: Stage) -> int:
         """Max tokens of a stage: its share of the model's token_budget decision when it has one, else its
-        own cap, always within the pipeline's max_tokens."""
+        own cap, within the pipeline's max_tokens. A structured stage keeps its own cap: its schema bounds
+        its length, and a cut-short JSON would be wasted."""
         pipe = self.pipeline
         if stage.budget_share is not None and "strategy" in self.record.decisions:
             budget = self.record.decisions["strategy"]["value"]["token_budget"]
             return max(16, min(pipe.max_tokens, round(budget * stage.budget_share)))
+        if stage.schema is not None and stage.max_tokens:
+            return stage.max_tokens
         return min(stage.max_tokens or pipe.max_tokens, pipe.max_tokens)
 
     async def _stage(self, stage: Stage, emit: Callable[[Event], None]) -> None:
