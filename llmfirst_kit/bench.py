@@ -107,7 +107,8 @@ async def pipeline(model: str | None = None, presets: tuple[str, ...] = ("direct
                    queries: tuple[str, ...] = PIPELINE_QUERIES, max_tokens: int = 256,
                    repeats: int = 1) -> dict[str, Any]:
     """User-visible TTFT, E2E and kit overhead of presets, interleaved per query, cold cache."""
-    pipes = {p: Pipeline.from_preset(p, model=model, max_tokens=max_tokens, cache="cold") for p in presets}
+    pipes = {p: Pipeline.from_preset(p.split(":")[0], model=model, max_tokens=max_tokens, cache="cold",
+                                     analysis_first=p.endswith(":analysis-first")) for p in presets}
     await pipes[presets[0]].run("Say hello.", warmup=True)  # load the models; excluded
     per: dict[str, dict[str, list[float]]] = {p: {"ttft": [], "e2e": [], "overhead": []} for p in presets}
     for _ in range(repeats):

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--preset", default="direct", help=f"one of: {', '.join(PRESETS)} (default direct)")
     ask.add_argument("--rewrite", action="store_true", help="add the query-rewrite stage")
     ask.add_argument("--review", action="store_true", help="add the LLM judge stage")
+    ask.add_argument("--analysis-first", action="store_true",
+                     help="staged: run the visible analysis before the strategy decision")
     ask.add_argument("--judge-model", default=None)
     ask.add_argument("--fast-model", default=None, help="the cascade's opening model")
     ask.add_argument("--temperature", type=float, default=0.0)
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--json", action="store_true")
     pl = bsub.add_parser("pipeline", help="user-visible TTFT of presets, interleaved")
     pl.add_argument("--model", default=None)
-    pl.add_argument("--presets", default="direct,staged")
+    pl.add_argument("--presets", default="direct,staged,staged:analysis-first,cascade",
+                    help="comma-separated; 'staged:analysis-first' is the staged preset with the analysis first")
     pl.add_argument("--repeats", type=_positive_int, default=1)
     pl.add_argument("--max-tokens", type=_positive_int, default=256)
     pl.add_argument("--json", action="store_true")
@@ -122,7 +125,7 @@ async def ask(args: argparse.Namespace) -> int:
     backend = get_backend(args.backend, **options)
     pipe = Pipeline.from_preset(args.preset, backend=backend, model=args.model, rewrite=args.rewrite,
                                 review=args.review, judge_model=args.judge_model, fast_model=args.fast_model,
-                                max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+                                analysis_first=args.analysis_first, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     run = pipe.start(args.question)
     current: str | None = None
     error_code: str | None = None

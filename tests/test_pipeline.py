@@ -6,7 +6,7 @@ import asyncio
 import copy
 from dataclasses import replace
 
-import jsonschema
+import fastjsonschema
 import pytest
 
 from llmfirst_kit.backends.embedded import EmbeddedBackend
@@ -87,7 +87,7 @@ async def test_strategy_decision_sets_later_budgets(backend):
     rec, events = await collect(pipe)
     decision = rec.decisions["strategy"]
     assert decision["status"] == "decided"
-    jsonschema.validate(decision["value"], STRATEGY_SCHEMA)
+    fastjsonschema.validate(STRATEGY_SCHEMA, decision["value"])
     [ev] = [e for e in events if isinstance(e, Decision)]
     assert ev.name == "strategy" and ev.value == decision["value"]
     budget = decision["value"]["token_budget"]
@@ -219,7 +219,11 @@ def test_presets_are_data():
     assert PRESETS == ("direct", "staged", "cascade")
     assert [s.name for s in preset("staged")] == ["strategy", "analysis", "reasoning", "answer"]
     assert [s.name for s in preset("staged", rewrite=True, review=True)] == [
-        "strategy", "rewrite", "analysis", "reasoning", "answer", "review"]
+        "rewrite", "strategy", "analysis", "reasoning", "answer", "review"]
+    first = preset("staged", analysis_first=True)
+    assert [s.name for s in first] == ["analysis", "strategy", "reasoning", "answer"]
+    assert first[1].sees == ("query", "analysis")
+    assert [s.name for s in preset("cascade", rewrite=True)] == ["opening", "rewrite", "answer"]
     cascade = preset("cascade")
     assert cascade[0].overlap and cascade[0].visible and cascade[1].name == "answer"
     with pytest.raises(UnknownModel):

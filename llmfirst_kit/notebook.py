@@ -1,0 +1,457 @@
+"""A live, staged view of a pipeline run for Jupyter (ipywidgets), and a benchmark of what it costs.
+
+The view is a sink: it only consumes the pipeline's events. Every time it shows comes from the events'
+``t_ns`` (taken by the pipeline before any sink runs) or from the records, never from a clock of its own,
+so attaching it cannot change a measured latency. (The one exception is the "elapsed" counter of a stage
+still streaming, which is display only.)
+
+Why updates are batched: a widget resends its whole value on every change, so a text widget updated on
+every token costs O(n^2) bytes and one frontend message per token. The view applies events to plain
+Python state and flushes the changed widgets on a timer, at most one message per ``flush_interval_s``
+(default 50 ms: ~20 messages a second whatever the token rate), and always once at the end.
+
+Two ways to run:
+
+- ``record = await view.run(pipe, query)``: awaits the run in the cell. Works headless (papermill,
+  nbval, nbclient), where a cell's output is only kept while the cell runs.
+- ``task = view.start(pipe, query)``: a background task; the cell ends at once and the view keeps
+  updating. ``await task`` gives the record.
+
+Stop (the button, or ``view.stop()``) cancels the task consuming the run: the pipeline stops decoding
+within one token step and keeps the partial record with status ``cancelled``; the view marks the
+stage(s) that were stopped. (Checked on ipykernel 7.4: a widget click is handled even while a cell
+awaits, so Stop works in both modes there; older kernels handle it only once the cell ends, so use
+``start`` when you want to stop a run by hand.)
+
+At the end the displayed widget is replaced (through its display handle) by a static HTML rendering of
+the same panels plus a metrics table, so a saved notebook shows the final text and metrics instead of
+a widget placeholder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ipywidgets as widgets
+
+from .events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
+from .metrics import NS, calls_frame, decode_tps, run_metrics, ttft_s
+from .records import CallRecord, RunRecord
+from .sync import run_sync
+
+FLUSH_INTERVAL_S = 0.05  # at most one frontend message per 50 ms: ~20 a second
+
+
+@dataclass
+class _Panel:
+    """What the view knows about one model call (one stage, or its retry), built from events only."""
+
+    stage: str
+    call_id: str
+    model: str
+    visible: bool
+    start_ns: int  # the StageStart event's t_ns
+    retry: bool = False
+    parts: list[str] = field(default_factory=list)
+    chunk_ns: list[int] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    end: StageEnd | None = None
+    stopped: bool = False
+    widget: widgets.HTML | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def figures(self, now_ns: int) -> dict[str, Any]:
+        """TTFT, tokens/s, tokens and elapsed seconds. Exact call metrics (from the StageEnd event) once the
+        stage has ended; while it streams, the same formulas on the chunks seen so far, timed from the
+        StageStart event (which precedes the request start by the prompt preparation)."""
+        if self.end is not None:
+            m = self.end.metrics
+            return {"ttft_s": m["ttft_s"], "tokens_per_s": m["tokens_per_s"], "tokens": m["output_tokens"],
+                    "elapsed_s": (self.end.t_ns - self.start_ns) / NS}
+        live = CallRecord(call_id=self.call_id, backend="", model=self.model, start_ns=self.start_ns,
+                          chunk_ns=self.chunk_ns, chunk_tokens=self.chunk_tokens,
+                          output_tokens=sum(self.chunk_tokens))
+        return {"ttft_s": ttft_s(live), "tokens_per_s": decode_tps(live), "tokens": live.output_tokens,
+                "elapsed_s": (now_ns - self.start_ns) / NS}
+
+
+class LiveView:
+    """One panel per stage with its text growing live, a header per stage (TTFT, tokens/s, elapsed), the
+    model's decisions, and a Stop button. Shows one run; make a new view for the next run.
+
+    ``show``: display the view (``None``: only inside a Jupyter kernel). ``messages`` counts the
+    frontend messages the view caused (widget value changes and display updates).
+    """
+
+    def __init__(self, *, flush_interval_s: float = FLUSH_INTERVAL_S, show: bool | None = None):
+        self.flush_interval_s = flush_interval_s
+        self.messages = 0
+        self.record: RunRecord | None = None
+        self.status = "waiting"
+        self.stopped_stages: list[str] = []
+        self.decisions: list[Decision] = []
+        self.errors: list[Error] = []
+        self.run_metrics: dict[str, Any] | None = None
+        self._show = _in_kernel() if show is None else show
+        self._panels: dict[str, _Panel] = {}
+        self._dirty: set[str] = set()
+        self._header_dirty = False
+        self._next_flush = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[RunRecord] | None = None
+        self._stop_requested = False
+        self._display: Any = None
+        self._finished = False
+
+        self.header = widgets.HTML(value=self._header_html())
+        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger",
+                                          layout=widgets.Layout(width="90px"))
+        self.stop_button.on_click(lambda _button: self.stop())
+        self.stages_box = widgets.VBox([])
+        self.widget = widgets.VBox([widgets.HBox([self.stop_button, self.header]), self.stages_box])
+
+    # ------------------------------------------------------------------------------------ running
+
+    def start(self, pipeline: Any, query: str, **run_options: Any) -> "asyncio.Task[RunRecord]":
+        """Run ``pipeline`` on ``query`` in a background task, showing it live; the task's result is the
+        run record (status ``cancelled`` if stopped). ``run_options`` go to ``pipeline.start``."""
+        if self._task is not None:
+            raise RuntimeError("a LiveView shows one run; make a new LiveView for the next run")
+        run = pipeline.start(query, **run_options)  # input errors surface here, before any display
+        self.record = run.record
+        self.show()
+        self._task = asyncio.ensure_future(self._consume(run))
+        return self._task
+
+    async def run(self, pipeline: Any, query: str, **run_options: Any) -> RunRecord:
+        """Run ``pipeline`` on ``query`` in this cell, showing it live; returns the run record."""
+        return await self.start(pipeline, query, **run_options)
+
+    def stop(self) -> None:
+        """Cancel the run (the Stop button calls this). The partial record is kept."""
+        if self._task is not None and not self._task.done():
+            self._stop_requested = True
+            self._task.cancel()
+
+    async def _consume(self, run: Any) -> RunRecord:
+        try:
+            async for event in run:
+                self.handle(event)
+        except asyncio.CancelledError:
+            # The run's own cleanup has finished here: its record says what happened (``cancelled``).
+            self._finish(run.record, stopped=True)
+            if not self._stop_requested:
+                raise  # cancelled from outside (e.g. a kernel interrupt): let it propagate
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        return run.record
+
+    # ------------------------------------------------------------------------------------- events
+
+    def handle(self, event: Event) -> None:
+        """Apply one pipeline event. Usable as a sink on its own: ``pipe.run(q, on_event=view.handle)``."""
+        if isinstance(event, Token):
+            p = self._panels.get(event.call_id)
+            if p is not None:
+                p.parts.append(event.text)
+                p.chunk_ns.append(event.t_ns)
+                p.chunk_tokens.append(event.tokens if event.tokens is not None else 1)
+                self._dirty.add(event.call_id)
+        elif isinstance(event, StageStart):
+            retry = any(p.stage == event.stage for p in self._panels.values())
+            p = _Panel(stage=event.stage, call_id=event.call_id, model=event.model, visible=event.visible,
+                       start_ns=event.t_ns, retry=retry, widget=widgets.HTML())
+            self._panels[event.call_id] = p
+            self.stages_box.children = (*self.stages_box.children, p.widget)
+            self.messages += 1  # the box's children changed
+            self.status = "running"
+            self._dirty.add(event.call_id)
+            self._header_dirty = True
+        elif isinstance(event, StageEnd):
+            p = self._panels.get(event.call_id)
+            if p is not None:
+                p.end = event
+                self._dirty.add(event.call_id)
+        elif isinstance(event, Decision):
+            self.decisions.append(event)
+            self._header_dirty = True
+        elif isinstance(event, Error):
+            self.errors.append(event)
+            self._header_dirty = True
+        elif isinstance(event, RunEnd):
+            self.run_metrics = event.metrics
+            self._finish(event.record, stopped=event.status == "cancelled")
+            return
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._timer is not None or self._finished:
+            return
+        delay = max(0.0, self._next_flush - time.monotonic())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # events replayed without a loop: flush when due, the final flush does the rest
+            if delay == 0:
+                self._flush()
+            return
+        self._timer = loop.call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        """Push every changed value to the widgets; the next flush waits one interval per message sent."""
+        self._timer = None
+        sent = 0
+        now_ns = time.perf_counter_ns()
+        for call_id in sorted(self._dirty):
+            p = self._panels[call_id]
+            sent += _assign(p.widget, _panel_html(p, now_ns))
+        self._dirty.clear()
+        if self._header_dirty:
+            sent += _assign(self.header, self._header_html())
+            self._header_dirty = False
+        self.messages += sent
+        self._next_flush = time.monotonic() + max(sent, 1) * self.flush_interval_s
+
+    def _finish(self, record: RunRecord, *, stopped: bool) -> None:
+        """The final update: always sent, whatever the rate limit; then the static rendering."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.record = record
+        self.status = record.status
+        if self.run_metrics is None:
+            self.run_metrics = run_metrics(record)
+        if stopped:
+            for p in self._panels.values():
+                if p.end is None:
+                    p.stopped = True
+                    self.stopped_stages.append(p.stage)
+        self._dirty.update(self._panels)
+        self._header_dirty = True
+        self._flush()
+        if not self.stop_button.disabled:
+            self.stop_button.disabled = True
+            self.messages += 1
+        if self._display is not None:
+            from IPython.display import HTML
+
+            self._display.update(HTML(self.summary_html()))
+            self.messages += 1
+
+    # ------------------------------------------------------------------------------------ display
+
+    def show(self) -> None:
+        """Display the view through a display handle (which the end of the run updates)."""
+        if self._show and self._display is None:
+            from IPython.display import display
+
+            self._display = display(self.widget, display_id=True)
+
+    def texts(self) -> dict[str, str]:
+        """The text each panel shows, by call id (what the widgets were last sent)."""
+        return {call_id: p.text for call_id, p in self._panels.items()}
+
+    def widget_html(self, call_id: str) -> str:
+        return self._panels[call_id].widget.value
+
+    def summary_html(self) -> str:
+        """The whole view as static HTML: header, decisions, every panel, and the stage metrics table."""
+        now_ns = time.perf_counter_ns()
+        panels = "".join(_panel_html(p, now_ns) for p in self._panels.values())
+        table = ""
+        if self.record is not None and self.record.stages:
+            table = stages_frame(self.record).to_html(index=False, float_format=lambda v: f"{v:.3f}",
+                                                      na_rep="", border=0)
+        return f"<div>{self._header_html()}{panels}{table}</div>"
+
+    def _repr_html_(self) -> str:
+        return self.summary_html()
+
+    def _header_html(self) -> str:
+        rec = self.record
+        bits = [f"<b>{html.escape(rec.preset)}</b>" if rec else "", _badge(self.status)]
+        if rec is not None:
+            bits.append(html.escape(str(rec.labels.get("model", ""))))
+        m = self.run_metrics
+        if m:
+            bits += [f"user TTFT {_s(m['user_ttft_s'])}", f"E2E {_s(m['e2e_s'])}",
+                     f"answer TPOT {_ms(m['answer_tpot_s'])}", f"{m['output_tokens']} tokens",
+                     f"{m['model_calls']} calls", f"compliance {_num(m['compliance'])}"]
+            if m.get("quality") is not None:
+                bits.append(f"quality {m['quality']}")
+            slo = m.get("slo") or {}
+            bits.append("SLO " + " ".join(f"{k} {_verdict(v)}" for k, v in slo.items()))
+        lines = [" · ".join(b for b in bits if b)]
+        if self.stopped_stages:
+            lines.append("stopped during stage " + ", ".join(f"<b>{html.escape(s)}</b>"
+                                                             for s in self.stopped_stages))
+        for d in self.decisions:
+            lines.append(f"decision <b>{html.escape(d.name)}</b> ({html.escape(d.status)}, stage "
+                         f"{html.escape(d.stage)}): {_decision_text(d)}")
+        for e in self.errors:
+            lines.append(f"<span style='color:#b00'>error {html.escape(e.code)} in stage "
+                         f"{html.escape(str(e.stage))}: {html.escape(e.message)}</span>")
+        return "<div style='font-family:monospace;font-size:12px;line-height:1.5'>" + "<br>".join(lines) + "</div>"
+
+
+def _assign(widget: widgets.HTML, value: str) -> int:
+    """Set a widget's value if it changed; returns the number of frontend messages (0 or 1)."""
+    if widget.value == value:
+        return 0
+    widget.value = value
+    return 1
+
+
+def _panel_html(p: _Panel, now_ns: int) -> str:
+    f = p.figures(now_ns)
+    state = "stopped" if p.stopped else (p.end.status if p.end is not None else "streaming")
+    title = html.escape(p.stage) + (" (retry)" if p.retry else "")
+    head = " · ".join([
+        f"<b>{title}</b>", _badge(state), html.escape(p.model),
+        "shown to the user" if p.visible else "internal",
+        f"TTFT {_s(f['ttft_s'])}", f"{_num(f['tokens_per_s'], 1)} tok/s", f"{f['tokens']} tokens",
+        f"{f['elapsed_s']:.2f} s",
+    ])
+    border = "#4a90d9" if p.visible else "#bbb"
+    return (f"<div style='border-left:3px solid {border};padding:2px 8px;margin:6px 0'>"
+            f"<div style='font-family:monospace;font-size:12px;color:#555'>{head}</div>"
+            f"<div style='white-space:pre-wrap'>{html.escape(p.text)}</div></div>")
+
+
+def _badge(state: str) -> str:
+    colour = {"ok": "#2a7", "running": "#48c", "streaming": "#48c", "cancelled": "#c80", "stopped": "#c80",
+              "error": "#b00"}.get(state, "#777")
+    return f"<span style='color:{colour}'>{html.escape(state)}</span>"
+
+
+def _decision_text(d: Decision) -> str:
+    value = d.value
+    if isinstance(value, dict):
+        parts = []
+        for k, v in value.items():
+            v = "; ".join(map(str, v)) if isinstance(v, list) else v
+            parts.append(f"{html.escape(str(k))} = <b>{html.escape(str(v))}</b>")
+        return ", ".join(parts)
+    return html.escape(json.dumps(value, ensure_ascii=False))
+
+
+def _s(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f} s"
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v * 1000:.1f} ms"
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _verdict(v: bool | None) -> str:
+    return {True: "met", False: "missed", None: "–"}[v]
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def stages_frame(record: RunRecord):
+    """One row per model call of a run, with its stage name: the metrics table of the view."""
+    frame = calls_frame([s.call for s in record.stages])
+    frame.insert(0, "stage", [s.name for s in record.stages])
+    frame.insert(1, "shown", [s.visible for s in record.stages])
+    cols = ["stage", "shown", "model", "status", "ttft_s", "tpot_s", "e2e_s", "output_tokens", "tokens_per_s"]
+    return frame[cols]
+
+
+async def live(pipeline: Any, query: str, **run_options: Any) -> RunRecord:
+    """``await live(pipe, query)``: run in a new :class:`LiveView`, in this cell; returns the record."""
+    return await LiveView().run(pipeline, query, **run_options)
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+
+BENCH_QUERY = "Write a long story about a dragon who learns to fly."
+
+
+async def benchmark_view_async(model: str = "smollm2-135m", query: str = BENCH_QUERY, runs: int = 3,
+                               max_tokens: int = 256, flush_interval_s: float = FLUSH_INTERVAL_S) -> dict[str, Any]:
+    """See :func:`benchmark_view`."""
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_preset("direct", model=model, max_tokens=max_tokens, temperature=0.0, seed=0)
+
+    async def plain() -> RunRecord:
+        return await pipe.run(query)
+
+    async def viewed() -> tuple[RunRecord, LiveView]:
+        view = LiveView(flush_interval_s=flush_interval_s, show=False)
+        return await view.run(pipe, query), view
+
+    await plain()  # warm-up: loads the model, fills the prompt cache; not counted
+    without: list[RunRecord] = []
+    with_view: list[tuple[RunRecord, LiveView]] = []
+    for i in range(runs):  # interleaved, alternating which goes first, so drift hits both alike
+        if i % 2 == 0:
+            without.append(await plain())
+            with_view.append(await viewed())
+        else:
+            with_view.append(await viewed())
+            without.append(await plain())
+
+    def tps(rec: RunRecord) -> float:
+        return decode_tps(rec.stages[-1].call) or 0.0
+
+    tps_without = [tps(r) for r in without]
+    tps_with = [tps(r) for r, _ in with_view]
+    rates = [v.messages / ((r.end_ns - r.start_ns) / NS) for r, v in with_view]
+    texts = {r.stages[-1].call.text for r in without} | {r.stages[-1].call.text for r, _ in with_view}
+    ratio = statistics.median(tps_with) / statistics.median(tps_without)
+    messages_per_s = sum(v.messages for _, v in with_view) / sum((r.end_ns - r.start_ns) / NS
+                                                                   for r, _ in with_view)
+    return {
+        "throughput_ratio": ratio,
+        "messages_per_s": messages_per_s,
+        "messages_per_s_max": max(rates),
+        "tokens_per_s_with_view": tps_with,
+        "tokens_per_s_without_view": tps_without,
+        "messages": [v.messages for _, v in with_view],
+        "output_tokens": [r.stages[-1].call.output_tokens for r in without],
+        "same_output": len(texts) == 1,
+        "model": model, "runs": runs, "max_tokens": max_tokens, "flush_interval_s": flush_interval_s,
+        "goals": {"throughput_ratio": 0.98, "messages_per_s": 20.0},
+        "ok": ratio >= 0.98 and messages_per_s <= 20.0,
+    }
+
+
+def benchmark_view(model: str = "smollm2-135m", query: str = BENCH_QUERY, runs: int = 3, max_tokens: int = 256,
+                   flush_interval_s: float = FLUSH_INTERVAL_S) -> dict[str, Any]:
+    """Stream the same greedy run with and without a :class:`LiveView` attached (no frontend: widget
+    state is serialised but not sent), interleaved, after one warm-up run.
+
+    Returns ``throughput_ratio`` (median decode tokens/s of the answer with the view / without),
+    ``messages_per_s`` (frontend messages the view caused per second of run), the raw per-run figures,
+    ``same_output`` (the greedy runs produced the same text) and ``ok`` against the goals
+    (ratio >= 0.98, <= 20 messages/s). Works from scripts and from a running loop (``run_sync``).
+    """
+    return run_sync(benchmark_view_async(model, query, runs, max_tokens, flush_interval_s))
+
+
+__all__ = ["LiveView", "live", "stages_frame", "benchmark_view", "benchmark_view_async", "FLUSH_INTERVAL_S"]
