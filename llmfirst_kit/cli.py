@@ -58,6 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="the embedded model registry and each model's status")
     models.add_argument("--json", action="store_true")
+    # -- issue 5: quantized variants and studies (handlers: quantize_cmd, study_cmd) --
+    msub = models.add_subparsers(dest="models_command")
+    mq = msub.add_parser("quantize", help="build quantized variants of a shipped model into the cache")
+    mq.add_argument("name", help="a registry model, e.g. smollm2-135m")
+    mq.add_argument("--to", required=True, help="comma-separated types, e.g. Q8_0,Q5_K_M,Q4_0,Q3_K_S,Q2_K")
+    mq.add_argument("--force", action="store_true", help="rebuild variants that exist")
+    mq.add_argument("--threads", type=_positive_int, default=None)
+    mq.add_argument("--json", action="store_true")
+    study = sub.add_parser("study", help="papermill study grids: run (resumable) and report")
+    ssub = study.add_subparsers(dest="study_command", required=True)
+    sr = ssub.add_parser("run", help="run or resume a study (one notebook execution per grid cell)")
+    sr.add_argument("study_file", help="the study YAML, e.g. studies/example.yaml")
+    sr.add_argument("--out", default=None, help="study directory (default: output_dir in the YAML)")
+    sr.add_argument("--no-report", action="store_true", help="skip summary.csv / report.html at the end")
+    sr.add_argument("--no-progress", action="store_true")
+    sr.add_argument("--json", action="store_true")
+    sp = ssub.add_parser("report", help="aggregate a study directory into summary.csv and report.html")
+    sp.add_argument("study_dir")
+    sp.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -197,13 +216,50 @@ async def bench_cmd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------- quantize and study (issue 5)
+
+def quantize_cmd(args: argparse.Namespace) -> int:
+    from .quantize import quantize
+
+    rows = []
+    for qtype in [t.strip() for t in args.to.split(",") if t.strip()]:
+        v = quantize(args.name, qtype, force=args.force, n_threads=args.threads)
+        rows.append(v.info())
+        if not args.json:
+            how = f"built in {v.built_s:.1f} s" if v.built_s is not None else "already built"
+            print(f"{v.name:<28} {v.size / 1e6:8.1f} MB  sha256 {v.sha256}  {how}\n    {v.path}")
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    else:
+        print("(re-quantized from the shipped, already quantized file; use as --model NAME@TYPE)", file=sys.stderr)
+    return EXIT_OK
+
+
+def study_cmd(args: argparse.Namespace) -> int:
+    from . import study
+
+    if args.study_command == "report":
+        paths = study.build_report(args.study_dir)
+        print(json.dumps(paths) if args.json else "\n".join(f"{k}: {v}" for k, v in paths.items()))
+        return EXIT_OK
+    result = study.run_study(args.study_file, output_dir=args.out, progress=not args.no_progress,
+                             report=not args.no_report)
+    print(result.describe(), file=sys.stderr)
+    if args.json:
+        print(json.dumps({"output_dir": str(result.output_dir), "wall_s": result.wall_s, "report": result.report,
+                          "cells": [vars(c) for c in result.cells]}, ensure_ascii=False))
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "ask":
             return asyncio.run(ask(args))
         if args.command == "models":
-            return models_cmd(args)
+            return quantize_cmd(args) if args.models_command == "quantize" else models_cmd(args)
+        if args.command == "study":
+            return study_cmd(args)
         if args.command == "bench":
             return asyncio.run(bench_cmd(args))
     except KeyboardInterrupt:

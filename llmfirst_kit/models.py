@@ -217,6 +217,10 @@ def resolve(name_or_path: str | None) -> ResolvedModel:
             raise UnknownModel(f"model file {str(path)!r} does not exist; pass an existing .gguf file or one "
                                f"of: {', '.join(known_names())}")
         return ResolvedModel(name=path.stem, path=path, spec=None, sha256=cached_sha256(path) or "")
+    if "@" in name_or_path:  # a quantized variant, e.g. smollm2-135m@Q8_0 (built by llmfirst_kit.quantize)
+        from .quantize import resolve_variant
+
+        return resolve_variant(name_or_path)
     spec = get_spec(name_or_path)
     parts = [_package_file(d, v, rel) for d, v, rel in spec.packages]
     path = _assemble(spec, parts) if spec.assembled else parts[0]

@@ -41,7 +41,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from .events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
-from .metrics import NS, calls_frame, decode_tps, run_metrics, ttft_s
+from .metrics import NS, call_metrics, calls_frame, decode_tps, run_metrics, ttft_s
 from .records import CallRecord, RunRecord
 from .sync import run_sync
 
@@ -62,21 +62,24 @@ class _Panel:
     chunk_ns: list[int] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
     end: StageEnd | None = None
+    final: CallRecord | None = None  # the call's record, set when the run is over: the source of truth
     stopped: bool = False
     widget: widgets.HTML | None = None
 
     @property
     def text(self) -> str:
-        return "".join(self.parts)
+        return self.final.text if self.final is not None else "".join(self.parts)
 
     def figures(self, now_ns: int) -> dict[str, Any]:
-        """TTFT, tokens/s, tokens and elapsed seconds. Exact call metrics (from the StageEnd event) once the
-        stage has ended; while it streams, the same formulas on the chunks seen so far, timed from the
-        StageStart event (which precedes the request start by the prompt preparation)."""
-        if self.end is not None:
-            m = self.end.metrics
+        """TTFT, tokens/s, tokens and elapsed seconds. Exact call metrics once the stage has ended (from
+        the StageEnd event; once the run is over, from the call's record, which also covers a stopped
+        stage). While it streams: the same formulas on the chunks seen so far, timed from the StageStart
+        event (which precedes the request start by the prompt preparation)."""
+        if self.end is not None or self.final is not None:
+            m = call_metrics(self.final) if self.final is not None else self.end.metrics
+            end_ns = self.end.t_ns if self.end is not None else (self.final.end_ns or now_ns)
             return {"ttft_s": m["ttft_s"], "tokens_per_s": m["tokens_per_s"], "tokens": m["output_tokens"],
-                    "elapsed_s": (self.end.t_ns - self.start_ns) / NS}
+                    "elapsed_s": (end_ns - self.start_ns) / NS}
         live = CallRecord(call_id=self.call_id, backend="", model=self.model, start_ns=self.start_ns,
                           chunk_ns=self.chunk_ns, chunk_tokens=self.chunk_tokens,
                           output_tokens=sum(self.chunk_tokens))
@@ -103,6 +106,7 @@ class LiveView:
         self.run_metrics: dict[str, Any] | None = None
         self._show = _in_kernel() if show is None else show
         self._panels: dict[str, _Panel] = {}
+        self._stage_order: dict[str, int] = {}  # the pipeline's stage order, when the view runs it
         self._dirty: set[str] = set()
         self._header_dirty = False
         self._next_flush = 0.0
@@ -127,6 +131,7 @@ class LiveView:
         if self._task is not None:
             raise RuntimeError("a LiveView shows one run; make a new LiveView for the next run")
         run = pipeline.start(query, **run_options)  # input errors surface here, before any display
+        self._stage_order = {stage.name: i for i, stage in enumerate(pipeline.stages)}
         self.record = run.record
         self.show()
         self._task = asyncio.ensure_future(self._consume(run))
@@ -172,8 +177,11 @@ class LiveView:
             p = _Panel(stage=event.stage, call_id=event.call_id, model=event.model, visible=event.visible,
                        start_ns=event.t_ns, retry=retry, widget=widgets.HTML())
             self._panels[event.call_id] = p
-            self.stages_box.children = (*self.stages_box.children, p.widget)
-            self.messages += 1  # the box's children changed
+            # panels in the pipeline's stage order (overlapping stages may start in another order)
+            last = len(self._stage_order)
+            panels = sorted(self._panels.values(), key=lambda q: self._stage_order.get(q.stage, last))
+            self.stages_box.children = tuple(q.widget for q in panels)
+            self.messages += _comms_opened(p.widget) + 1  # and the box's children changed
             self.status = "running"
             self._dirty.add(event.call_id)
             self._header_dirty = True
@@ -233,11 +241,13 @@ class LiveView:
         self.status = record.status
         if self.run_metrics is None:
             self.run_metrics = run_metrics(record)
-        if stopped:
-            for p in self._panels.values():
-                if p.end is None:
-                    p.stopped = True
-                    self.stopped_stages.append(p.stage)
+        calls = {s.call.call_id: s.call for s in record.stages}
+        for p in self._panels.values():
+            # Chunks still queued when a run is stopped never reached the view; the record has them.
+            p.final = calls.get(p.call_id)
+            if stopped and p.end is None:
+                p.stopped = True
+                self.stopped_stages.append(p.stage)
         self._dirty.update(self._panels)
         self._header_dirty = True
         self._flush()
@@ -260,16 +270,16 @@ class LiveView:
             self._display = display(self.widget, display_id=True)
 
     def texts(self) -> dict[str, str]:
-        """The text each panel shows, by call id (what the widgets were last sent)."""
+        """The text of each panel, by call id: what the next flush sends; after the run, what is shown."""
         return {call_id: p.text for call_id, p in self._panels.items()}
 
     def widget_html(self, call_id: str) -> str:
+        """The HTML the panel's widget holds now (what the frontend was last sent)."""
         return self._panels[call_id].widget.value
 
     def summary_html(self) -> str:
         """The whole view as static HTML: header, decisions, every panel, and the stage metrics table."""
-        now_ns = time.perf_counter_ns()
-        panels = "".join(_panel_html(p, now_ns) for p in self._panels.values())
+        panels = "".join(w.value for w in self.stages_box.children)
         table = ""
         if self.record is not None and self.record.stages:
             table = stages_frame(self.record).to_html(index=False, float_format=lambda v: f"{v:.3f}",
@@ -288,7 +298,7 @@ class LiveView:
         if m:
             bits += [f"user TTFT {_s(m['user_ttft_s'])}", f"E2E {_s(m['e2e_s'])}",
                      f"answer TPOT {_ms(m['answer_tpot_s'])}", f"{m['output_tokens']} tokens",
-                     f"{m['model_calls']} calls", f"compliance {_num(m['compliance'])}"]
+                     f"model calls {m['model_calls']}", f"compliance {_num(m['compliance'])}"]
             if m.get("quality") is not None:
                 bits.append(f"quality {m['quality']}")
             slo = m.get("slo") or {}
@@ -312,6 +322,11 @@ def _assign(widget: widgets.HTML, value: str) -> int:
         return 0
     widget.value = value
     return 1
+
+
+def _comms_opened(widget: widgets.Widget) -> int:
+    """A new widget opens one comm, plus one for each sub-widget (layout, style) it creates."""
+    return 1 + sum(isinstance(getattr(widget, k, None), widgets.Widget) for k in widget.keys)
 
 
 def _panel_html(p: _Panel, now_ns: int) -> str:

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
@@ -398,7 +398,6 @@ def show_model(name: str) -> dict[str, Any]:
 class Plan:
     """Everything checked and decided before the call is issued."""
 
-    name: str  # the model name as the client wrote it (echoed in every response, as Ollama does)
     model: str  # registry name
     messages: list[dict[str, str]]
     options: Options
@@ -578,7 +577,7 @@ def durations(rec: CallRecord, received_ns: int) -> dict[str, Any]:
 Render = Callable[[str], dict[str, Any]]
 
 
-class CallResponse:
+class CallResponse(Response):
     """Streams one model call as Ollama does (NDJSON lines, or one JSON object when not streamed).
 
     A plain ASGI response rather than Starlette's StreamingResponse because the status must wait for the
@@ -588,6 +587,7 @@ class CallResponse:
     """
 
     def __init__(self, call: ModelCall, render: Render, *, stream: bool, received_ns: int):
+        super().__init__(media_type=NDJSON if stream else "application/json")
         self.call = call
         self.render = render
         self.stream = stream
@@ -711,7 +711,7 @@ async def show(request: Request) -> JSONResponse:
 
 @router.post("/generate", responses=_doc_responses(GenerateChunk, stream=True),
              openapi_extra=_openapi_body(GenerateBody), summary="Complete a prompt")
-async def generate(request: Request) -> Any:
+async def generate(request: Request) -> Response:
     received = time.perf_counter_ns()
     body = parse_body(await read_body(request, _config(request).max_body_bytes), GenerateBody)
     model = registry_model(body.model)
@@ -722,13 +722,13 @@ async def generate(request: Request) -> Any:
 
     if not body.prompt:  # Ollama: an empty prompt loads the model and answers done_reason "load"
         return await _load_only(request, model, render, body.stream)
-    plan = Plan(body.model, model, generate_messages(body), body.options or Options(), body.format, body.stream)
+    plan = Plan(model, generate_messages(body), body.options or Options(), body.format, body.stream)
     return await _respond(request, plan, render, received)
 
 
 @router.post("/chat", responses=_doc_responses(ChatChunk, stream=True), openapi_extra=_openapi_body(ChatBody),
              summary="Answer a conversation")
-async def chat(request: Request) -> Any:
+async def chat(request: Request) -> Response:
     received = time.perf_counter_ns()
     body = parse_body(await read_body(request, _config(request).max_body_bytes), ChatBody)
     model = registry_model(body.model)
@@ -740,7 +740,7 @@ async def chat(request: Request) -> Any:
 
     if not messages:  # Ollama: no messages loads the model and answers done_reason "load"
         return await _load_only(request, model, render, body.stream)
-    plan = Plan(body.model, model, messages, body.options or Options(), body.format, body.stream)
+    plan = Plan(model, messages, body.options or Options(), body.format, body.stream)
     return await _respond(request, plan, render, received)
 
 
@@ -750,11 +750,9 @@ async def _respond(request: Request, plan: Plan, render: Render, received: int) 
     return CallResponse(backend.call(call_request), render, stream=plan.stream, received_ns=received)
 
 
-async def _load_only(request: Request, model: str, render: Render, stream: bool) -> Any:
+async def _load_only(request: Request, model: str, render: Render, stream: bool) -> Response:
     await asyncio.to_thread(_backend(request).load, model)
     final = {**render(""), "done": True, "done_reason": "load"}
     if stream:
-        from fastapi.responses import Response
-
         return Response(_line(final), media_type=NDJSON)
     return JSONResponse(final)

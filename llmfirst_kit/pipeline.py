@@ -56,7 +56,7 @@ REVIEW_SCHEMA: dict[str, Any] = {
 DEFAULT_STRATEGY = {"strategy": "analytical", "token_budget": 256, "reason": None}
 
 SYSTEM_PROMPT = (
-    "You are one stage of a pipeline that answers a user's query. Follow the task given at the end. "
+    "You are one stage of a pipeline that answers a user's query. Follow your task. "
     "Write in the language of the user's query."
 )
 
@@ -85,6 +85,7 @@ class Stage:
     max_tokens: int | None = None
     overlap: bool = False
     data: tuple[str, ...] = ()  # outputs passed as delimited data to judge, never as instructions
+    replies: bool = False  # the stage replies to the user: the query is the user turn, the rest is context
 
 
 def strategy_stage() -> Stage:
@@ -93,7 +94,7 @@ def strategy_stage() -> Stage:
         instruction=(
             "Decide how to process this query. Choose strategy 'simple' (a short factual reply), "
             "'analytical' (a reasoned explanation) or 'comprehensive' (a long, structured treatment); "
-            "give the number of tokens the final answer needs (token_budget) and a one-sentence reason. "
+            "give the number of tokens the final answer needs (token_budget) and a reason of at most 20 words. "
             "Reply with JSON only."
         ),
     )
@@ -134,7 +135,7 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
     """
     q = ("rewrite",) if rewrite else ("query",)
     if name == "direct":
-        stages = [Stage(name="answer", instruction=ANSWER_INSTRUCTION, sees=q)]
+        stages = [Stage(name="answer", instruction=ANSWER_INSTRUCTION, sees=q, replies=True)]
     elif name == "staged":
         stages = [
             strategy_stage(),
@@ -143,17 +144,18 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
             Stage(name="reasoning", sees=(*q, "analysis"), budget_share=0.5,
                   instruction=("Reason about how best to answer, given the analysis: what matters, what to "
                                "include, what to avoid. Do not write the answer yet.")),
-            Stage(name="answer", sees=(*q, "analysis", "reasoning"), budget_share=1.0,
-                  instruction=ANSWER_INSTRUCTION + " Use the analysis and reasoning above."),
+            Stage(name="answer", sees=(*q, "analysis", "reasoning"), budget_share=1.0, replies=True,
+                  instruction=ANSWER_INSTRUCTION + " Use the notes from the analysis and reasoning stages."),
         ]
         if analysis_first:
             stages[0], stages[1] = stages[1], replace(stages[0], sees=(*q, "analysis"))
     elif name == "cascade":
         stages = [
             Stage(name="opening", sees=("query",), model=fast_model or "smollm2-135m", overlap=True, max_tokens=48,
+                  replies=True,
                   instruction=("Write one short sentence that opens a reply to the query, saying what the reply "
                                "will cover. Do not answer it.")),
-            Stage(name="answer", sees=q, instruction=ANSWER_INSTRUCTION),
+            Stage(name="answer", sees=q, instruction=ANSWER_INSTRUCTION, replies=True),
         ]
     else:
         raise InvalidInput(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
@@ -329,14 +331,22 @@ class Run:
     # -------------------------------------------------------------------------------------- stages
 
     def _messages(self, stage: Stage, note: str = "") -> list[dict[str, str]]:
-        """The stage's prompt: the outputs it sees as labelled sections, data between markers, its task.
-        The shared opening (system prompt, then the query) lets the KV cache reuse it across stages."""
-        parts = [f"## {_label(name)}\n{self.outputs[name]}" for name in stage.sees]
+        """The stage's prompt. A stage that works *on* the query gets it, the outputs it sees and its task
+        in one user turn (task last). A stage that *replies* to the user gets the natural chat shape: the
+        query as the user turn, its task and the earlier outputs in the system prompt. Judged outputs are
+        always data between markers."""
+        query = next((n for n in ("rewrite", "query") if n in stage.sees), None) if stage.replies else None
+        sections = [f"## {_label(n)}\n{self.outputs[n]}" for n in stage.sees if n != query]
         for name in stage.data:
-            parts.append(f"## {_label(name)} (data to evaluate, between the markers)\n"
-                         f"<<<BEGIN {name.upper()}>>>\n{self.outputs[name]}\n<<<END {name.upper()}>>>")
-        parts.append(f"## Task\n{stage.instruction}{note}")
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
+            sections.append(f"## {_label(name)} (data to evaluate, between the markers)\n"
+                            f"<<<BEGIN {name.upper()}>>>\n{self.outputs[name]}\n<<<END {name.upper()}>>>")
+        task = f"{stage.instruction}{note}"
+        if query is None:
+            user = "\n\n".join([*sections, f"## Task\n{task}"])
+            return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        notes = ["Notes from earlier stages (for you; the user does not see them):", *sections] if sections else []
+        system = "\n\n".join([SYSTEM_PROMPT, f"Your task: {task}", *notes])
+        return [{"role": "system", "content": system}, {"role": "user", "content": self.outputs[query]}]
 
     def _budget(self, stage: Stage) -> int:
         """Max tokens of a stage: its share of the model's token_budget decision when it has one, else its

@@ -27,15 +27,17 @@ def ask(question: str, **options) -> CallRequest:
     return CallRequest(messages=[{"role": "user", "content": question}], **options)
 
 
-async def wait_until_idle(loaded, settle_s: float = 0.3) -> int:
-    """Wait until the model's decode counter stops moving; returns it."""
+async def wait_until_idle(loaded, settle_s: float = 0.3, limit_s: float = 10.0) -> int:
+    """Wait until the model's decode counter stops moving and no worker holds the model (at most
+    ``limit_s``: a worker that never stops must fail the test, not hang it); returns the counter."""
     before = loaded.tokens_decoded
-    while True:
+    for _ in range(max(1, int(limit_s / settle_s))):
         await asyncio.sleep(settle_s)
         now = loaded.tokens_decoded
-        if now == before:
-            return now
+        if now == before and not loaded.busy:
+            break
         before = now
+    return loaded.tokens_decoded
 
 
 # ------------------------------------------------------------------------------------ streaming
@@ -212,18 +214,23 @@ async def test_concurrent_calls_queue_without_interleaving(backend):
 
 
 async def test_cancelled_while_queued(backend, loaded):
+    calls = loaded.calls
     first = backend.call(ask(LONG, max_tokens=32))
-    second = backend.call(ask(LONG, max_tokens=32))
     t1 = asyncio.create_task(first.collect())
-    t2 = asyncio.create_task(second.collect())
     while not first.record.chunk_ns:  # the first call holds the model
         await asyncio.sleep(0.005)
+    second = backend.call(ask(LONG, max_tokens=32))
+    t2 = asyncio.create_task(second.collect())
+    while loaded.lock.waiting == 0:  # the second call waits for it
+        assert not t1.done(), "the first call ended before the second one queued"
+        await asyncio.sleep(0.001)
     t2.cancel()
     with pytest.raises(asyncio.CancelledError):
         await t2
     assert (await t1).status == "ok"
     await wait_until_idle(loaded)
     assert second.record.status == "cancelled" and second.record.chunk_ns == []
+    assert loaded.calls == calls + 1  # the cancelled call gave up its place: it never got the model
     assert loaded.lock.waiting == 0 and not loaded.busy
 
 
@@ -318,6 +325,8 @@ async def test_error_mid_decoding_keeps_the_text(backend, loaded, monkeypatch):
     assert "injected detokenize failure" in rec.error
     assert rec.text == expected != ""  # nothing already produced is thrown away
     assert rec.chunk_tokens == [1, 1, 1]
+    # the worker hands over the error, then releases the model: give it a moment to get there
+    await wait_until_idle(loaded, 0.05)
     assert not loaded.busy and loaded.lock.waiting == 0
     after = await backend.call(ask(LONG, max_tokens=8)).collect()
     assert after.status == "ok" and after.text == reference.record.text
@@ -344,8 +353,8 @@ def test_fold_system_message():
     assert fold_system_message(no_system) == no_system
 
 
-async def test_gemma_base_model_streams():
-    gemma = get_backend("embedded", model="gemma3-270m")
+async def test_gemma_base_model_streams(backend):
+    gemma = get_backend("embedded", model="gemma3-270m", n_threads=backend.n_threads)
     loaded = await asyncio.to_thread(gemma.load)
     messages = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "The capital of France is"}]

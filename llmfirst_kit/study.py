@@ -1,0 +1,1189 @@
+"""Studies: "which model, quantization and pipeline meets TTFT < 3 s, TPOT < 100 ms, E2E < 120 s and
+quality >= 80 % of the baseline?", answered by a grid of papermill executions that can be resumed.
+
+Three layers, each usable alone:
+
+- **one grid cell** (inside ``notebooks/study.ipynb``): :func:`notebook_parameters` validates the
+  notebook's parameters before any model call, :func:`run_cell` runs the queries x repeats (warm-up runs
+  first, marked) and appends every :class:`~llmfirst_kit.records.RunRecord` to ``records.jsonl`` through
+  :class:`~llmfirst_kit.records.RunLog`; :func:`measure_cell_quality` writes perplexity / KL of embedded
+  variants to ``quality.json``. The judge is the pipeline's own ``review`` stage (a model's structured
+  score); its time is part of the record but left out of the latency figures (:func:`latency_view`).
+- **the runner** (:func:`run_study`, ``llmfirst study run STUDY.yaml``): expands the grid, executes the
+  notebook once per cell with papermill (kernel ``llmfirst-kit``, working directory = the cell's
+  directory, executed notebook kept beside the records), resumes (a cell is finished only when its
+  ``DONE.json`` marker has been written atomically after its records; an unfinished cell directory is
+  removed and the cell redone), records a failing cell's error and goes on, and records the environment
+  once (``environment.json``).
+- **the report** (:func:`build_report`, ``llmfirst study report DIR``): :func:`summary_table` per model x
+  quantization x preset into ``summary.csv``, then ``notebooks/study_summary.ipynb`` executed and
+  converted to a self-contained ``report.html`` (inputs hidden, plotly.js embedded).
+
+Study directory layout::
+
+    DIR/study.json  environment.json  status.json  summary.csv  report.ipynb  report.html
+    DIR/cells/<model>@<quantization>--<preset>/records.jsonl  quality.json  study.ipynb  DONE.json | FAILED.json
+
+Labels (query category, language, repeat) are recorded beside each run for evaluation only; no model
+ever sees them and nothing is decided from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from .backends import BACKENDS, get_backend
+from .errors import InvalidInput, KitError
+from .metrics import SLO, call_metrics, percentiles, run_metrics, runs_frame
+from .pipeline import PRESETS, Pipeline
+from .records import RunLog, RunRecord, read_log
+
+KERNEL_NAME = "llmfirst-kit"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STUDY_NOTEBOOK = PROJECT_ROOT / "notebooks" / "study.ipynb"
+SUMMARY_NOTEBOOK = PROJECT_ROOT / "notebooks" / "study_summary.ipynb"
+
+RECORDS = "records.jsonl"
+QUALITY = "quality.json"
+EXECUTED = "study.ipynb"
+DONE = "DONE.json"
+FAILED = "FAILED.json"
+STUDY_FILE = "study.json"
+ENVIRONMENT = "environment.json"
+STATUS = "status.json"
+SUMMARY_CSV = "summary.csv"
+
+SHIPPED = "shipped"
+JUDGE_STAGES = ("review", "review.retry")
+CACHE_MODES = ("auto", "reuse", "cold")
+
+
+class StudyError(KitError):
+    code = "study_failed"
+
+
+# ======================================================================================= parameters
+
+@dataclass(frozen=True)
+class Param:
+    kind: type  # str, int, float, bool or list (of str)
+    help: str
+
+
+# The parameters of notebooks/study.ipynb (its `parameters` cell holds the defaults; a test keeps the two
+# in step). One execution = one grid cell: the runner passes one-element lists; by hand, any lists work.
+CELL_PARAMETERS: dict[str, Param] = {
+    "backend": Param(str, f"one of: {', '.join(BACKENDS)}"),
+    "models": Param(list, "model names: embedded registry names or .gguf paths; Ollama model names"),
+    "quantizations": Param(list, "embedded: 'shipped' or a type built by `llmfirst models quantize` (Q8_0, Q4_0, "
+                                 "...); ollama: a tag suffix (model-<q>, e.g. q8_0) or 'default'"),
+    "presets": Param(list, f"pipeline presets: {', '.join(PRESETS)} (staged:analysis-first too)"),
+    "queries_file": Param(str, "JSONL (or CSV) with id, lang, category, query"),
+    "query_ids": Param(list, "query ids to run, in this order ([] = the first query_limit queries)"),
+    "query_limit": Param(int, "without query_ids: run the first N queries (0 = all)"),
+    "repeats": Param(int, "measured runs of each query"),
+    "warmup_runs": Param(int, "runs before measuring, per model x quantization x preset (recorded, marked warmup)"),
+    "seed": Param(int, "sampling seed"),
+    "temperature": Param(float, "sampling temperature"),
+    "max_tokens": Param(int, "max output tokens of a stage"),
+    "ttft_slo_s": Param(float, "SLO: user-visible time to first token (s)"),
+    "tpot_slo_s": Param(float, "SLO: time per output token of the answer (s)"),
+    "e2e_slo_s": Param(float, "SLO: end to end (s)"),
+    "judge_model": Param(str, "the model that scores every answer ('' = no judge)"),
+    "cache": Param(str, "KV cache: auto (cold on embedded, reuse on ollama) | reuse | cold"),
+    "n_threads": Param(int, "embedded decode threads (0 = all cores)"),
+    "n_ctx": Param(int, "embedded context size"),
+    "perplexity_text": Param(str, "text for perplexity / KL of embedded files ('' = skip)"),
+    "perplexity_tokens": Param(int, "tokens of the text to score"),
+    "ollama_host": Param(str, "Ollama host ('' = $OLLAMA_HOST or the client's default)"),
+    "output_dir": Param(str, "where this execution writes records.jsonl (and quality.json)"),
+    "study_name": Param(str, "label: the study"),
+    "cell": Param(str, "label: the grid cell"),
+}
+
+_IPYTHON_NAMES = re.compile(r"^_i?\d+$")  # _i7, _7: IPython's per-execution history names
+BEFORE_NAME = "_names_before_parameters"  # the notebook's snapshot of its globals above the parameters cell
+
+
+def _type_name(kind: type) -> str:
+    return "list of str" if kind is list else kind.__name__
+
+
+def accepted_parameters() -> str:
+    return "".join(f"\n  {name} ({_type_name(p.kind)}): {p.help}" for name, p in CELL_PARAMETERS.items())
+
+
+def _type_problem(name: str, value: Any, kind: type) -> str | None:
+    ok = {
+        str: isinstance(value, str),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        list: isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+    }[kind]
+    return None if ok else f"{name} must be {_type_name(kind)}, got {type(value).__name__} {value!r}"
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    query: str
+    lang: str = ""
+    category: str = ""
+
+    def labels(self) -> dict[str, str]:
+        """Evaluation labels stored beside a run; never shown to a model."""
+        return {"query_id": self.id, "lang": self.lang, "category": self.category}
+
+
+def load_queries(path: str | Path, *, ids: Iterable[str] = (), limit: int = 0) -> list[Query]:
+    """Queries from JSONL (one object a line) or CSV, each with ``id`` and ``query`` (``lang``, ``category``
+    optional). ``ids`` selects and orders them; without ids, ``limit`` keeps the first N (0: all)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"queries file {str(path)!r} does not exist; pass a JSONL or CSV file (see data/queries/)")
+    rows: list[dict[str, Any]] = []
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InvalidInput(f"{path}:{n}: not JSON ({exc.msg}); one JSON object a line") from None
+    queries = []
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not str(row.get("query") or "").strip() or not row.get("id"):
+            raise InvalidInput(f"{path}: query {n} needs a non-empty 'id' and 'query'")
+        queries.append(Query(id=str(row["id"]), query=str(row["query"]), lang=str(row.get("lang") or ""),
+                             category=str(row.get("category") or "")))
+    by_id = {q.id: q for q in queries}
+    if len(by_id) != len(queries):
+        raise InvalidInput(f"{path}: query ids must be unique")
+    ids = list(ids)
+    if ids:
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise InvalidInput(f"unknown query id(s) {', '.join(unknown)} in {path}; known: {', '.join(by_id)}")
+        queries = [by_id[i] for i in ids]
+    elif limit:
+        queries = queries[:limit]
+    if not queries:
+        raise InvalidInput(f"no queries selected from {path}")
+    return queries
+
+
+def model_id(backend: str, model: str, quantization: str) -> str:
+    """The name the backend gets for a model at a quantization: embedded ``model@Q8_0`` (the shipped
+    quantization keeps the plain name), Ollama ``model-q8_0`` (``default`` keeps the plain tag)."""
+    q = quantization.strip()
+    if backend == "embedded":
+        if q.lower() == SHIPPED or model.endswith(".gguf") or os.sep in model:
+            return model
+        from .quantize import variant_name
+
+        return variant_name(model, q)
+    return model if q.lower() in ("default", SHIPPED) else f"{model}-{q}"
+
+
+def safe_model_id(backend: str, model: str, quantization: str) -> str | None:
+    """:func:`model_id`, or None where it cannot be formed (unknown model or type; the cell says why)."""
+    try:
+        return model_id(backend, model, quantization)
+    except KitError:
+        return None
+
+
+def quantization_label(backend: str, model: str, quantization: str) -> tuple[str, bool]:
+    """(the quantization's name, whether it is the shipped / default one) for tables."""
+    q = quantization.strip()
+    if backend == "embedded":
+        from .models import REGISTRY
+
+        spec = REGISTRY.get(model)
+        if q.lower() == SHIPPED:
+            return (spec.quantization if spec else SHIPPED), True
+        name = q.upper()
+        return name, bool(spec and spec.quantization == name)
+    return ("default", True) if q.lower() in ("default", SHIPPED) else (q, False)
+
+
+@dataclass(frozen=True)
+class CellParams:
+    """Validated parameters of one notebook execution."""
+
+    backend: str
+    models: list[str]
+    quantizations: list[str]
+    presets: list[str]
+    queries_file: str
+    query_ids: list[str]
+    query_limit: int
+    repeats: int
+    warmup_runs: int
+    seed: int
+    temperature: float
+    max_tokens: int
+    ttft_slo_s: float
+    tpot_slo_s: float
+    e2e_slo_s: float
+    judge_model: str
+    cache: str
+    n_threads: int
+    n_ctx: int
+    perplexity_text: str
+    perplexity_tokens: int
+    ollama_host: str
+    output_dir: str
+    study_name: str
+    cell: str
+    queries: list[Query] = field(default_factory=list)
+
+    @property
+    def slo(self) -> SLO:
+        return SLO(ttft_s=self.ttft_slo_s, tpot_s=self.tpot_slo_s, e2e_s=self.e2e_slo_s)
+
+    @property
+    def effective_cache(self) -> str:
+        if self.cache != "auto":
+            return self.cache
+        return "cold" if self.backend == "embedded" else "reuse"
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in CELL_PARAMETERS}
+
+
+def check_names_and_types(values: Mapping[str, Any], *, extra: Mapping[str, Param] = {},
+                          require_all: bool = True) -> list[str]:
+    """Problems with names and types only (no file or model lookups)."""
+    accepted = {**CELL_PARAMETERS, **extra}
+    problems = []
+    unknown = [k for k in values if k not in accepted]
+    if unknown:
+        problems.append(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    if require_all:
+        missing = [k for k in CELL_PARAMETERS if k not in values]
+        if missing:
+            problems.append(f"missing parameter(s): {', '.join(missing)}")
+    for name, value in values.items():
+        if name in accepted and (p := _type_problem(name, value, accepted[name].kind)):
+            problems.append(p)
+    return problems
+
+
+def _raise(problems: list[str], accepted: str) -> None:
+    if problems:
+        raise InvalidInput("invalid study parameters:\n  - " + "\n  - ".join(problems) + f"\naccepted:{accepted}")
+
+
+def validate_parameters(values: Mapping[str, Any]) -> CellParams:
+    """Names, types and values of a cell's parameters, checked before any model call (no model is loaded).
+    Name and type problems are listed together, then value problems, each time with the accepted
+    parameters."""
+    _raise(check_names_and_types(values), accepted_parameters())
+    v = dict(values)
+    for name in ("models", "quantizations", "presets", "query_ids"):
+        v[name] = [str(x).strip() for x in v[name]]
+    v["temperature"], v["ttft_slo_s"] = float(v["temperature"]), float(v["ttft_slo_s"])
+    v["tpot_slo_s"], v["e2e_slo_s"] = float(v["tpot_slo_s"]), float(v["e2e_slo_s"])
+    problems: list[str] = []
+    if v["backend"] not in BACKENDS:
+        problems.append(f"backend {v['backend']!r} is unknown; accepted: {', '.join(BACKENDS)}")
+    for name in ("models", "quantizations", "presets"):
+        if not v[name] or any(not x for x in v[name]):
+            problems.append(f"{name} must be a non-empty list of non-empty names")
+    for preset in v["presets"]:
+        base, _, variant = preset.partition(":")
+        if base not in PRESETS or variant not in ("", "analysis-first") or (variant and base != "staged"):
+            problems.append(f"preset {preset!r} is unknown; accepted: {', '.join(PRESETS)}, staged:analysis-first")
+    for name, low in (("query_limit", 0), ("repeats", 1), ("warmup_runs", 0), ("max_tokens", 1), ("n_threads", 0),
+                      ("n_ctx", 256), ("perplexity_tokens", 16)):
+        if v[name] < low:
+            problems.append(f"{name} must be >= {low}, got {v[name]}")
+    if v["temperature"] < 0:
+        problems.append(f"temperature must be >= 0, got {v['temperature']}")
+    for name in ("ttft_slo_s", "tpot_slo_s", "e2e_slo_s"):
+        if v[name] <= 0:
+            problems.append(f"{name} must be > 0, got {v[name]}")
+    if v["cache"] not in CACHE_MODES:
+        problems.append(f"cache {v['cache']!r} is unknown; accepted: {', '.join(CACHE_MODES)}")
+    elif v["cache"] == "cold" and v["backend"] == "ollama":
+        problems.append("cache 'cold' is not possible with Ollama (no per-request switch); use 'auto' or 'reuse'")
+    if not v["output_dir"].strip():
+        problems.append("output_dir must name a directory")
+    if v["perplexity_text"] and not Path(v["perplexity_text"]).is_file():
+        problems.append(f"perplexity_text {v['perplexity_text']!r} does not exist; pass a text file or ''")
+    queries: list[Query] = []
+    try:
+        queries = load_queries(v["queries_file"], ids=v["query_ids"], limit=v["query_limit"])
+    except InvalidInput as exc:
+        problems.append(str(exc))
+    if v["backend"] == "embedded" and not problems:
+        problems += _embedded_model_problems(v)
+    _raise(problems, accepted_parameters())
+    return CellParams(**v, queries=queries)
+
+
+def _embedded_model_problems(v: Mapping[str, Any]) -> list[str]:
+    """Every model file the cell needs exists (registry, built variant or path): no model is loaded."""
+    from .models import resolve
+
+    problems = [f"quantization {q!r} is unknown; accepted: shipped, {', '.join(_quant_types())}"
+                for q in v["quantizations"] if not _known_quant(q)]
+    names = [(m, q) for m in v["models"] for q in v["quantizations"] if _known_quant(q)]
+    names += [(v["judge_model"], SHIPPED)] if v["judge_model"] else []
+    for model, quant in dict.fromkeys(names):
+        try:
+            resolve(model_id("embedded", model, quant))
+        except KitError as exc:
+            problems.append(str(exc))
+    return list(dict.fromkeys(problems))
+
+
+def _quant_types() -> tuple[str, ...]:
+    from .quantize import QUANT_TYPES
+
+    return QUANT_TYPES
+
+
+def _known_quant(q: str) -> bool:
+    return q.lower() == SHIPPED or q.upper() in _quant_types()
+
+
+def notebook_parameters(namespace: Mapping[str, Any], before: set[str]) -> CellParams:
+    """The parameters of a running study notebook: every name defined since ``before`` (a snapshot of the
+    globals taken in the cell above the ``parameters`` cell), so a misspelt name that papermill injected
+    shows up as an unknown parameter instead of being silently ignored."""
+    names = [k for k in namespace if k not in before and k != BEFORE_NAME and not _IPYTHON_NAMES.match(k)]
+    return validate_parameters({k: namespace[k] for k in names})
+
+
+# ======================================================================================= one cell
+
+def make_backend(p: CellParams):
+    if p.backend == "embedded":
+        return get_backend("embedded", model=p.models[0], n_ctx=p.n_ctx, n_threads=p.n_threads or None)
+    return get_backend("ollama", model=p.models[0], host=p.ollama_host or None)
+
+
+def _line(rec: RunRecord, slo: SLO) -> str:
+    m = run_metrics(latency_view(rec), slo)
+
+    def s(v: float | None, scale: float = 1.0, unit: str = "s") -> str:
+        return "n/a" if v is None else f"{v * scale:.2f}{unit}"
+
+    q = rec.quality.get("score") if rec.quality else None
+    lab = rec.labels
+    return (f"{'warmup ' if rec.warmup else ''}{lab.get('model_id')} {rec.preset} {lab.get('query_id')} "
+            f"r{lab.get('repeat')}: {rec.status} ttft={s(m['user_ttft_s'])} tpot={s(m['answer_tpot_s'], 1000, 'ms')} "
+            f"e2e={s(m['e2e_s'])} tokens={m['output_tokens']} judge={q}"
+            + (f" error={rec.error}" if rec.error else ""))
+
+
+async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) -> dict[str, Any]:
+    """Run every model x quantization x preset of ``p`` over its queries: warm-up runs, then queries x
+    repeats, each record appended (and fsync'ed) to ``output_dir/records.jsonl`` as soon as it ends.
+    Raises :class:`StudyError` if no measured run succeeded (the records stay)."""
+    out = Path(p.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out / RECORDS)
+    backend = make_backend(p)
+    counts = {"runs": 0, "ok": 0, "warmup": 0}
+    first_error: str | None = None
+    try:
+        for model in p.models:
+            for quant in p.quantizations:
+                mid = model_id(p.backend, model, quant)
+                qname, shipped = quantization_label(p.backend, model, quant)
+                if p.judge_model and p.backend == "embedded":  # load the judge now, not inside a measured run
+                    await asyncio.to_thread(backend.load, p.judge_model)
+                for preset in p.presets:
+                    name, _, variant = preset.partition(":")
+                    options = dict(backend=backend, model=mid, max_tokens=p.max_tokens, temperature=p.temperature,
+                                   seed=p.seed, cache=p.effective_cache, slo=p.slo,
+                                   analysis_first=variant == "analysis-first")
+                    warm = Pipeline.from_preset(name, **options)
+                    pipe = Pipeline.from_preset(name, review=bool(p.judge_model), judge_model=p.judge_model or None,
+                                                **options)
+                    labels = {"study": p.study_name, "cell": p.cell, "backend": p.backend, "model": model,
+                              "quantization": qname, "shipped": shipped, "model_id": mid, "preset": preset,
+                              "judge_model": p.judge_model or None, "max_tokens": p.max_tokens,
+                              "temperature": p.temperature, "seed": p.seed, "cache": p.effective_cache,
+                              "n_threads": getattr(backend, "n_threads", None)}
+                    for w in range(p.warmup_runs):
+                        q = p.queries[w % len(p.queries)]
+                        rec = await warm.run(q.query, labels={**labels, **q.labels(), "repeat": w}, warmup=True)
+                        log.append(rec)
+                        counts["warmup"] += 1
+                        if echo:
+                            echo(_line(rec, p.slo))
+                    for r in range(p.repeats):
+                        for q in p.queries:
+                            rec = await pipe.run(q.query, labels={**labels, **q.labels(), "repeat": r})
+                            log.append(rec)
+                            counts["runs"] += 1
+                            counts["ok"] += rec.status == "ok"
+                            first_error = first_error or rec.error
+                            if echo:
+                                echo(_line(rec, p.slo))
+    finally:
+        await backend.aclose()
+    if counts["ok"] == 0:
+        raise StudyError(f"none of the {counts['runs']} measured runs succeeded; first error: {first_error}")
+    return counts
+
+
+def measure_cell_quality(p: CellParams) -> list[dict[str, Any]]:
+    """Perplexity of each embedded model file of the cell on ``perplexity_text``, and its KL divergence
+    against the model's shipped file (the shipped file against itself gives 0). Written to
+    ``output_dir/quality.json``. Nothing for Ollama (the server exposes no logits) or without a text."""
+    if not p.perplexity_text or p.backend != "embedded":
+        return []
+    from . import quality
+
+    rows = []
+    for model in p.models:
+        for quant in p.quantizations:
+            mid = model_id(p.backend, model, quant)
+            qname, shipped = quantization_label(p.backend, model, quant)
+            reference = None if (model.endswith(".gguf") or os.sep in model) else model
+            fq = quality.measure(mid, p.perplexity_text, reference=reference, n_tokens=p.perplexity_tokens,
+                                 n_threads=p.n_threads or None)
+            rows.append({"model": model, "quantization": qname, "shipped": shipped, "model_id": mid, **fq.to_dict(),
+                         "note": "reference = the shipped (already quantized) file, not a 16-bit original"})
+    _write_json(Path(p.output_dir) / QUALITY, rows)
+    return rows
+
+
+def latency_view(rec: RunRecord) -> RunRecord:
+    """The record without its judge stages: the judge scores the answer after the user has it, so its
+    time is not part of the pipeline's latency (the full record stays on disk)."""
+    return dataclasses.replace(rec, stages=[s for s in rec.stages if s.name not in JUDGE_STAGES])
+
+
+# ======================================================================================= the study file
+
+RUNNER_KEYS: dict[str, Param] = {
+    "name": Param(str, "the study's name (default: the file name)"),
+    "output_dir": Param(str, "the study directory (relative to the study file)"),
+    "notebook": Param(str, "the cell notebook (default notebooks/study.ipynb)"),
+    "baseline_preset": Param(str, "quality baseline: this preset ... (default direct)"),
+    "baseline_quantization": Param(str, "... of the same model at this quantization (default shipped)"),
+    "quality_target": Param(float, "minimum quality retention vs the baseline (default 0.8)"),
+    "cell_timeout_s": Param(int, "papermill timeout of one notebook cell, 0 = none (default 0)"),
+}
+RUNNER_SET = ("output_dir", "study_name", "cell")  # notebook parameters the runner sets itself
+PATH_KEYS = ("queries_file", "perplexity_text", "notebook", "output_dir")
+
+
+@dataclass
+class StudySpec:
+    name: str
+    output_dir: Path
+    notebook: Path
+    parameters: dict[str, Any]  # notebook parameters shared by every cell (grid axes included as lists)
+    baseline_preset: str = "direct"
+    baseline_quantization: str = SHIPPED
+    quality_target: float = 0.8
+    cell_timeout_s: int = 0
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "output_dir": str(self.output_dir), "notebook": str(self.notebook),
+                "parameters": self.parameters, "baseline_preset": self.baseline_preset,
+                "baseline_quantization": self.baseline_quantization, "quality_target": self.quality_target,
+                "cell_timeout_s": self.cell_timeout_s, "source": self.source}
+
+
+def accepted_study_keys() -> str:
+    keys = {**RUNNER_KEYS, **{k: v for k, v in CELL_PARAMETERS.items() if k not in RUNNER_SET}}
+    return "".join(f"\n  {k} ({_type_name(p.kind)}): {p.help}" for k, p in keys.items())
+
+
+def load_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: str | os.PathLike[str] | None = None
+               ) -> StudySpec:
+    """A study from a YAML file or a dict. Keys are the notebook's parameters (``models``, ``quantizations``
+    and ``presets`` are the grid's axes) plus the runner's own; relative paths are relative to the YAML
+    file (to the working directory for a dict). Unknown keys or wrong types fail here, listing what is
+    accepted; model names are checked by each cell (an unknown model fails that cell only)."""
+    import yaml
+
+    if isinstance(study, Mapping):
+        data, base, source = dict(study), Path.cwd(), None
+    else:
+        path = Path(study)
+        if not path.is_file():
+            raise InvalidInput(f"study file {str(path)!r} does not exist; see studies/example.yaml")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise InvalidInput(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"{path} must hold a mapping of study keys; accepted: {accepted_study_keys()}")
+        base, source = path.resolve().parent, str(path.resolve())
+    set_by_runner = [k for k in data if k in RUNNER_SET and k != "output_dir"]
+    notebook_keys = {k: v for k, v in CELL_PARAMETERS.items() if k not in RUNNER_SET}
+    problems = [f"{k} is set by the runner for each cell; remove it" for k in set_by_runner]
+    problems += check_names_and_types({k: v for k, v in data.items() if k not in set_by_runner},
+                                      extra={**RUNNER_KEYS}, require_all=False)
+    problems = [p for p in problems if not p.startswith("missing")]
+    for axis in ("models", "presets"):
+        if axis not in data:
+            problems.append(f"{axis} is required (a list)")
+    _raise(problems, accepted_study_keys())
+    for key in PATH_KEYS:
+        if data.get(key):
+            data[key] = str((base / Path(data[key]).expanduser()).resolve())
+    name = data.pop("name", None) or (Path(source).stem if source else "study")
+    out = output_dir or data.pop("output_dir", None) or (Path.cwd() / "runs" / name)
+    data.pop("output_dir", None)
+    runner = {k: data.pop(k) for k in list(data) if k in RUNNER_KEYS}
+    notebook = Path(runner.get("notebook") or STUDY_NOTEBOOK)
+    parameters = {k: v for k, v in notebook_defaults(notebook).items() if k in notebook_keys}
+    for key in ("queries_file", "perplexity_text"):  # the notebook's defaults are relative to the notebook
+        if parameters.get(key) and not Path(parameters[key]).is_absolute():
+            parameters[key] = str((notebook.parent / parameters[key]).resolve())
+    parameters.update(data)
+    parameters.setdefault("quantizations", [SHIPPED])
+    return StudySpec(name=name, output_dir=Path(out).expanduser().resolve(),
+                     notebook=notebook, parameters=parameters,
+                     baseline_preset=runner.get("baseline_preset", "direct"),
+                     baseline_quantization=runner.get("baseline_quantization", SHIPPED),
+                     quality_target=float(runner.get("quality_target", 0.8)),
+                     cell_timeout_s=int(runner.get("cell_timeout_s", 0)), source=source)
+
+
+def notebook_defaults(notebook: Path = STUDY_NOTEBOOK) -> dict[str, Any]:
+    """The defaults in the notebook's ``parameters`` cell (as papermill reads them)."""
+    import ast
+
+    import papermill as pm
+
+    if not notebook.is_file():
+        raise InvalidInput(f"study notebook {str(notebook)!r} does not exist; set `notebook:` in the study file")
+    out = {}
+    for name, info in pm.inspect_notebook(str(notebook)).items():
+        try:
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            out[name] = info["default"]
+    return out
+
+
+@dataclass(frozen=True)
+class GridCell:
+    id: str
+    model: str
+    quantization: str
+    preset: str
+    parameters: dict[str, Any]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@+=-]+", "_", text).strip("_") or "x"
+
+
+def expand_grid(spec: StudySpec) -> list[GridCell]:
+    """models x quantizations x presets, in that order. The first preset of each model x quantization
+    also measures perplexity / KL (once per model file)."""
+    p = spec.parameters
+    cells: list[GridCell] = []
+    seen: set[str] = set()
+    for model in p["models"]:
+        short = Path(model).stem if model.endswith(".gguf") else model
+        for quant in p["quantizations"]:
+            for i, preset in enumerate(p["presets"]):
+                cid = _slug(f"{short}@{quant}--{preset}")
+                while cid in seen:
+                    cid += "+"
+                seen.add(cid)
+                params = {**p, "models": [model], "quantizations": [quant], "presets": [preset],
+                          "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name, "cell": cid,
+                          "perplexity_text": p.get("perplexity_text", "") if i == 0 else ""}
+                cells.append(GridCell(id=cid, model=model, quantization=quant, preset=preset, parameters=params))
+    return cells
+
+
+# ======================================================================================= the runner
+
+@dataclass
+class CellResult:
+    id: str
+    state: str  # done | failed | skipped (done by an earlier invocation)
+    wall_s: float | None = None
+    error: str | None = None
+    runs: int | None = None
+
+
+@dataclass
+class StudyResult:
+    output_dir: Path
+    cells: list[CellResult]
+    wall_s: float
+    report: dict[str, str] | None = None
+
+    @property
+    def failed(self) -> list[CellResult]:
+        return [c for c in self.cells if c.state == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def describe(self) -> str:
+        done = [c for c in self.cells if c.state == "done"]
+        skipped = [c for c in self.cells if c.state == "skipped"]
+        lines = [f"study {self.output_dir}: {len(self.cells)} cells: {len(done)} run now, {len(skipped)} already "
+                 f"done (skipped), {len(self.failed)} failed; wall time {self.wall_s:.1f} s"]
+        lines += [f"  FAILED {c.id}: {c.error}" for c in self.failed]
+        if self.report:
+            lines += [f"  {k}: {v}" for k, v in self.report.items()]
+        return "\n".join(lines)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomic: written to a temporary file, fsync'ed, renamed over ``path``, directory fsync'ed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, ensure_ascii=False, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def cell_state(cell_dir: Path) -> str:
+    if (cell_dir / DONE).is_file():
+        return "done"
+    if (cell_dir / FAILED).is_file():
+        return "failed"
+    return "incomplete" if cell_dir.exists() else "pending"
+
+
+def check_kernel() -> None:
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+    except NoSuchKernel:
+        raise StudyError(f"Jupyter kernel {KERNEL_NAME!r} is not installed; run: {sys.executable} -m ipykernel "
+                         f"install --sys-prefix --name {KERNEL_NAME} --display-name {KERNEL_NAME}") from None
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """One runner per study directory (the lock dies with its process)."""
+    import fcntl
+
+    fh = open(directory / ".lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise StudyError(f"another runner is working on {directory}; wait for it or stop it") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """``kill PID`` stops the runner like Ctrl-C: papermill then shuts the kernel down. (On SIGKILL the
+    kernel notices its parent is gone and exits by itself: ipykernel's parent poller.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_same_study(out: Path, spec: StudySpec, cells: list[GridCell]) -> None:
+    """A directory holds one study: resuming with different shared parameters would mix two studies.
+    The grid may grow (new models, quantizations or presets add cells)."""
+    path = out / STUDY_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        axes = ("models", "quantizations", "presets")
+        before = {k: v for k, v in old["spec"]["parameters"].items() if k not in axes}
+        now = {k: v for k, v in spec.parameters.items() if k not in axes}
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:
+            raise StudyError(f"{out} holds a study run with different parameters ({', '.join(changed)}); use "
+                             f"another output directory (--out) or delete {out}")
+        known = {c["id"]: c for c in old["cells"]}
+        cells_json = [*old["cells"], *({"id": c.id, "model": c.model, "quantization": c.quantization,
+                                       "preset": c.preset} for c in cells if c.id not in known)]
+    else:
+        cells_json = [{"id": c.id, "model": c.model, "quantization": c.quantization, "preset": c.preset}
+                      for c in cells]
+    _write_json(path, {"spec": spec.to_dict(), "cells": cells_json, "kernel": KERNEL_NAME})
+
+
+def _prepare_variants(spec: StudySpec, echo: Callable[[str], Any]) -> dict[tuple[str, str], str]:
+    """Build the embedded quantized variants the grid needs (once; cached). Returns build errors by
+    (model, quantization); those cells fail with that error."""
+    p = spec.parameters
+    errors: dict[tuple[str, str], str] = {}
+    if p.get("backend", "embedded") != "embedded":
+        return errors
+    from .models import REGISTRY
+    from .quantize import QUANT_TYPES, find_variant, quantize
+
+    for model in p["models"]:
+        for quant in p["quantizations"]:
+            spec_m = REGISTRY.get(model)
+            if quant.lower() == SHIPPED or spec_m is None or quant.upper() not in QUANT_TYPES:
+                continue  # a path, an unknown model or type: the cell's own validation names the problem
+            if quant.upper() == spec_m.quantization or find_variant(model, quant.upper()):
+                continue
+            try:
+                v = quantize(model, quant, n_threads=p.get("n_threads") or None)
+                echo(f"built {v.name} ({v.size / 1e6:.1f} MB) in {v.built_s:.1f} s")
+            except KitError as exc:
+                errors[(model, quant)] = f"{type(exc).__name__}: {exc}"
+    return errors
+
+
+def _model_files(spec: StudySpec) -> list[dict[str, Any]]:
+    """sha256, size and path of every embedded file the grid uses (judge and shipped references too), or
+    Ollama's digest and size of each model."""
+    p = spec.parameters
+    if p.get("backend", "embedded") == "embedded":
+        from .models import resolve
+
+        names = [safe_model_id("embedded", m, q) for m in p["models"] for q in p["quantizations"]]
+        names += [*p["models"], *([p["judge_model"]] if p.get("judge_model") else [])]
+        rows = []
+        for name in dict.fromkeys(n for n in names if n):
+            try:
+                rows.append({"role": "judge" if name == p.get("judge_model") else "model", **resolve(name).info()})
+            except KitError as exc:
+                rows.append({"name": name, "error": str(exc)})
+        return rows
+    from .backends.ollama import OllamaBackend
+    from .sync import run_sync
+
+    backend = OllamaBackend(host=p.get("ollama_host") or None)
+    wanted = {safe_model_id("ollama", m, q) for m in p["models"] for q in p["quantizations"]} | (
+        {p["judge_model"]} if p.get("judge_model") else set())
+    try:
+        version = run_sync(backend.version())
+        listing = run_sync(backend.list_models())
+    except KitError as exc:
+        return [{"ollama_error": str(exc)}]
+    rows = [{"ollama_version": version, "host": backend.host}]
+    for m in listing:
+        if m.get("model") in wanted or m.get("name") in wanted:
+            rows.append({"name": m.get("model") or m.get("name"), "digest": m.get("digest"), "size": m.get("size"),
+                         "details": m.get("details")})
+    return rows
+
+
+def capture_environment(spec: StudySpec) -> dict[str, Any]:
+    from . import environment
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    env = environment.capture(n_threads=spec.parameters.get("n_threads") or None)
+    env["backend"] = spec.parameters.get("backend", "embedded")
+    env["model_files"] = _model_files(spec)
+    with contextlib.suppress(Exception):
+        env["kernel"] = {"name": KERNEL_NAME, "argv": KernelSpecManager().get_kernel_spec(KERNEL_NAME).argv}
+    return env
+
+
+def _execute_cell(spec: StudySpec, cell: GridCell, cell_dir: Path) -> CellResult:
+    import papermill as pm
+
+    if cell_dir.exists():  # an interrupted or failed attempt: redo it from scratch, no duplicated records
+        shutil.rmtree(cell_dir)
+    cell_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(spec.notebook), str(cell_dir / EXECUTED), parameters=cell.parameters,
+                            kernel_name=KERNEL_NAME, cwd=str(cell_dir), progress_bar=False, log_output=False,
+                            request_save_on_cell_execute=True, start_timeout=180,
+                            execution_timeout=spec.cell_timeout_s or None)
+    except pm.PapermillExecutionError as exc:
+        error = f"{exc.ename}: {exc.evalue}"
+        _write_json(cell_dir / FAILED, {"cell": cell.id, "error": error, "notebook_cell": exc.exec_count,
+                                        "wall_s": time.perf_counter() - t0, "failed_at": _now()})
+        return CellResult(cell.id, "failed", time.perf_counter() - t0, error)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # the kernel died, could not start, timed out...
+        error = f"{type(exc).__name__}: {exc}"
+        _write_json(cell_dir / FAILED, {"cell": cell.id, "error": error, "wall_s": time.perf_counter() - t0,
+                                        "failed_at": _now()})
+        return CellResult(cell.id, "failed", time.perf_counter() - t0, error)
+    wall = time.perf_counter() - t0
+    records = read_log(cell_dir / RECORDS) if (cell_dir / RECORDS).is_file() else []
+    # the marker comes last: the records were fsync'ed run by run, so a marker always means complete records
+    _write_json(cell_dir / DONE, {"cell": cell.id, "runs": len(records), "wall_s": wall, "finished_at": _now(),
+                                  "parameters": cell.parameters})
+    return CellResult(cell.id, "done", wall, runs=len(records))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: str | os.PathLike[str] | None = None,
+              progress: bool = True, report: bool = True, echo: Callable[[str], Any] | None = None) -> StudyResult:
+    """Run (or resume) a study: every unfinished grid cell is executed with papermill; finished cells
+    are skipped; failed cells are recorded and retried on the next invocation. Builds the report at the
+    end when ``report`` and at least one cell is done."""
+    from tqdm.auto import tqdm
+
+    echo = echo or (lambda text: print(text, file=sys.stderr))
+    t0 = time.perf_counter()
+    spec = load_study(study, output_dir=output_dir)
+    check_kernel()
+    if not spec.notebook.is_file():
+        raise InvalidInput(f"study notebook {spec.notebook} does not exist")
+    out = spec.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cells = expand_grid(spec)
+    results: list[CellResult] = []
+    with _exclusive(out), _sigterm_as_interrupt():
+        _check_same_study(out, spec, cells)
+        build_errors = _prepare_variants(spec, echo)
+        if not (out / ENVIRONMENT).is_file():
+            _write_json(out / ENVIRONMENT, capture_environment(spec))
+        bar = tqdm(cells, unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for cell in bar:
+            cell_dir = out / "cells" / cell.id
+            bar.set_postfix_str(cell.id)
+            if cell_state(cell_dir) == "done":
+                results.append(CellResult(cell.id, "skipped"))
+                continue
+            if (cell.model, cell.quantization) in build_errors:
+                if cell_dir.exists():
+                    shutil.rmtree(cell_dir)
+                cell_dir.mkdir(parents=True)
+                error = build_errors[(cell.model, cell.quantization)]
+                _write_json(cell_dir / FAILED, {"cell": cell.id, "error": error, "failed_at": _now()})
+                results.append(CellResult(cell.id, "failed", 0.0, error))
+                continue
+            result = _execute_cell(spec, cell, cell_dir)
+            results.append(result)
+            if result.state == "failed":
+                bar.write(f"cell {cell.id} failed: {result.error}", file=sys.stderr)
+        bar.close()
+        wall = time.perf_counter() - t0
+        outcome = StudyResult(out, results, wall)
+        _write_json(out / STATUS, {"finished_at": _now(), "wall_s": wall,
+                                   "cells": [dataclasses.asdict(c) for c in results]})
+        if report and any(cell_state(out / "cells" / c.id) == "done" for c in cells):
+            outcome.report = build_report(out)
+            outcome.wall_s = time.perf_counter() - t0
+    return outcome
+
+
+# ======================================================================================= results
+
+@dataclass
+class StudyResults:
+    """Everything a study directory holds, loaded."""
+
+    directory: Path
+    spec: dict[str, Any]
+    environment: dict[str, Any]
+    cells: list[dict[str, Any]]  # id, model, quantization, preset, state, error, wall_s, runs
+    runs: list[RunRecord]
+    quality: list[dict[str, Any]]
+
+    @property
+    def slo(self) -> SLO:
+        p = self.spec["parameters"]
+        return SLO(ttft_s=p.get("ttft_slo_s", 3.0), tpot_s=p.get("tpot_slo_s", 0.1), e2e_s=p.get("e2e_slo_s", 120.0))
+
+    @property
+    def bandwidth_gb_per_s(self) -> float | None:
+        return self.environment.get("bandwidth_gb_per_s")
+
+
+def load_results(study_dir: str | os.PathLike[str]) -> StudyResults:
+    """Records of finished cells only (a cell without its DONE marker is incomplete and left out)."""
+    d = Path(study_dir)
+    if not (d / STUDY_FILE).is_file():
+        raise InvalidInput(f"{d} is not a study directory (no {STUDY_FILE}); run `llmfirst study run STUDY.yaml`")
+    study = json.loads((d / STUDY_FILE).read_text(encoding="utf-8"))
+    env = json.loads((d / ENVIRONMENT).read_text(encoding="utf-8")) if (d / ENVIRONMENT).is_file() else {}
+    cells, runs, qual = [], [], []
+    for c in study["cells"]:
+        cdir = d / "cells" / c["id"]
+        state = cell_state(cdir)
+        row = {**c, "state": state, "error": None, "wall_s": None, "runs": None}
+        if state == "done":
+            done = json.loads((cdir / DONE).read_text(encoding="utf-8"))
+            row.update(wall_s=done.get("wall_s"), runs=done.get("runs"))
+            if (cdir / RECORDS).is_file():
+                runs += [r for r in read_log(cdir / RECORDS) if isinstance(r, RunRecord)]
+            if (cdir / QUALITY).is_file():
+                qual += json.loads((cdir / QUALITY).read_text(encoding="utf-8"))
+        elif state == "failed":
+            failed = json.loads((cdir / FAILED).read_text(encoding="utf-8"))
+            row.update(error=failed.get("error"), wall_s=failed.get("wall_s"))
+        cells.append(row)
+    return StudyResults(directory=d, spec=study["spec"], environment=env, cells=cells, runs=runs, quality=qual)
+
+
+def config_label(model: str, quantization: str, preset: str) -> str:
+    return f"{model}@{quantization} · {preset}"
+
+
+def runs_table(results: StudyResults):
+    """One row per run (warm-up runs included, marked): labels, the run metrics without the judge's time
+    (``metrics.runs_frame``), the answer call's decode tokens/s, the strategy the model decided."""
+    import pandas as pd
+
+    runs = results.runs
+    df = runs_frame([latency_view(r) for r in runs], results.slo)
+    if df.empty:
+        return df
+    answer_tps, strategy, judge_status = [], [], []
+    for r in runs:
+        visible = [s for s in latency_view(r).stages if s.visible]
+        answer_tps.append(call_metrics(visible[-1].call)["tokens_per_s"] if visible else None)
+        d = r.decisions.get("strategy")
+        strategy.append(d["value"]["strategy"] if d and d.get("status") == "decided" and d.get("value") else None)
+        judge_status.append(r.quality.get("status") if r.quality else None)
+    df["answer_tokens_per_s"] = pd.to_numeric(pd.Series(answer_tps, index=df.index), errors="coerce")
+    df["strategy"] = strategy
+    df["judge_status"] = judge_status
+    df["quality"] = pd.to_numeric(df["quality"], errors="coerce")
+    df["config"] = [config_label(m, q, p) for m, q, p in zip(df["model"], df["quantization"], df["preset"])]
+    return df
+
+
+def median_ci(values: Iterable[float | None], level: float = 0.95) -> tuple[float | None, float | None, float | None]:
+    """Distribution-free confidence interval for a median from order statistics: ``[x_(j), x_(n+1-j)]``
+    (sorted, 1-based) covers the true median with probability ``1 - 2 P(Bin(n, 1/2) <= j-1)``. Returns
+    (low, high, coverage) for the narrowest such interval with coverage >= ``level``; with fewer than 6
+    values no interval reaches 95 %, and (min, max) is returned with its actual coverage."""
+    xs = sorted(float(v) for v in values if v is not None and not math.isnan(float(v)))
+    n = len(xs)
+    if n == 0:
+        return None, None, None
+
+    def coverage(j: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= level:
+        j += 1
+    return xs[j - 1], xs[n - j], coverage(j)
+
+
+def mbu(model_bytes: float | None, decode_tokens_per_s: float | None, bandwidth_gb_per_s: float | None) -> float | None:
+    """Model bandwidth utilisation: model bytes x decode tokens/s / measured memory bandwidth (each decoded
+    token reads every weight once)."""
+    if not model_bytes or not decode_tokens_per_s or not bandwidth_gb_per_s:
+        return None
+    return model_bytes * decode_tokens_per_s / (bandwidth_gb_per_s * 1e9)
+
+
+LATENCY = ("user_ttft_s", "answer_tpot_s", "e2e_s")
+
+
+def _model_bytes(results: StudyResults) -> dict[str, int]:
+    """Model id -> file size (embedded) or Ollama's size."""
+    out = {}
+    for row in results.environment.get("model_files", []):
+        if row.get("name") and row.get("size"):
+            out[row["name"]] = row["size"]
+    return out
+
+
+def summary_table(results: StudyResults):
+    """One row per model x quantization x preset (failed cells included, with their error): latency
+    percentiles and median CIs, decode speed and MBU, judge score and retention vs the baseline,
+    perplexity / KL, SLO pass rate and whether the configuration meets every target (p95 latencies under
+    the SLOs and retention >= the quality target)."""
+    import pandas as pd
+
+    spec = results.spec
+    slo = results.slo
+    df = runs_table(results)
+    keys = ["model", "quantization", "preset"]
+    measured = df[(~df["warmup"].astype(bool)) & (df["status"] == "ok")] if not df.empty else df
+    pct = (percentiles(measured, by=keys, columns=[*LATENCY, "answer_tokens_per_s"], q=(50, 95))
+           if not measured.empty else pd.DataFrame(columns=keys))
+    sizes = _model_bytes(results)
+    qual = {(q["model"], q["quantization"]): q for q in results.quality}
+    backend = spec["parameters"].get("backend", "embedded")
+    rows = []
+    for cell in results.cells:
+        qname, shipped = quantization_label(backend, cell["model"], cell["quantization"])
+        key = (cell["model"], qname, cell["preset"])
+        row: dict[str, Any] = {"model": cell["model"], "quantization": qname, "shipped": shipped,
+                               "preset": cell["preset"], "backend": backend,
+                               "model_id": safe_model_id(backend, cell["model"], cell["quantization"]),
+                               "cell": cell["id"], "cell_state": cell["state"], "cell_error": cell["error"],
+                               "cell_wall_s": cell["wall_s"]}
+        runs = df[(df["model"] == key[0]) & (df["quantization"] == key[1]) & (df["preset"] == key[2])] \
+            if not df.empty else df
+        real = runs[~runs["warmup"].astype(bool)] if not runs.empty else runs
+        ok = measured[(measured["model"] == key[0]) & (measured["quantization"] == key[1])
+                      & (measured["preset"] == key[2])] if not measured.empty else measured
+        row["n_runs"] = len(ok)
+        row["n_errors"] = int((real["status"] != "ok").sum()) if not real.empty else 0
+        prow = pct[(pct["model"] == key[0]) & (pct["quantization"] == key[1]) & (pct["preset"] == key[2])]
+        for col in (*LATENCY, "answer_tokens_per_s"):
+            for p in (50, 95):
+                name = f"{col}_p{p}"
+                row[name] = float(prow[name].iloc[0]) if len(prow) and pd.notna(prow[name].iloc[0]) else None
+            if col in LATENCY:
+                lo, hi, cov = median_ci(ok[col].tolist() if not ok.empty else [])
+                row[f"{col}_p50_ci_low"], row[f"{col}_p50_ci_high"] = lo, hi
+                if col == "user_ttft_s":
+                    row["median_ci_coverage"] = cov
+        row["model_bytes"] = sizes.get(row["model_id"]) if row["model_id"] else None
+        row["bandwidth_gb_per_s"] = results.bandwidth_gb_per_s
+        row["mbu"] = mbu(row["model_bytes"], row["answer_tokens_per_s_p50"], row["bandwidth_gb_per_s"])
+        row["judge_score_mean"] = float(ok["quality"].mean()) if not ok.empty and ok["quality"].notna().any() else None
+        row["judge_scored"] = int(ok["quality"].notna().sum()) if not ok.empty else 0
+        row.update(_retention(measured, key, spec, backend))
+        q = qual.get((key[0], key[1]))
+        row["perplexity"] = q.get("perplexity") if q else None
+        row["reference_perplexity"] = q.get("reference_perplexity") if q else None
+        row["kl_mean"] = q.get("kl_mean") if q else None
+        row["kl_top1_agreement"] = q.get("top1_agreement") if q else None
+        row["quality_tokens"] = q.get("tokens") if q else None
+        if not ok.empty:
+            passed = (ok["slo_ttft"] == True) & (ok["slo_e2e"] == True) & (ok["slo_tpot"] != False)  # noqa: E712
+            row["slo_pass_rate"] = float(passed.mean())
+            decided = ok[ok["strategy"].notna()]
+            row["strategy_decided_rate"] = float(len(decided) / len(ok)) if row["preset"].startswith("staged") else None
+            row["strategy_agreement"] = float((decided["strategy"] == decided["category"]).mean()) \
+                if len(decided) and "category" in decided else None
+            row["compliance_mean"] = float(pd.to_numeric(ok["compliance"], errors="coerce").mean())
+        else:
+            row.update(slo_pass_rate=None, strategy_decided_rate=None, strategy_agreement=None, compliance_mean=None)
+        lat = [row["user_ttft_s_p95"], row["answer_tpot_s_p95"], row["e2e_s_p95"]]
+        row["meets_latency"] = None if lat[0] is None or lat[2] is None else bool(
+            lat[0] < slo.ttft_s and lat[2] < slo.e2e_s and (lat[1] is None or lat[1] < slo.tpot_s))
+        ret = row["quality_retention"]
+        row["meets_quality"] = None if ret is None else bool(ret >= spec.get("quality_target", 0.8))
+        row["meets_all"] = bool(row["meets_latency"] and row["meets_quality"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _retention(measured, key: tuple[str, str, str], spec: dict[str, Any], backend: str) -> dict[str, Any]:
+    """Judge-score retention vs the baseline (same model; ``baseline_preset`` at ``baseline_quantization``):
+    sum of per-query mean scores over the queries both have, divided by the baseline's sum."""
+    model, quant, preset = key
+    bq_raw = spec.get("baseline_quantization", SHIPPED)
+    bq, _ = quantization_label(backend, model, bq_raw)
+    bp = spec.get("baseline_preset", "direct")
+    label = f"{model}@{bq} · {bp}"
+    none = {"quality_retention": None, "retention_baseline": label, "retention_queries": 0}
+    if measured.empty or "quality" not in measured:
+        return none
+    m = measured[measured["model"] == model]
+    scores = m.groupby(["quantization", "preset", "query_id"])["quality"].mean()
+    try:
+        mine, base = scores.loc[(quant, preset)], scores.loc[(bq, bp)]
+    except KeyError:
+        return none
+    both = mine.dropna().index.intersection(base.dropna().index)
+    if not len(both) or base[both].sum() <= 0:
+        return none
+    return {"quality_retention": float(mine[both].sum() / base[both].sum()), "retention_baseline": label,
+            "retention_queries": len(both)}
+
+
+# ======================================================================================= the report
+
+# nbconvert's lab template without its CDN scripts (require.js, MathJax): the report loads nothing from the
+# network; plotly.js is embedded by `show`.
+_OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+"""
+
+
+def build_report(study_dir: str | os.PathLike[str], *, notebook: str | os.PathLike[str] | None = None
+                 ) -> dict[str, str]:
+    """``summary.csv``, then the summary notebook executed into ``report.ipynb`` and converted to
+    ``report.html`` (inputs hidden, plotly.js embedded: opens offline)."""
+    import jinja2
+    import nbformat
+    import papermill as pm
+    from nbconvert import HTMLExporter
+
+    d = Path(study_dir).resolve()
+    results = load_results(d)
+    check_kernel()
+    table = summary_table(results)
+    tmp = d / f".{SUMMARY_CSV}.tmp{os.getpid()}"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, d / SUMMARY_CSV)
+    executed = d / "report.ipynb"
+    pm.execute_notebook(str(notebook or SUMMARY_NOTEBOOK), str(executed), parameters={"study_dir": str(d)},
+                        kernel_name=KERNEL_NAME, cwd=str(d), progress_bar=False, log_output=False)
+    exporter = HTMLExporter(extra_loaders=[jinja2.DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
+                            template_file="offline.html.j2", exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    html = d / "report.html"
+    tmp_html = d / f".report.html.tmp{os.getpid()}"
+    tmp_html.write_text(body, encoding="utf-8")
+    os.replace(tmp_html, html)
+    return {"summary": str(d / SUMMARY_CSV), "report": str(html), "notebook": str(executed)}
+
+
+_plotlyjs_shown = False
+
+
+def show(fig: Any) -> None:
+    """Display a plotly figure in a report notebook: the plotly mimetype for JupyterLab, and HTML for
+    nbconvert with plotly.js embedded in the first figure (no CDN, no MathJax), so the HTML opens offline."""
+    global _plotlyjs_shown
+    from IPython.display import display
+
+    html = fig.to_html(full_html=False, include_plotlyjs=not _plotlyjs_shown, include_mathjax=False)
+    _plotlyjs_shown = True
+    display({"application/vnd.plotly.v1+json": json.loads(fig.to_json()), "text/html": html}, raw=True)
+
+
+__all__ = [
+    "CELL_PARAMETERS", "CellParams", "Query", "load_queries", "validate_parameters", "notebook_parameters",
+    "run_cell", "measure_cell_quality", "latency_view", "load_study", "expand_grid", "run_study", "StudySpec",
+    "StudyResult", "load_results", "runs_table", "summary_table", "median_ci", "mbu", "build_report", "show",
+]
