@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--repeats", type=_positive_int, default=1)
     pl.add_argument("--max-tokens", type=_positive_int, default=256)
     pl.add_argument("--json", action="store_true")
+    bs = bsub.add_parser("serve", help="N concurrent WebSocket clients against the server, on loopback")
+    bs.add_argument("--clients", type=_positive_int, default=20)
+    bs.add_argument("--queries", type=_positive_int, default=3)
+    bs.add_argument("--model", default="smollm2-135m")
+    bs.add_argument("--preset", default="direct")
+    bs.add_argument("--max-tokens", type=_positive_int, default=32)
+    bs.add_argument("--threads", type=_positive_int, default=None, help="decoding threads (default: all cores)")
+    bs.add_argument("--json", action="store_true")
+
+    serve = sub.add_parser("serve", help="WebSocket + Ollama-compatible HTTP API over the embedded models")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_positive_int, default=8765)
+    serve.add_argument("--token", default=None, help="required off loopback (or set $LLMFIRST_TOKEN)")
+    serve.add_argument("--model", default=None, help=f"default model (default {DEFAULT_MODEL})")
+    serve.add_argument("--threads", type=_positive_int, default=None, help="decoding threads (default: all cores)")
     return parser
 
 
@@ -204,6 +219,14 @@ async def bench_cmd(args: argparse.Namespace) -> int:
 
     if args.bench == "overhead":
         result = await bench.overhead(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
+    elif args.bench == "serve":
+        from .server import bench_serve_async, format_bench
+
+        result = await bench_serve_async(args.clients, args.queries, model=args.model, preset=args.preset,
+                                         max_tokens=args.max_tokens, n_threads=args.threads)
+        if not args.json:
+            print(format_bench(result))
+            return EXIT_OK
     else:
         presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
         result = await bench.pipeline(model=args.model, presets=presets, repeats=args.repeats,
@@ -262,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             return study_cmd(args)
         if args.command == "bench":
             return asyncio.run(bench_cmd(args))
+        if args.command == "serve":
+            from .server import ServerConfig, serve
+
+            config = ServerConfig(default_model=args.model or DEFAULT_MODEL, n_threads=args.threads)
+            serve(args.host, args.port, args.token, config=config)
+            return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_CANCELLED
     except InvalidInput as exc:

@@ -41,7 +41,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from .events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
-from .metrics import NS, call_metrics, calls_frame, decode_tps, run_metrics, ttft_s
+from .metrics import DEFAULT_SLO, NS, SLO, call_metrics, calls_frame, decode_tps, run_metrics, ttft_s
 from .records import CallRecord, RunRecord
 from .sync import run_sync
 
@@ -107,6 +107,7 @@ class LiveView:
         self._show = _in_kernel() if show is None else show
         self._panels: dict[str, _Panel] = {}
         self._stage_order: dict[str, int] = {}  # the pipeline's stage order, when the view runs it
+        self._slo: SLO = DEFAULT_SLO
         self._dirty: set[str] = set()
         self._header_dirty = False
         self._next_flush = 0.0
@@ -132,6 +133,7 @@ class LiveView:
             raise RuntimeError("a LiveView shows one run; make a new LiveView for the next run")
         run = pipeline.start(query, **run_options)  # input errors surface here, before any display
         self._stage_order = {stage.name: i for i, stage in enumerate(pipeline.stages)}
+        self._slo = getattr(pipeline, "slo", DEFAULT_SLO)
         self.record = run.record
         self.show()
         self._task = asyncio.ensure_future(self._consume(run))
@@ -240,7 +242,7 @@ class LiveView:
         self.record = record
         self.status = record.status
         if self.run_metrics is None:
-            self.run_metrics = run_metrics(record)
+            self.run_metrics = run_metrics(record, self._slo)  # a stopped run has no RunEnd event
         calls = {s.call.call_id: s.call for s in record.stages}
         for p in self._panels.values():
             # Chunks still queued when a run is stopped never reached the view; the record has them.

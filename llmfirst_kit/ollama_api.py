@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .backends.base import CallRequest, ModelCall
-from .backends.embedded import DEFAULT_N_CTX, EmbeddedBackend, LoadedModel
+from .backends.embedded import DEFAULT_N_CTX, EmbeddedBackend, LoadedModel, grammar_problem, loaded_models
 from .errors import BackendUnavailable, ContextOverflow, InvalidInput, KitError, UnknownModel
 from .models import REGISTRY, known_names, status as model_status
 from .records import CallRecord
@@ -58,8 +58,6 @@ IGNORED_OPTIONS = frozenset({
     "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mmap",
     "use_mlock", "embedding_only", "num_thread", "num_keep",
 })
-MAX_GRAMMAR_DEPTH = 512  # llama.cpp's grammar parser recurses per nesting level and crashes far beyond this
-MAX_GRAMMAR_CHARS = 256 * 1024
 
 
 class ApiError(Exception):
@@ -299,13 +297,6 @@ def _backend(request: Request) -> EmbeddedBackend:
 
 # ------------------------------------------------------------------------------ listing and metadata
 
-def loaded_models() -> list[LoadedModel]:
-    """The embedded models this process has loaded (the backend keeps them for the process' life)."""
-    from .backends import embedded
-
-    return list(embedded._LOADED.values())  # noqa: SLF001 -- the backend's process-wide cache; read only
-
-
 def _details(name: str, metadata: dict[str, str] | None = None) -> dict[str, Any]:
     spec = REGISTRY[name]
     arch = (metadata or {}).get("general.architecture")
@@ -474,55 +465,6 @@ def format_schema(fmt: Format) -> dict[str, Any] | None:
     return fmt  # type: ignore[return-value]
 
 
-def grammar_problem(schema: dict[str, Any], loaded: LoadedModel) -> str | None:
-    """Why this JSON schema cannot constrain the model, or None. Checked before any call because
-    llama.cpp crashes the whole process on a grammar it cannot parse (e.g. an empty enum, or a
-    maxLength in the thousands nests the grammar too deep)."""
-    import jsonschema
-    import llama_cpp
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        return f"format is not a valid JSON schema: {exc.message}"
-    try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises AssertionError, KeyError... on what it does not know
-        return f"format: this JSON schema cannot be turned into a grammar ({type(exc).__name__}: {exc}); simplify it"
-    if len(gbnf) > MAX_GRAMMAR_CHARS or _nesting(gbnf) > MAX_GRAMMAR_DEPTH:
-        return ("format: the grammar made from this JSON schema is too large (long maxLength/maxItems or deep "
-                "nesting); lower those limits")
-    sampler = llama_cpp.llama_sampler_init_grammar(loaded.llm._model.vocab, gbnf.encode(), b"root")
-    if not sampler:
-        return "format: the grammar made from this JSON schema does not parse (e.g. an empty enum); simplify it"
-    llama_cpp.llama_sampler_free(sampler)
-    return None
-
-
-def _nesting(gbnf: str) -> int:
-    """Deepest parenthesis nesting of a GBNF text, outside string literals and character classes."""
-    depth = deepest = 0
-    quote: str | None = None
-    escaped = False
-    for ch in gbnf:
-        if quote:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch in "\"[":
-            quote = '"' if ch == '"' else "]"
-        elif ch == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch == ")":
-            depth -= 1
-    return deepest
-
-
 def plan_call(plan: Plan, backend: EmbeddedBackend, config: Any) -> CallRequest:
     """The CallRequest for a plan (runs in a worker thread: it may load the model and tokenize)."""
     opts = plan.options
@@ -533,7 +475,7 @@ def plan_call(plan: Plan, backend: EmbeddedBackend, config: Any) -> CallRequest:
         loaded = backend.load(plan.model, n_ctx)
         problem = grammar_problem(schema, loaded)
         if problem:
-            raise ApiError(400, problem)
+            raise ApiError(400, f"format: {problem}")
     if opts.num_predict is None or opts.num_predict < 0:  # Ollama's -1 / -2: until the context is full
         loaded = loaded or backend.load(plan.model, n_ctx)
         budget = n_ctx - len(loaded.format_prompt(plan.messages))

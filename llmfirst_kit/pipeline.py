@@ -38,7 +38,7 @@ STRATEGY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "strategy": {"type": "string", "enum": ["simple", "analytical", "comprehensive"]},
-        "token_budget": {"type": "integer", "minimum": 32, "maximum": 1024},
+        "token_budget": {"type": "integer", "minimum": 16, "maximum": 1024},
         "reason": {"type": "string", "maxLength": 160},
     },
     "required": ["strategy", "token_budget", "reason"],
@@ -443,6 +443,8 @@ def _validator(schema_json: str) -> Callable[[Any], Any]:
 
 def with_model(stages: list[Stage], name: str, model: str) -> list[Stage]:
     """A copy of ``stages`` with stage ``name`` run by ``model`` (e.g. a different judge)."""
+    if name not in {s.name for s in stages}:
+        raise InvalidInput(f"no stage named {name!r}; stages: {', '.join(s.name for s in stages)}")
     return [replace(s, model=model) if s.name == name else s for s in stages]
 
 

@@ -336,7 +336,7 @@ def validate_parameters(values: Mapping[str, Any]) -> CellParams:
         queries = load_queries(v["queries_file"], ids=v["query_ids"], limit=v["query_limit"])
     except InvalidInput as exc:
         problems.append(str(exc))
-    if v["backend"] == "embedded" and not problems:
+    if v["backend"] == "embedded":
         problems += _embedded_model_problems(v)
     _raise(problems, accepted_parameters())
     return CellParams(**v, queries=queries)

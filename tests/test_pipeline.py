@@ -13,7 +13,7 @@ from llmfirst_kit.backends.embedded import EmbeddedBackend
 from llmfirst_kit.errors import ContextOverflow, InvalidInput, UnknownModel
 from llmfirst_kit.events import Decision, Error, RunEnd, StageEnd, StageStart, Token
 from llmfirst_kit.metrics import compliance, kit_overhead_s, run_metrics, user_ttft_s
-from llmfirst_kit.pipeline import PRESETS, STRATEGY_SCHEMA, Pipeline, Stage, preset
+from llmfirst_kit.pipeline import PRESETS, STRATEGY_SCHEMA, Pipeline, Stage, preset, with_model
 from llmfirst_kit.records import Visible
 
 from conftest import TEST_MODEL
@@ -213,6 +213,12 @@ async def test_empty_query_fails_before_any_model_call(backend, loaded):
     with pytest.raises(InvalidInput, match="empty"):
         make("staged", backend).start("   ")
     assert _calls(loaded) == before
+
+
+def test_unknown_stage_name_is_an_error():
+    with pytest.raises(InvalidInput, match="no stage named 'judge'; stages: answer, review"):
+        with_model(preset("direct", review=True), "judge", TEST_MODEL)
+    assert with_model(preset("direct", review=True), "review", TEST_MODEL)[1].model == TEST_MODEL
 
 
 def test_presets_are_data():

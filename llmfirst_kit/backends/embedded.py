@@ -119,6 +119,11 @@ def _close_all() -> None:
             _LOADED.pop(key, None)
 
 
+def loaded_models() -> list[LoadedModel]:
+    """The models loaded in this process (the Ollama-compatible API's /api/ps)."""
+    return list(_LOADED.values())
+
+
 def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None) -> LoadedModel:
     """Load (once per process) the model's ``Llama``; later calls return the same object."""
     import llama_cpp
@@ -209,7 +214,7 @@ class EmbeddedBackend(Backend):
             )
         grammar = None
         if request.json_schema is not None:
-            grammar = await asyncio.to_thread(schema_grammar, request.json_schema)
+            grammar = await asyncio.to_thread(schema_grammar, request.json_schema, loaded)
         return Prepared(model_name=loaded.resolved.name, loaded=loaded, prompt_tokens=tokens,
                         stop=list(request.stop), request=request, grammar=grammar, cold_load=cold)
 
@@ -250,13 +255,68 @@ class EmbeddedBackend(Backend):
             cancelled.set()  # no-op after a normal end; otherwise the worker stops at its next token
 
 
-def schema_grammar(schema: dict[str, Any]) -> Any:
+def schema_grammar(schema: dict[str, Any], loaded: LoadedModel) -> Any:
+    """The llama.cpp grammar for a JSON schema, checked first: llama.cpp crashes the whole process on a
+    grammar it cannot parse, so a bad schema must become an InvalidInput here."""
     from llama_cpp import LlamaGrammar
 
+    problem = grammar_problem(schema, loaded)
+    if problem:
+        raise InvalidInput(f"structured output: {problem}")
+    return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+
+
+MAX_GRAMMAR_DEPTH = 512  # llama.cpp's grammar parser recurses per nesting level and crashes far beyond this
+MAX_GRAMMAR_CHARS = 256 * 1024
+
+
+def grammar_problem(schema: dict[str, Any], loaded: LoadedModel) -> str | None:
+    """Why this JSON schema cannot constrain the model, or None. Checked before any call because
+    llama.cpp crashes the whole process on a grammar it cannot parse (e.g. an empty enum, or a
+    maxLength in the thousands nests the grammar too deep)."""
+    import fastjsonschema
+    import llama_cpp
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
     try:
-        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-    except Exception as exc:
-        raise InvalidInput(f"cannot turn this JSON schema into a grammar ({exc}); simplify the schema") from exc
+        fastjsonschema.compile(schema)
+    except fastjsonschema.JsonSchemaDefinitionException as exc:
+        return f"not a valid JSON schema: {exc}"
+    try:
+        gbnf = json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises AssertionError, KeyError... on what it does not know
+        return f"this JSON schema cannot be turned into a grammar ({type(exc).__name__}: {exc}); simplify it"
+    if len(gbnf) > MAX_GRAMMAR_CHARS or _nesting(gbnf) > MAX_GRAMMAR_DEPTH:
+        return ("the grammar made from this JSON schema is too large (long maxLength/maxItems or deep "
+                "nesting); lower those limits")
+    sampler = llama_cpp.llama_sampler_init_grammar(loaded.llm._model.vocab, gbnf.encode(), b"root")
+    if not sampler:
+        return "the grammar made from this JSON schema does not parse (e.g. an empty enum); simplify it"
+    llama_cpp.llama_sampler_free(sampler)
+    return None
+
+
+def _nesting(gbnf: str) -> int:
+    """Deepest parenthesis nesting of a GBNF text, outside string literals and character classes."""
+    depth = deepest = 0
+    quote: str | None = None
+    escaped = False
+    for ch in gbnf:
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "\"[":
+            quote = '"' if ch == '"' else "]"
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest
 
 
 def _decode(prepared: Prepared, put: Callable[[Any], None], cancelled: threading.Event) -> None:

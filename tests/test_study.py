@@ -1,0 +1,244 @@
+"""The study runner end to end: real papermill executions of notebooks/study.ipynb on the real embedded
+SmolLM2-135M (max_tokens 16, two queries, one decode thread), the runner killed and resumed, a failing
+cell, invalid parameters, and the report.
+
+Kept fast: one shared tiny study (one good cell, one cell with an unknown model) serves the end-to-end,
+failure and report tests; the resume test runs its own three-cell grid in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+from llmfirst_kit import study
+from llmfirst_kit.errors import InvalidInput
+from llmfirst_kit.models import REGISTRY
+from llmfirst_kit.records import RunRecord, read_log
+
+ROOT = Path(study.__file__).resolve().parent.parent
+QUERIES = str(ROOT / "data" / "queries" / "queries.jsonl")
+TEXT = str(ROOT / "data" / "text" / "harbour_en.txt")
+THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))
+
+TINY = {
+    "name": "tiny", "backend": "embedded", "models": ["smollm2-135m", "no-such-model"], "quantizations": ["shipped"],
+    "presets": ["direct"], "queries_file": QUERIES, "query_ids": ["en-s01", "en-a01"], "repeats": 1,
+    "warmup_runs": 1, "max_tokens": 16, "judge_model": "smollm2-135m", "n_threads": THREADS,
+    "perplexity_text": TEXT, "perplexity_tokens": 32,
+}
+GOOD = "smollm2-135m@shipped--direct"
+BAD = "no-such-model@shipped--direct"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    result = study.run_study(TINY, output_dir=out, progress=False, report=True, echo=lambda _: None)
+    return result, out
+
+
+def _runs(path: Path) -> list[RunRecord]:
+    return [r for r in read_log(path) if isinstance(r, RunRecord)]
+
+
+def test_runner_end_to_end(tiny):
+    result, out = tiny
+    states = {c.id: c.state for c in result.cells}
+    assert states == {GOOD: "done", BAD: "failed"}
+    cell = out / "cells" / GOOD
+    assert (cell / study.DONE).is_file() and (cell / study.EXECUTED).is_file()  # executed notebook kept beside
+    runs = _runs(cell / study.RECORDS)
+    assert [r.warmup for r in runs] == [True, False, False]
+    measured = runs[1:]
+    assert [r.labels["query_id"] for r in measured] == ["en-s01", "en-a01"]
+    assert all(r.status == "ok" and r.labels["model"] == "smollm2-135m" and r.labels["quantization"] == "Q4_1"
+               for r in measured)
+    assert all(r.quality is not None and r.quality["judge_model"] == "smollm2-135m" for r in measured)  # judged
+    assert json.loads((cell / study.DONE).read_text())["runs"] == 3
+    quality = json.loads((cell / study.QUALITY).read_text())
+    assert quality[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6) and quality[0]["perplexity"] > 1
+    env = json.loads((out / study.ENVIRONMENT).read_text())
+    assert env["bandwidth_gb_per_s"] > 0 and env["llama_cpp"]["version"] and env["cpu"]["usable_cores"] >= 1
+    assert env["packages"]["llama-cpp-python"] and "system_info" in env["llama_cpp"]
+    files = {f["name"]: f for f in env["model_files"] if "sha256" in f}
+    assert files["smollm2-135m"]["sha256"] == REGISTRY["smollm2-135m"].sha256
+
+
+def test_failing_cell_is_recorded_and_the_others_finish(tiny):
+    result, out = tiny
+    failed = json.loads((out / "cells" / BAD / study.FAILED).read_text())
+    assert "no-such-model" in failed["error"] and "known:" in failed["error"]
+    assert not (out / "cells" / BAD / study.RECORDS).exists()  # failed in validation: no model call
+    assert [c.id for c in result.failed] == [BAD]
+    assert "FAILED no-such-model@shipped--direct" in result.describe()
+    status = json.loads((out / study.STATUS).read_text())
+    assert {c["id"]: c["state"] for c in status["cells"]} == {GOOD: "done", BAD: "failed"}
+
+
+def test_report_has_the_table_and_offline_charts(tiny):
+    import pandas as pd
+
+    result, out = tiny
+    assert result.report and Path(result.report["report"]).is_file()
+    summary = pd.read_csv(out / study.SUMMARY_CSV)
+    expected = {"model", "quantization", "preset", "cell_state", "cell_error", "n_runs",
+                "user_ttft_s_p50", "user_ttft_s_p95", "user_ttft_s_p50_ci_low", "user_ttft_s_p50_ci_high",
+                "answer_tpot_s_p50", "answer_tpot_s_p95", "e2e_s_p50", "e2e_s_p95", "answer_tokens_per_s_p50",
+                "mbu", "judge_score_mean", "quality_retention", "perplexity", "kl_mean", "slo_pass_rate",
+                "meets_latency", "meets_quality", "meets_all"}
+    assert expected <= set(summary.columns)
+    rows = summary.set_index("cell")
+    assert rows.loc[GOOD, "n_runs"] == 2 and rows.loc[GOOD, "mbu"] > 0 and rows.loc[GOOD, "kl_mean"] == 0
+    assert rows.loc[GOOD, "quality_retention"] == 1.0 or pd.isna(rows.loc[GOOD, "judge_score_mean"])
+    assert rows.loc[BAD, "cell_state"] == "failed" and "no-such-model" in rows.loc[BAD, "cell_error"]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count("plotly.js v") == 1  # plotly.js embedded once, not fetched
+    assert "Plotly.newPlot" in html and "<script src=" not in html
+    assert "user_ttft_s_p95" in html and "smollm2-135m" in html and "Latency by configuration" in html
+
+
+def test_rerun_skips_finished_cells(tiny):
+    result, out = tiny
+    good = out / "cells" / GOOD
+    before = [r.run_id for r in _runs(good / study.RECORDS)]
+    marker = (good / study.DONE).read_text()
+    again = study.run_study(TINY, output_dir=out, progress=False, report=False, echo=lambda _: None)
+    assert {c.id: c.state for c in again.cells} == {GOOD: "skipped", BAD: "failed"}  # a failed cell is retried
+    assert [r.run_id for r in _runs(good / study.RECORDS)] == before
+    assert (good / study.DONE).read_text() == marker
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_resume_after_the_runner_is_killed(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("LLMFIRST_CACHE", str(tmp_path / "cache"))  # variants are built in a fresh cache
+    spec = {"name": "resume", "models": ["smollm2-135m"], "quantizations": ["shipped", "Q8_0", "Q4_0"],
+            "presets": ["direct"], "queries_file": QUERIES, "query_ids": ["en-s01", "en-s02"], "repeats": 1,
+            "warmup_runs": 0, "max_tokens": 16, "judge_model": "", "n_threads": THREADS, "perplexity_text": ""}
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    cells = [out / "cells" / f"smollm2-135m@{q}--direct" for q in ("shipped", "Q8_0", "Q4_0")]
+    log = open(tmp_path / "runner.log", "w")
+    runner = subprocess.Popen([sys.executable, "-m", "llmfirst_kit.cli", "study", "run", str(path), "--out", str(out),
+                               "--no-report", "--no-progress"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (cells[0] / study.DONE).exists():
+        assert runner.poll() is None, (tmp_path / "runner.log").read_text()
+        assert time.monotonic() < deadline, "the first cell did not finish"
+        time.sleep(0.05)
+    kernels = _children(runner.pid)
+    runner.send_signal(signal.SIGKILL)  # no clean-up at all
+    runner.wait()
+    log.close()
+    # the orphaned kernel notices its parent is gone (ipykernel's parent poller) and exits by itself
+    deadline = time.monotonic() + 30
+    while any(_alive(k) for k in kernels) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(k) for k in kernels)
+    done_before = (cells[0] / study.DONE).read_text()
+    assert not (cells[2] / study.DONE).exists()  # killed mid-grid
+
+    result = study.run_study(path, output_dir=out, progress=False, report=False, echo=lambda _: None)
+    assert [c.state for c in result.cells] == ["skipped", "done", "done"]
+    assert (cells[0] / study.DONE).read_text() == done_before  # the finished cell was not redone
+    run_ids = []
+    for cell in cells:
+        runs = _runs(cell / study.RECORDS)
+        assert [r.labels["query_id"] for r in runs] == ["en-s01", "en-s02"]  # nothing duplicated, nothing lost
+        run_ids += [r.run_id for r in runs]
+        assert json.loads((cell / study.DONE).read_text())["runs"] == 2
+    assert len(set(run_ids)) == 6
+    assert [r.labels["quantization"] for r in _runs(cells[1] / study.RECORDS)] == ["Q8_0", "Q8_0"]
+
+
+def _execute(tmp_path: Path, **parameters) -> pm.PapermillExecutionError:
+    with pytest.raises(pm.PapermillExecutionError) as info:
+        pm.execute_notebook(str(study.STUDY_NOTEBOOK), str(tmp_path / "bad.ipynb"), kernel_name=study.KERNEL_NAME,
+                            cwd=str(study.STUDY_NOTEBOOK.parent), progress_bar=False,
+                            parameters={"output_dir": str(tmp_path / "cell"), **parameters})
+    return info.value
+
+
+def test_invalid_parameters_fail_before_any_model_call(tmp_path):
+    err = _execute(tmp_path, modle=["smollm2-135m"], repeats="3")
+    assert err.ename == "InvalidInput"
+    assert "unknown parameter(s): modle" in err.evalue and "repeats must be int, got str '3'" in err.evalue
+    assert "accepted:" in err.evalue and "models (list of str)" in err.evalue and "repeats (int)" in err.evalue
+    err = _execute(tmp_path, presets=["fast"], models=["nope"], quantizations=["shipped", "Q9"])
+    assert "preset 'fast' is unknown; accepted: direct, staged, cascade" in err.evalue
+    assert "model 'nope' not found; known:" in err.evalue and "quantization 'Q9' is unknown" in err.evalue
+    assert not (tmp_path / "cell" / study.RECORDS).exists()
+    import nbformat
+
+    nb = nbformat.read(str(tmp_path / "bad.ipynb"), as_version=4)
+    failing = next(i for i, c in enumerate(nb.cells) if any(o.output_type == "error" for o in c.get("outputs", [])))
+    assert "notebook_parameters" in nb.cells[failing].source
+    assert "run_cell" not in "".join(c.source for c in nb.cells[: failing + 1])
+
+
+def test_study_file_errors_list_what_is_accepted(tmp_path):
+    with pytest.raises(InvalidInput) as info:
+        study.load_study({"models": ["smollm2-135m"], "presets": ["direct"], "repeat": 3, "max_tokens": "16"})
+    msg = str(info.value)
+    assert "unknown parameter(s): repeat" in msg and "max_tokens must be int" in msg
+    assert "repeats (int)" in msg and "quality_target (float)" in msg
+    with pytest.raises(InvalidInput, match="models is required"):
+        study.load_study({"presets": ["direct"]})
+    with pytest.raises(InvalidInput, match="set by the runner"):
+        study.load_study({"models": ["m"], "presets": ["direct"], "cell": "x"})
+
+
+def test_notebook_parameters_match_the_schema():
+    defaults = study.notebook_defaults()
+    assert list(defaults) == list(study.CELL_PARAMETERS)
+    for name, value in defaults.items():
+        assert study._type_problem(name, value, study.CELL_PARAMETERS[name].kind) is None, name
+
+
+def test_example_and_smoke_studies_expand():
+    example = study.load_study(ROOT / "studies" / "example.yaml")
+    cells = study.expand_grid(example)
+    assert len(cells) == 12 and {c.model for c in cells} == {"qwen2.5-coder-0.5b", "smollm2-135m"}
+    assert {c.quantization for c in cells} == {"shipped", "Q8_0", "Q3_K_S"} and {c.preset for c in cells} == {
+        "direct", "staged"}
+    assert len(example.parameters["query_ids"]) == 10 and example.output_dir == ROOT / "reports" / "example"
+    assert sum(bool(c.parameters["perplexity_text"]) for c in cells) == 6  # once per model file
+    smoke = study.load_study(ROOT / "studies" / "smoke.yaml")
+    assert len(study.expand_grid(smoke)) == 2
+
+
+def test_median_ci_and_mbu():
+    low, high, cov = study.median_ci([5, 1, 4, 2, 3, 9, 7, 8, 6, 10])
+    assert (low, high) == (2, 9) and cov == pytest.approx(0.9785, abs=1e-3)
+    assert study.median_ci([3.0]) == (3.0, 3.0, 0.0)
+    assert study.median_ci([None, float("nan")]) == (None, None, None)
+    assert study.mbu(1e9, 10, 20) == pytest.approx(0.5)
+    assert study.mbu(None, 10, 20) is None
