@@ -136,35 +136,40 @@ def _alive(pid: int) -> bool:
 
 
 def test_resume_after_the_runner_is_killed(tmp_path, monkeypatch):
+    """Kill -9 the runner while the second of three cells has written part of its records; a rerun skips
+    the finished cell, redoes the partial one from scratch and runs the last: nothing duplicated or lost."""
     import yaml
 
     monkeypatch.setenv("LLMFIRST_CACHE", str(tmp_path / "cache"))  # variants are built in a fresh cache
+    queries = ["en-s01", "en-s02", "en-s03"]
     spec = {"name": "resume", "models": ["smollm2-135m"], "quantizations": ["shipped", "Q8_0", "Q4_0"],
-            "presets": ["direct"], "queries_file": QUERIES, "query_ids": ["en-s01", "en-s02"], "repeats": 1,
+            "presets": ["direct"], "queries_file": QUERIES, "query_ids": queries, "repeats": 1,
             "warmup_runs": 0, "max_tokens": 16, "judge_model": "", "n_threads": THREADS, "perplexity_text": ""}
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     cells = [out / "cells" / f"smollm2-135m@{q}--direct" for q in ("shipped", "Q8_0", "Q4_0")]
-    log = open(tmp_path / "runner.log", "w")
-    runner = subprocess.Popen([sys.executable, "-m", "llmfirst_kit.cli", "study", "run", str(path), "--out", str(out),
-                               "--no-report", "--no-progress"], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while not (cells[0] / study.DONE).exists():
-        assert runner.poll() is None, (tmp_path / "runner.log").read_text()
-        assert time.monotonic() < deadline, "the first cell did not finish"
-        time.sleep(0.05)
-    kernels = _children(runner.pid)
-    runner.send_signal(signal.SIGKILL)  # no clean-up at all
-    runner.wait()
-    log.close()
+    partial = cells[1] / study.RECORDS
+    with open(tmp_path / "runner.log", "w") as log:
+        runner = subprocess.Popen([sys.executable, "-m", "llmfirst_kit.cli", "study", "run", str(path), "--out",
+                                   str(out), "--no-report", "--no-progress"], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not (partial.exists() and partial.read_text().count("\n") >= 1):
+            assert runner.poll() is None, (tmp_path / "runner.log").read_text()
+            assert time.monotonic() < deadline, "the second cell wrote no record"
+            time.sleep(0.02)
+        kernels = _children(runner.pid)
+        runner.send_signal(signal.SIGKILL)  # mid-cell, no clean-up at all
+        runner.wait()
+    assert (cells[0] / study.DONE).exists() and not (cells[1] / study.DONE).exists()
     # the orphaned kernel notices its parent is gone (ipykernel's parent poller) and exits by itself
     deadline = time.monotonic() + 30
     while any(_alive(k) for k in kernels) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(k) for k in kernels)
+    assert kernels and not any(_alive(k) for k in kernels)
+    written = [r.run_id for r in _runs(partial)]
+    assert 1 <= len(written) < len(queries)  # killed with the cell partially written
     done_before = (cells[0] / study.DONE).read_text()
-    assert not (cells[2] / study.DONE).exists()  # killed mid-grid
 
     result = study.run_study(path, output_dir=out, progress=False, report=False, echo=lambda _: None)
     assert [c.state for c in result.cells] == ["skipped", "done", "done"]
@@ -172,11 +177,11 @@ def test_resume_after_the_runner_is_killed(tmp_path, monkeypatch):
     run_ids = []
     for cell in cells:
         runs = _runs(cell / study.RECORDS)
-        assert [r.labels["query_id"] for r in runs] == ["en-s01", "en-s02"]  # nothing duplicated, nothing lost
+        assert [r.labels["query_id"] for r in runs] == queries  # nothing duplicated, nothing lost
         run_ids += [r.run_id for r in runs]
-        assert json.loads((cell / study.DONE).read_text())["runs"] == 2
-    assert len(set(run_ids)) == 6
-    assert [r.labels["quantization"] for r in _runs(cells[1] / study.RECORDS)] == ["Q8_0", "Q8_0"]
+        assert json.loads((cell / study.DONE).read_text())["runs"] == len(queries)
+    assert len(set(run_ids)) == 3 * len(queries) and not set(written) & set(run_ids)  # the partial cell was redone
+    assert [r.labels["quantization"] for r in _runs(cells[1] / study.RECORDS)] == ["Q8_0"] * len(queries)
 
 
 def _execute(tmp_path: Path, **parameters) -> pm.PapermillExecutionError:
