@@ -7,21 +7,23 @@ still streaming, which is display only.)
 
 Why updates are batched: a widget resends its whole value on every change, so a text widget updated on
 every token costs O(n^2) bytes and one frontend message per token. The view applies events to plain
-Python state and flushes the changed widgets on a timer, at most one message per ``flush_interval_s``
-(default 50 ms: ~20 messages a second whatever the token rate), and always once at the end.
+Python state and flushes the changed widgets on a timer. Each message sent (a widget value change, or
+the comms a new panel opens) costs ``flush_interval_s`` (55 ms) before the next flush: ~18 messages a
+second whatever the token rate. The final update is always sent at once.
 
 Two ways to run:
 
 - ``record = await view.run(pipe, query)``: awaits the run in the cell. Works headless (papermill,
   nbval, nbclient), where a cell's output is only kept while the cell runs.
 - ``task = view.start(pipe, query)``: a background task; the cell ends at once and the view keeps
-  updating. ``await task`` gives the record.
+  updating in a live page. ``await task`` gives the record. Headless, the final rendering is only saved
+  if the task is awaited in the cell that started it (the kernel tags its output with that cell).
 
 Stop (the button, or ``view.stop()``) cancels the task consuming the run: the pipeline stops decoding
 within one token step and keeps the partial record with status ``cancelled``; the view marks the
-stage(s) that were stopped. (Checked on ipykernel 7.4: a widget click is handled even while a cell
-awaits, so Stop works in both modes there; older kernels handle it only once the cell ends, so use
-``start`` when you want to stop a run by hand.)
+stage(s) that were stopped. Checked on ipykernel 7.4 (tests/test_notebook.py): a click is handled even
+while a cell awaits ``view.run``. A kernel that handles one message at a time would see the click only
+once the cell ends; ``start`` works in either case.
 
 At the end the displayed widget is replaced (through its display handle) by a static HTML rendering of
 the same panels plus a metrics table, so a saved notebook shows the final text and metrics instead of
@@ -45,7 +47,9 @@ from .metrics import DEFAULT_SLO, NS, SLO, call_metrics, calls_frame, decode_tps
 from .records import CallRecord, RunRecord
 from .sync import run_sync
 
-FLUSH_INTERVAL_S = 0.05  # at most one frontend message per 50 ms: ~20 a second
+# Every frontend message (a widget value change, a new panel's comms) costs one interval of the budget:
+# at most ~18 messages a second, so that even a short run stays under 20 a second with its final update.
+FLUSH_INTERVAL_S = 0.055
 
 
 @dataclass
@@ -183,7 +187,7 @@ class LiveView:
             last = len(self._stage_order)
             panels = sorted(self._panels.values(), key=lambda q: self._stage_order.get(q.stage, last))
             self.stages_box.children = tuple(q.widget for q in panels)
-            self.messages += _comms_opened(p.widget) + 1  # and the box's children changed
+            self._charge(_comms_opened(p.widget) + 1)  # and the box's children changed
             self.status = "running"
             self._dirty.add(event.call_id)
             self._header_dirty = True
@@ -217,7 +221,7 @@ class LiveView:
         self._timer = loop.call_later(delay, self._flush)
 
     def _flush(self) -> None:
-        """Push every changed value to the widgets; the next flush waits one interval per message sent."""
+        """Push every changed value to the widgets (one message per widget that changed)."""
         self._timer = None
         sent = 0
         now_ns = time.perf_counter_ns()
@@ -228,8 +232,12 @@ class LiveView:
         if self._header_dirty:
             sent += _assign(self.header, self._header_html())
             self._header_dirty = False
-        self.messages += sent
-        self._next_flush = time.monotonic() + max(sent, 1) * self.flush_interval_s
+        self._charge(sent)
+
+    def _charge(self, messages: int) -> None:
+        """Count messages sent and push the next flush back by one interval for each."""
+        self.messages += messages
+        self._next_flush = max(self._next_flush, time.monotonic()) + messages * self.flush_interval_s
 
     def _finish(self, record: RunRecord, *, stopped: bool) -> None:
         """The final update: always sent, whatever the rate limit; then the static rendering."""

@@ -267,14 +267,11 @@ class CellParams:
             return self.cache
         return "cold" if self.backend == "embedded" else "reuse"
 
-    def values(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in CELL_PARAMETERS}
 
-
-def check_names_and_types(values: Mapping[str, Any], *, extra: Mapping[str, Param] = {},
+def check_names_and_types(values: Mapping[str, Any], *, extra: Mapping[str, Param] | None = None,
                           require_all: bool = True) -> list[str]:
     """Problems with names and types only (no file or model lookups)."""
-    accepted = {**CELL_PARAMETERS, **extra}
+    accepted = {**CELL_PARAMETERS, **(extra or {})}
     problems = []
     unknown = [k for k in values if k not in accepted]
     if unknown:
@@ -467,7 +464,8 @@ def measure_cell_quality(p: CellParams) -> list[dict[str, Any]]:
             reference = None if (model.endswith(".gguf") or os.sep in model) else model
             fq = quality.measure(mid, p.perplexity_text, reference=reference, n_tokens=p.perplexity_tokens,
                                  n_threads=p.n_threads or None)
-            rows.append({"model": model, "quantization": qname, "shipped": shipped, "model_id": mid, **fq.to_dict(),
+            rows.append({**fq.to_dict(), "file": fq.model, "model": model, "quantization": qname, "shipped": shipped,
+                         "model_id": mid,
                          "note": "reference = the shipped (already quantized) file, not a 16-bit original"})
     _write_json(Path(p.output_dir) / QUALITY, rows)
     return rows
@@ -543,8 +541,7 @@ def load_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir:
     notebook_keys = {k: v for k, v in CELL_PARAMETERS.items() if k not in RUNNER_SET}
     problems = [f"{k} is set by the runner for each cell; remove it" for k in set_by_runner]
     problems += check_names_and_types({k: v for k, v in data.items() if k not in set_by_runner},
-                                      extra={**RUNNER_KEYS}, require_all=False)
-    problems = [p for p in problems if not p.startswith("missing")]
+                                      extra=RUNNER_KEYS, require_all=False)
     for axis in ("models", "presets"):
         if axis not in data:
             problems.append(f"{axis} is required (a list)")
@@ -639,6 +636,7 @@ class StudyResult:
     cells: list[CellResult]
     wall_s: float
     report: dict[str, str] | None = None
+    report_error: str | None = None
 
     @property
     def failed(self) -> list[CellResult]:
@@ -646,14 +644,16 @@ class StudyResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.report_error is None
 
     def describe(self) -> str:
         done = [c for c in self.cells if c.state == "done"]
         skipped = [c for c in self.cells if c.state == "skipped"]
         lines = [f"study {self.output_dir}: {len(self.cells)} cells: {len(done)} run now, {len(skipped)} already "
                  f"done (skipped), {len(self.failed)} failed; wall time {self.wall_s:.1f} s"]
-        lines += [f"  FAILED {c.id}: {c.error}" for c in self.failed]
+        lines += [f"  FAILED {c.id}: {short_error(c.error)}" for c in self.failed]
+        if self.report_error:
+            lines.append(f"  the report failed: {self.report_error}")
         if self.report:
             lines += [f"  {k}: {v}" for k, v in self.report.items()]
         return "\n".join(lines)
@@ -695,18 +695,28 @@ def check_kernel() -> None:
 
 @contextlib.contextmanager
 def _exclusive(directory: Path) -> Iterator[None]:
-    """One runner per study directory (the lock dies with its process)."""
+    """One runner per study directory. The lock dies with its process; the lock file is removed on exit
+    (re-checked after locking, so a runner never holds a lock on a file another one just removed)."""
     import fcntl
 
-    fh = open(directory / ".lock", "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise StudyError(f"another runner is working on {directory}; wait for it or stop it") from None
+    path = directory / ".lock"
+    while True:
+        fh = open(path, "a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise StudyError(f"another runner is working on {directory}; wait for it or stop it") from None
+        try:
+            if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()  # removed by a runner that just finished: lock the new file
     try:
         yield
     finally:
+        path.unlink(missing_ok=True)
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
 
@@ -825,11 +835,35 @@ def capture_environment(spec: StudySpec) -> dict[str, Any]:
     return env
 
 
+def _processes_working_in(directory: Path) -> list[int]:
+    """Processes whose working directory is ``directory`` (Linux ``/proc``; elsewhere none are found)."""
+    target = str(directory.resolve())
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(proc / "cwd") == target:
+                pids.append(int(proc.name))
+    return pids
+
+
+def _clear(cell_dir: Path, *, grace_s: float = 15.0) -> None:
+    """Remove an earlier, unfinished attempt of a cell. A kernel orphaned by a killed runner (its working
+    directory is the cell's) may write one more record before ipykernel's parent poller (1 s) stops it:
+    wait for it to be gone first, or a new attempt could get its records too."""
+    deadline = time.monotonic() + grace_s
+    while pids := _processes_working_in(cell_dir):
+        if time.monotonic() > deadline:
+            raise StudyError(f"process(es) {', '.join(map(str, pids))} still work in {cell_dir} (a kernel left by "
+                             f"a killed runner?); stop them and run again")
+        time.sleep(0.1)
+    shutil.rmtree(cell_dir, ignore_errors=True)
+
+
 def _execute_cell(spec: StudySpec, cell: GridCell, cell_dir: Path) -> CellResult:
     import papermill as pm
 
     if cell_dir.exists():  # an interrupted or failed attempt: redo it from scratch, no duplicated records
-        shutil.rmtree(cell_dir)
+        _clear(cell_dir)
     cell_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
@@ -857,6 +891,13 @@ def _execute_cell(spec: StudySpec, cell: GridCell, cell_dir: Path) -> CellResult
     return CellResult(cell.id, "done", wall, runs=len(records))
 
 
+def short_error(error: str | None) -> str | None:
+    """An error on one line, without the list of accepted parameters (kept in FAILED.json)."""
+    if error is None:
+        return None
+    return " ".join(error.split("\naccepted:")[0].split())
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -880,9 +921,14 @@ def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: 
     results: list[CellResult] = []
     with _exclusive(out), _sigterm_as_interrupt():
         _check_same_study(out, spec, cells)
+        finished = sum(cell_state(out / "cells" / c.id) == "done" for c in cells)
+        echo(f"study {spec.name}: {len(cells)} cells ({finished} already done) -> {out}")
         build_errors = _prepare_variants(spec, echo)
         if not (out / ENVIRONMENT).is_file():
-            _write_json(out / ENVIRONMENT, capture_environment(spec))
+            env = capture_environment(spec)
+            _write_json(out / ENVIRONMENT, env)
+            echo(f"environment recorded: {env['cpu']['model']}, {env['n_threads']} threads, memory bandwidth "
+                 f"{env.get('bandwidth_gb_per_s', 0):.1f} GB/s")
         bar = tqdm(cells, unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for cell in bar:
             cell_dir = out / "cells" / cell.id
@@ -892,23 +938,31 @@ def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: 
                 continue
             if (cell.model, cell.quantization) in build_errors:
                 if cell_dir.exists():
-                    shutil.rmtree(cell_dir)
+                    _clear(cell_dir)
                 cell_dir.mkdir(parents=True)
                 error = build_errors[(cell.model, cell.quantization)]
                 _write_json(cell_dir / FAILED, {"cell": cell.id, "error": error, "failed_at": _now()})
                 results.append(CellResult(cell.id, "failed", 0.0, error))
                 continue
-            result = _execute_cell(spec, cell, cell_dir)
+            try:
+                result = _execute_cell(spec, cell, cell_dir)
+            except KeyboardInterrupt:
+                bar.close()
+                echo(f"interrupted during {cell.id}: that cell will be redone; run the same command again to resume")
+                raise
             results.append(result)
             if result.state == "failed":
-                bar.write(f"cell {cell.id} failed: {result.error}", file=sys.stderr)
+                bar.write(f"cell {cell.id} failed: {short_error(result.error)}", file=sys.stderr)
         bar.close()
         wall = time.perf_counter() - t0
         outcome = StudyResult(out, results, wall)
         _write_json(out / STATUS, {"finished_at": _now(), "wall_s": wall,
                                    "cells": [dataclasses.asdict(c) for c in results]})
         if report and any(cell_state(out / "cells" / c.id) == "done" for c in cells):
-            outcome.report = build_report(out)
+            try:
+                outcome.report = build_report(out)
+            except Exception as exc:  # the cells' results stay; `llmfirst study report DIR` can retry
+                outcome.report_error = f"{type(exc).__name__}: {exc}"
             outcome.wall_s = time.perf_counter() - t0
     return outcome
 
@@ -1030,78 +1084,91 @@ def _model_bytes(results: StudyResults) -> dict[str, int]:
 
 
 def summary_table(results: StudyResults):
-    """One row per model x quantization x preset (failed cells included, with their error): latency
+    """One row per model x quantization x preset, failed cells included with their error: latency
     percentiles and median CIs, decode speed and MBU, judge score and retention vs the baseline,
-    perplexity / KL, SLO pass rate and whether the configuration meets every target (p95 latencies under
-    the SLOs and retention >= the quality target)."""
+    perplexity / KL, SLO pass rate, strategy decisions, and whether the configuration meets every target
+    (p95 latencies under the SLOs, retention >= the quality target). Warm-up and failed runs excluded."""
     import pandas as pd
 
-    spec = results.spec
-    slo = results.slo
-    df = runs_table(results)
-    keys = ["model", "quantization", "preset"]
-    measured = df[(~df["warmup"].astype(bool)) & (df["status"] == "ok")] if not df.empty else df
-    pct = (percentiles(measured, by=keys, columns=[*LATENCY, "answer_tokens_per_s"], q=(50, 95))
-           if not measured.empty else pd.DataFrame(columns=keys))
-    sizes = _model_bytes(results)
-    qual = {(q["model"], q["quantization"]): q for q in results.quality}
+    spec, slo = results.spec, results.slo
     backend = spec["parameters"].get("backend", "embedded")
+    df = runs_table(results)
+    measured = df[(~df["warmup"].astype(bool)) & (df["status"] == "ok")] if not df.empty else df
+    groups = dict(iter(df.groupby(["model", "quantization", "preset"]))) if not df.empty else {}
+    sizes = _model_bytes(results)
+    file_quality = {(q["model"], q["quantization"]): q for q in results.quality}
     rows = []
     for cell in results.cells:
         qname, shipped = quantization_label(backend, cell["model"], cell["quantization"])
         key = (cell["model"], qname, cell["preset"])
-        row: dict[str, Any] = {"model": cell["model"], "quantization": qname, "shipped": shipped,
-                               "preset": cell["preset"], "backend": backend,
-                               "model_id": safe_model_id(backend, cell["model"], cell["quantization"]),
-                               "cell": cell["id"], "cell_state": cell["state"], "cell_error": cell["error"],
-                               "cell_wall_s": cell["wall_s"]}
-        runs = df[(df["model"] == key[0]) & (df["quantization"] == key[1]) & (df["preset"] == key[2])] \
-            if not df.empty else df
-        real = runs[~runs["warmup"].astype(bool)] if not runs.empty else runs
-        ok = measured[(measured["model"] == key[0]) & (measured["quantization"] == key[1])
-                      & (measured["preset"] == key[2])] if not measured.empty else measured
-        row["n_runs"] = len(ok)
-        row["n_errors"] = int((real["status"] != "ok").sum()) if not real.empty else 0
-        prow = pct[(pct["model"] == key[0]) & (pct["quantization"] == key[1]) & (pct["preset"] == key[2])]
-        for col in (*LATENCY, "answer_tokens_per_s"):
-            for p in (50, 95):
-                name = f"{col}_p{p}"
-                row[name] = float(prow[name].iloc[0]) if len(prow) and pd.notna(prow[name].iloc[0]) else None
-            if col in LATENCY:
-                lo, hi, cov = median_ci(ok[col].tolist() if not ok.empty else [])
-                row[f"{col}_p50_ci_low"], row[f"{col}_p50_ci_high"] = lo, hi
-                if col == "user_ttft_s":
-                    row["median_ci_coverage"] = cov
-        row["model_bytes"] = sizes.get(row["model_id"]) if row["model_id"] else None
+        mid = safe_model_id(backend, cell["model"], cell["quantization"])
+        runs = groups.get(key)
+        real = runs[~runs["warmup"].astype(bool)] if runs is not None else None
+        ok = real[real["status"] == "ok"] if real is not None else None
+        row: dict[str, Any] = {
+            "model": cell["model"], "quantization": qname, "shipped": shipped, "preset": cell["preset"],
+            "backend": backend, "model_id": mid, "cell": cell["id"], "cell_state": cell["state"],
+            "cell_error": short_error(cell["error"]), "cell_wall_s": cell["wall_s"],
+            "n_runs": 0 if ok is None else len(ok),
+            "n_errors": 0 if real is None else int((real["status"] != "ok").sum()),
+        }
+        row.update(_latency_columns(ok))
+        row["model_bytes"] = sizes.get(mid) if mid else None
         row["bandwidth_gb_per_s"] = results.bandwidth_gb_per_s
         row["mbu"] = mbu(row["model_bytes"], row["answer_tokens_per_s_p50"], row["bandwidth_gb_per_s"])
-        row["judge_score_mean"] = float(ok["quality"].mean()) if not ok.empty and ok["quality"].notna().any() else None
-        row["judge_scored"] = int(ok["quality"].notna().sum()) if not ok.empty else 0
+        scored = ok["quality"].dropna() if ok is not None else pd.Series(dtype=float)
+        row["judge_score_mean"] = float(scored.mean()) if len(scored) else None
+        row["judge_scored"] = len(scored)
         row.update(_retention(measured, key, spec, backend))
-        q = qual.get((key[0], key[1]))
-        row["perplexity"] = q.get("perplexity") if q else None
-        row["reference_perplexity"] = q.get("reference_perplexity") if q else None
-        row["kl_mean"] = q.get("kl_mean") if q else None
-        row["kl_top1_agreement"] = q.get("top1_agreement") if q else None
-        row["quality_tokens"] = q.get("tokens") if q else None
-        if not ok.empty:
-            passed = (ok["slo_ttft"] == True) & (ok["slo_e2e"] == True) & (ok["slo_tpot"] != False)  # noqa: E712
-            row["slo_pass_rate"] = float(passed.mean())
-            decided = ok[ok["strategy"].notna()]
-            row["strategy_decided_rate"] = float(len(decided) / len(ok)) if row["preset"].startswith("staged") else None
-            row["strategy_agreement"] = float((decided["strategy"] == decided["category"]).mean()) \
-                if len(decided) and "category" in decided else None
-            row["compliance_mean"] = float(pd.to_numeric(ok["compliance"], errors="coerce").mean())
-        else:
-            row.update(slo_pass_rate=None, strategy_decided_rate=None, strategy_agreement=None, compliance_mean=None)
-        lat = [row["user_ttft_s_p95"], row["answer_tpot_s_p95"], row["e2e_s_p95"]]
-        row["meets_latency"] = None if lat[0] is None or lat[2] is None else bool(
-            lat[0] < slo.ttft_s and lat[2] < slo.e2e_s and (lat[1] is None or lat[1] < slo.tpot_s))
-        ret = row["quality_retention"]
-        row["meets_quality"] = None if ret is None else bool(ret >= spec.get("quality_target", 0.8))
-        row["meets_all"] = bool(row["meets_latency"] and row["meets_quality"])
+        q = file_quality.get((cell["model"], qname)) or {}
+        row.update(perplexity=q.get("perplexity"), reference_perplexity=q.get("reference_perplexity"),
+                   kl_mean=q.get("kl_mean"), kl_top1_agreement=q.get("top1_agreement"), quality_tokens=q.get("tokens"))
+        row.update(_run_rates(ok, cell["preset"]))
+        row.update(_verdict(row, slo, spec.get("quality_target", 0.8)))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _latency_columns(ok) -> dict[str, Any]:
+    """p50 / p95 (``metrics.percentiles``) of each latency and the decode speed, and the median's CI."""
+    out: dict[str, Any] = {}
+    pct = percentiles(ok, columns=[*LATENCY, "answer_tokens_per_s"], q=(50, 95)).iloc[0] \
+        if ok is not None and len(ok) else {}
+    for col in (*LATENCY, "answer_tokens_per_s"):
+        for p in (50, 95):
+            value = pct.get(f"{col}_p{p}") if len(pct) else None
+            out[f"{col}_p{p}"] = None if value is None or value != value else float(value)  # NaN -> None
+        if col in LATENCY:
+            low, high, coverage = median_ci(ok[col].tolist() if ok is not None else [])
+            out[f"{col}_p50_ci_low"], out[f"{col}_p50_ci_high"] = low, high
+            if col == "user_ttft_s":
+                out["median_ci_coverage"] = coverage
+    return out
+
+
+def _run_rates(ok, preset: str) -> dict[str, Any]:
+    """Share of runs meeting every SLO (an undefined TPOT -- a one-token answer -- is not a miss), share of
+    staged runs whose strategy was decided and agreement of the decision with the query's label, mean
+    LLM-first compliance."""
+    if ok is None or ok.empty:
+        return {"slo_pass_rate": None, "strategy_decided_rate": None, "strategy_agreement": None,
+                "compliance_mean": None}
+    passed = (ok["slo_ttft"] == True) & (ok["slo_e2e"] == True) & (ok["slo_tpot"] != False)  # noqa: E712
+    decided = ok[ok["strategy"].notna()]
+    agree = (decided["strategy"] == decided["category"]).mean() if len(decided) and "category" in decided else None
+    return {"slo_pass_rate": float(passed.mean()),
+            "strategy_decided_rate": len(decided) / len(ok) if preset.startswith("staged") else None,
+            "strategy_agreement": None if agree is None else float(agree),
+            "compliance_mean": float(ok["compliance"].astype(float).mean())}
+
+
+def _verdict(row: Mapping[str, Any], slo: SLO, quality_target: float) -> dict[str, Any]:
+    ttft, tpot, e2e = row["user_ttft_s_p95"], row["answer_tpot_s_p95"], row["e2e_s_p95"]
+    latency = None if ttft is None or e2e is None else bool(
+        ttft < slo.ttft_s and e2e < slo.e2e_s and (tpot is None or tpot < slo.tpot_s))
+    retention = row["quality_retention"]
+    quality = None if retention is None else bool(retention >= quality_target)
+    return {"meets_latency": latency, "meets_quality": quality, "meets_all": bool(latency and quality)}
 
 
 def _retention(measured, key: tuple[str, str, str], spec: dict[str, Any], backend: str) -> dict[str, Any]:

@@ -70,6 +70,21 @@ def test_perplexity_and_kl_against_the_shipped_file(variant):
     assert lower.perplexity != same.perplexity and lower.reference_perplexity == pytest.approx(same.perplexity)
 
 
+def test_a_study_cell_measures_every_file_against_the_shipped_one(variant, tmp_path):
+    from llmfirst_kit import study
+
+    params = study.validate_parameters({
+        **study.notebook_defaults(), "models": [BASE], "quantizations": ["shipped", "Q4_0"],
+        "queries_file": str(PROJECT_ROOT / "data" / "queries" / "queries.jsonl"), "perplexity_text": str(TEXT),
+        "perplexity_tokens": 24, "n_threads": THREADS, "output_dir": str(tmp_path)})
+    rows = study.measure_cell_quality(params)
+    assert [(r["model"], r["quantization"], r["shipped"]) for r in rows] == [(BASE, "Q4_1", True),
+                                                                             (BASE, "Q4_0", False)]
+    assert rows[0]["kl_mean"] == pytest.approx(0, abs=1e-6) and rows[1]["kl_mean"] > 0
+    assert rows[1]["file"] == variant.name and rows[1]["reference"] == BASE
+    assert json.loads((tmp_path / study.QUALITY).read_text()) == rows
+
+
 def test_cli_models_quantize(variant, capsys):
     assert cli.main(["models", "quantize", BASE, "--to", "Q4_0", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -136,8 +136,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_resume_after_the_runner_is_killed(tmp_path, monkeypatch):
-    """Kill -9 the runner while the second of three cells has written part of its records; a rerun skips
-    the finished cell, redoes the partial one from scratch and runs the last: nothing duplicated or lost."""
+    """Kill -9 the runner while the second of three cells has written part of its records and rerun at
+    once: the rerun skips the finished cell, waits for the orphaned kernel to go, redoes the partial cell
+    from scratch and runs the last one: nothing duplicated or lost."""
     import yaml
 
     monkeypatch.setenv("LLMFIRST_CACHE", str(tmp_path / "cache"))  # variants are built in a fresh cache
@@ -162,16 +163,13 @@ def test_resume_after_the_runner_is_killed(tmp_path, monkeypatch):
         runner.send_signal(signal.SIGKILL)  # mid-cell, no clean-up at all
         runner.wait()
     assert (cells[0] / study.DONE).exists() and not (cells[1] / study.DONE).exists()
-    # the orphaned kernel notices its parent is gone (ipykernel's parent poller) and exits by itself
-    deadline = time.monotonic() + 30
-    while any(_alive(k) for k in kernels) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert kernels and not any(_alive(k) for k in kernels)
-    written = [r.run_id for r in _runs(partial)]
-    assert 1 <= len(written) < len(queries)  # killed with the cell partially written
+    assert kernels
+    written = [r.run_id for r in _runs(partial)]  # the orphaned kernel may still add one before it exits
     done_before = (cells[0] / study.DONE).read_text()
 
     result = study.run_study(path, output_dir=out, progress=False, report=False, echo=lambda _: None)
+    # the orphaned kernel noticed its parent was gone (ipykernel's parent poller) and exited by itself
+    assert not any(_alive(k) for k in kernels)
     assert [c.state for c in result.cells] == ["skipped", "done", "done"]
     assert (cells[0] / study.DONE).read_text() == done_before  # the finished cell was not redone
     run_ids = []
@@ -180,7 +178,7 @@ def test_resume_after_the_runner_is_killed(tmp_path, monkeypatch):
         assert [r.labels["query_id"] for r in runs] == queries  # nothing duplicated, nothing lost
         run_ids += [r.run_id for r in runs]
         assert json.loads((cell / study.DONE).read_text())["runs"] == len(queries)
-    assert len(set(run_ids)) == 3 * len(queries) and not set(written) & set(run_ids)  # the partial cell was redone
+    assert len(set(run_ids)) == 3 * len(queries) and written and not set(written) & set(run_ids)  # redone
     assert [r.labels["quantization"] for r in _runs(cells[1] / study.RECORDS)] == ["Q8_0"] * len(queries)
 
 
