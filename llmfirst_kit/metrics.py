@@ -12,6 +12,7 @@ Definitions follow vLLM ``bench serve`` and guidellm:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -172,6 +173,33 @@ def run_metrics(run: RunRecord, slo: SLO = DEFAULT_SLO) -> dict[str, Any]:
         "quality": None if run.quality is None else run.quality.get("score"),
         "slo": slo_verdict(ut, tp, e, slo),
     }
+
+
+def median_ci(values: Iterable[float | None], level: float = 0.95) -> tuple[float | None, float | None, float | None]:
+    """Distribution-free confidence interval for a median from order statistics: ``[x_(j), x_(n+1-j)]``
+    (sorted, 1-based) covers the true median with probability ``1 - 2 P(Bin(n, 1/2) <= j-1)``. Returns
+    (low, high, coverage) for the narrowest such interval with coverage >= ``level``; with fewer than 6
+    values no interval reaches 95 %, and (min, max) is returned with its actual coverage."""
+    xs = sorted(float(v) for v in values if v is not None and not math.isnan(float(v)))
+    n = len(xs)
+    if n == 0:
+        return None, None, None
+
+    def coverage(j: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= level:
+        j += 1
+    return xs[j - 1], xs[n - j], coverage(j)
+
+
+def mbu(model_bytes: float | None, decode_tokens_per_s: float | None, bandwidth_gb_per_s: float | None) -> float | None:
+    """Model bandwidth utilisation: model bytes x decode tokens/s / measured memory bandwidth (each decoded
+    token reads every weight once)."""
+    if not model_bytes or not decode_tokens_per_s or not bandwidth_gb_per_s:
+        return None
+    return model_bytes * decode_tokens_per_s / (bandwidth_gb_per_s * 1e9)
 
 
 # ------------------------------------------------------------------------------------------- frames

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -48,7 +47,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .backends import BACKENDS, get_backend
 from .errors import InvalidInput, KitError
-from .metrics import SLO, call_metrics, percentiles, run_metrics, runs_frame
+from .metrics import SLO, call_metrics, mbu, median_ci, percentiles, run_metrics, runs_frame
 from .pipeline import PRESETS, Pipeline
 from .records import RunLog, RunRecord, read_log
 
@@ -1044,33 +1043,6 @@ def runs_table(results: StudyResults):
     return df
 
 
-def median_ci(values: Iterable[float | None], level: float = 0.95) -> tuple[float | None, float | None, float | None]:
-    """Distribution-free confidence interval for a median from order statistics: ``[x_(j), x_(n+1-j)]``
-    (sorted, 1-based) covers the true median with probability ``1 - 2 P(Bin(n, 1/2) <= j-1)``. Returns
-    (low, high, coverage) for the narrowest such interval with coverage >= ``level``; with fewer than 6
-    values no interval reaches 95 %, and (min, max) is returned with its actual coverage."""
-    xs = sorted(float(v) for v in values if v is not None and not math.isnan(float(v)))
-    n = len(xs)
-    if n == 0:
-        return None, None, None
-
-    def coverage(j: int) -> float:
-        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
-
-    j = 1
-    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= level:
-        j += 1
-    return xs[j - 1], xs[n - j], coverage(j)
-
-
-def mbu(model_bytes: float | None, decode_tokens_per_s: float | None, bandwidth_gb_per_s: float | None) -> float | None:
-    """Model bandwidth utilisation: model bytes x decode tokens/s / measured memory bandwidth (each decoded
-    token reads every weight once)."""
-    if not model_bytes or not decode_tokens_per_s or not bandwidth_gb_per_s:
-        return None
-    return model_bytes * decode_tokens_per_s / (bandwidth_gb_per_s * 1e9)
-
-
 LATENCY = ("user_ttft_s", "answer_tpot_s", "e2e_s")
 
 
@@ -1252,5 +1224,5 @@ def show(fig: Any) -> None:
 __all__ = [
     "CELL_PARAMETERS", "CellParams", "Query", "load_queries", "validate_parameters", "notebook_parameters",
     "run_cell", "measure_cell_quality", "latency_view", "load_study", "expand_grid", "run_study", "StudySpec",
-    "StudyResult", "load_results", "runs_table", "summary_table", "median_ci", "mbu", "build_report", "show",
+    "StudyResult", "load_results", "runs_table", "summary_table", "build_report", "show",
 ]

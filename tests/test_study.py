@@ -19,6 +19,8 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
+from llmfirst_kit import metrics
+
 from llmfirst_kit import study
 from llmfirst_kit.errors import InvalidInput
 from llmfirst_kit.models import REGISTRY
@@ -239,9 +241,9 @@ def test_example_and_smoke_studies_expand():
 
 
 def test_median_ci_and_mbu():
-    low, high, cov = study.median_ci([5, 1, 4, 2, 3, 9, 7, 8, 6, 10])
+    low, high, cov = metrics.median_ci([5, 1, 4, 2, 3, 9, 7, 8, 6, 10])
     assert (low, high) == (2, 9) and cov == pytest.approx(0.9785, abs=1e-3)
-    assert study.median_ci([3.0]) == (3.0, 3.0, 0.0)
-    assert study.median_ci([None, float("nan")]) == (None, None, None)
-    assert study.mbu(1e9, 10, 20) == pytest.approx(0.5)
-    assert study.mbu(None, 10, 20) is None
+    assert metrics.median_ci([3.0]) == (3.0, 3.0, 0.0)
+    assert metrics.median_ci([None, float("nan")]) == (None, None, None)
+    assert metrics.mbu(1e9, 10, 20) == pytest.approx(0.5)
+    assert metrics.mbu(None, 10, 20) is None
