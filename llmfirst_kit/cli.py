@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--repeats", type=_positive_int, default=1)
     pl.add_argument("--max-tokens", type=_positive_int, default=256)
     pl.add_argument("--json", action="store_true")
+    bv = bsub.add_parser("view", help="a run with and without the live notebook view attached")
+    bv.add_argument("--model", default="smollm2-135m")
+    bv.add_argument("--runs", type=_positive_int, default=3)
+    bv.add_argument("--max-tokens", type=_positive_int, default=256)
+    bv.add_argument("--json", action="store_true")
     bs = bsub.add_parser("serve", help="N concurrent WebSocket clients against the server, on loopback")
     bs.add_argument("--clients", type=_positive_int, default=20)
     bs.add_argument("--queries", type=_positive_int, default=3)
@@ -219,6 +224,10 @@ async def bench_cmd(args: argparse.Namespace) -> int:
 
     if args.bench == "overhead":
         result = await bench.overhead(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
+    elif args.bench == "view":
+        from .notebook import benchmark_view_async
+
+        result = await benchmark_view_async(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
     elif args.bench == "serve":
         from .server import bench_serve_async, format_bench
 

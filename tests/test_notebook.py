@@ -248,8 +248,11 @@ def test_headless_notebook_keeps_final_text_and_metrics(kernel_name):
 def test_stop_click_is_handled_while_a_cell_awaits_the_run(kernel_name):
     """The DESIGN asks to check whether a kernel handles a Stop click while a cell awaits a run. This sends
     the click the page would send (a comm message to the button) once tokens have been shown."""
+    import ipykernel
     from jupyter_client.manager import start_new_kernel
 
+    if int(ipykernel.__version__.split(".")[0]) < 7:
+        pytest.skip("checked on ipykernel 7.4; an older kernel may handle the click only after the cell ends")
     km, kc = start_new_kernel(kernel_name=kernel_name)
     try:
         kc.execute_interactive(textwrap.dedent(f"""
