@@ -127,17 +127,22 @@ def run_e2e_s(run: RunRecord) -> float | None:
     return (max(ends) - run.start_ns) / NS
 
 
-def kit_overhead_s(run: RunRecord) -> float:
-    """Time between stages spent in the kit: from the end of one sequential stage's call to the next
-    stage's request start. Stages that overlap (a cascade) contribute nothing."""
-    total = 0
+def stage_gaps_s(run: RunRecord) -> list[float]:
+    """Kit time between sequential stages: from one stage's call returning to the next stage's request
+    start (prompt building, decision parsing, grammar setup). Overlapping stages (a cascade) make no gap."""
+    gaps = []
     prev_end: int | None = None
     for s in sorted(run.stages, key=lambda s: s.call.start_ns):
         if prev_end is not None and s.call.start_ns > prev_end:
-            total += s.call.start_ns - prev_end
+            gaps.append((s.call.start_ns - prev_end) / NS)
         end = s.call.end_ns or (s.call.chunk_ns[-1] if s.call.chunk_ns else s.call.start_ns)
         prev_end = end if prev_end is None else max(prev_end, end)
-    return total / NS
+    return gaps
+
+
+def kit_overhead_s(run: RunRecord) -> float:
+    """Total kit time between stages in a run (the sum of ``stage_gaps_s``)."""
+    return sum(stage_gaps_s(run))
 
 
 def compliance(run: RunRecord) -> float | None:

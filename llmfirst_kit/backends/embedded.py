@@ -255,15 +255,22 @@ class EmbeddedBackend(Backend):
             cancelled.set()  # no-op after a normal end; otherwise the worker stops at its next token
 
 
+_GRAMMARS: dict[tuple[str, str], Any] = {}  # (schema JSON, model file) -> checked LlamaGrammar
+
+
 def schema_grammar(schema: dict[str, Any], loaded: LoadedModel) -> Any:
     """The llama.cpp grammar for a JSON schema, checked first: llama.cpp crashes the whole process on a
-    grammar it cannot parse, so a bad schema must become an InvalidInput here."""
+    grammar it cannot parse, so a bad schema must become an InvalidInput here. Checked and built once per
+    schema and model (a grammar only holds its text; each call makes its own sampler from it)."""
     from llama_cpp import LlamaGrammar
 
-    problem = grammar_problem(schema, loaded)
-    if problem:
-        raise InvalidInput(f"structured output: {problem}")
-    return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    key = (json.dumps(schema, sort_keys=True), str(loaded.resolved.path))
+    if key not in _GRAMMARS:
+        problem = grammar_problem(schema, loaded)
+        if problem:
+            raise InvalidInput(f"structured output: {problem}")
+        _GRAMMARS[key] = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    return _GRAMMARS[key]
 
 
 MAX_GRAMMAR_DEPTH = 512  # llama.cpp's grammar parser recurses per nesting level and crashes far beyond this
