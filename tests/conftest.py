@@ -11,6 +11,8 @@ with 2 threads, 2.1 s with 1). One thread has nobody to wait for and just shares
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 
 import pytest
@@ -31,3 +33,13 @@ def backend():
 def loaded(backend):
     """The backend's shared ``LoadedModel`` (counters ``calls`` and ``tokens_decoded``, the ``Llama``)."""
     return backend.load(TEST_MODEL)
+
+
+async def wait_until_idle(loaded, settle_s: float = 0.3) -> int:
+    """Wait until the model's decode counter stops moving; returns it."""
+    before = loaded.tokens_decoded
+    while True:
+        await asyncio.sleep(settle_s)
+        if loaded.tokens_decoded == before:
+            return before
+        before = loaded.tokens_decoded

@@ -16,6 +16,8 @@ import httpx
 import jsonschema
 import ollama
 import pytest
+
+from conftest import wait_until_idle
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (
@@ -50,15 +52,6 @@ def server(loaded):
 @pytest.fixture
 def client(server) -> ollama.AsyncClient:
     return ollama.AsyncClient(host=server.url, timeout=TIMEOUT_S)
-
-
-async def wait_until_idle(loaded, settle_s: float = 0.3) -> int:
-    before = loaded.tokens_decoded
-    while True:
-        await asyncio.sleep(settle_s)
-        if loaded.tokens_decoded == before:
-            return before
-        before = loaded.tokens_decoded
 
 
 def check_final(final, prompt_tokens_at_least: int = 1) -> None:

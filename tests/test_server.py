@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from conftest import wait_until_idle
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -68,16 +70,6 @@ async def collect_run(ws) -> list[dict[str, Any]]:
         messages.append(message)
         if message["type"] == "complete":
             return messages
-
-
-async def wait_until_idle(loaded, settle_s: float = 0.3) -> int:
-    """Wait until the model's decode counter stops moving; returns it."""
-    before = loaded.tokens_decoded
-    while True:
-        await asyncio.sleep(settle_s)
-        if loaded.tokens_decoded == before:
-            return before
-        before = loaded.tokens_decoded
 
 
 def strings_in(value: Any) -> set[str]:
