@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-
-from conftest import wait_until_idle
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+
+from conftest import wait_until_idle
 
 from llmfirst_kit.server import (
     Outbox,
