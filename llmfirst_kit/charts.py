@@ -1,4 +1,5 @@
-"""Plotly figures of run records: token timeline, stage waterfall, latency distributions, quality vs latency.
+"""Plotly figures of run records: token timeline, stage waterfall, latency distributions, quality vs latency,
+and latency against concurrency from a load sweep.
 
 Every latency comes from ``llmfirst_kit.metrics``; this module only places the records' own stamps on a
 time axis (seconds since the run started). ``save_html`` writes a standalone file with plotly.js embedded,
@@ -15,12 +16,12 @@ import math
 import os
 from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .metrics import DEFAULT_SLO, NS, SLO, e2e_s, runs_frame, ttft_s, user_ttft_s
+from .metrics import DEFAULT_SLO, NS, SLO, e2e_s, runs_frame, slo_dict, ttft_s, user_ttft_s
 from .records import RunRecord
 
 if TYPE_CHECKING:
@@ -192,6 +193,31 @@ def quality_vs_latency(runs: Iterable[RunRecord] | "pd.DataFrame", *, color: str
     return fig
 
 
+def load_sweep(result: dict[str, Any], *, title: str | None = None) -> go.Figure:
+    """Latency against concurrency from a load sweep (``load_sweep.sweep`` / ``llmfirst bench load
+    --json``): TTFT, TPOT and E2E p50 / p95 / p99 with the SLO drawn, and overall output tokens/s."""
+    levels = result["levels"]
+    x = [lv["concurrency"] for lv in levels]
+    slo = result.get("slo") or slo_dict(DEFAULT_SLO)
+    panels = (("ttft_s", "TTFT (s)", slo["ttft_s"]), ("tpot_s", "TPOT (s)", slo["tpot_s"]),
+              ("e2e_s", "E2E (s)", slo["e2e_s"]))
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[*(p[1] for p in panels), "output tokens/s (overall)"])
+    for col, (metric, _, threshold) in enumerate(panels, start=1):
+        for i, q in enumerate((50, 95, 99)):
+            fig.add_trace(go.Scatter(x=x, y=[lv[f"{metric}_p{q}"] for lv in levels], mode="lines+markers",
+                                     name=f"p{q}", legendgroup=f"p{q}", showlegend=col == 1,
+                                     line={"color": PALETTE[i], "dash": ("solid", "dash", "dot")[i]}),
+                          row=1, col=col)
+        fig.add_hline(y=threshold, line_dash="dash", line_color="red", annotation_text=f"SLO {threshold:g} s",
+                      annotation_font_color="red", row=1, col=col)
+    fig.add_trace(go.Bar(x=x, y=[lv["output_tokens_per_s"] for lv in levels], name="tokens/s",
+                         marker_color=PALETTE[3], text=[f"{lv['errors']} err" if lv["errors"] else ""
+                                                        for lv in levels]), row=1, col=4)
+    fig.update_xaxes(title_text="concurrency", type="category")
+    fig.update_layout(title=title or f"Load sweep · {result['backend']} · {result['model']}", legend_title="")
+    return fig
+
+
 def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
     """Write ``fig`` as a standalone HTML file with plotly.js embedded (opens offline); returns the path."""
     path = Path(path)
@@ -200,4 +226,5 @@ def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-__all__ = ["token_timeline", "stage_waterfall", "latency_distributions", "quality_vs_latency", "save_html"]
+__all__ = ["token_timeline", "stage_waterfall", "latency_distributions", "quality_vs_latency", "load_sweep",
+           "save_html"]
