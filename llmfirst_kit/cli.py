@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--backend", default="embedded", help=f"one of: {', '.join(BACKENDS)} (default embedded)")
     ask.add_argument("--model", default=None, help=f"registry name or .gguf path (embedded default {DEFAULT_MODEL})")
     ask.add_argument("--host", default=None, help="Ollama host (default: $OLLAMA_HOST or the client's default)")
+    ask.add_argument("--base-url", default=None, help="OpenAI-compatible server URL (default: $OPENAI_BASE_URL)")
+    ask.add_argument("--response-format", default="json_schema", choices=("json_schema", "json_object"),
+                     help="how the openai backend sends JSON schemas (json_object for llama-cpp-python's server)")
     ask.add_argument("--max-tokens", type=_positive_int, default=512)
     ask.add_argument("--preset", default="direct", help=f"one of: {', '.join(PRESETS)} (default direct)")
     ask.add_argument("--rewrite", action="store_true", help="add the query-rewrite stage")
@@ -73,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--out", default=None, help="study directory (default: output_dir in the YAML)")
     sr.add_argument("--no-report", action="store_true", help="skip summary.csv / report.html at the end")
     sr.add_argument("--no-progress", action="store_true")
+    sr.add_argument("--executor", choices=("local", "dask"), default="local",
+                    help="local: cell after cell here; dask: on the workers of a Dask scheduler (--scheduler)")
+    sr.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                    help="the Dask scheduler for --executor dask, e.g. tcp://HOST:8786 (started with `dask scheduler`)")
     sr.add_argument("--json", action="store_true")
     sp = ssub.add_parser("report", help="aggregate a study directory into summary.csv and report.html")
     sp.add_argument("study_dir")
@@ -105,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-tokens", type=_positive_int, default=32)
     bs.add_argument("--threads", type=_positive_int, default=None, help="decoding threads (default: all cores)")
     bs.add_argument("--json", action="store_true")
+    bl = bsub.add_parser("load", help="latency and throughput against concurrency (a bounded load sweep)")
+    bl.add_argument("--backend", default="embedded", help=f"one of: {', '.join(BACKENDS)} (default embedded)")
+    bl.add_argument("--model", default=None, help="model name (default: the backend's default)")
+    bl.add_argument("--host", default=None, help="Ollama host, e.g. the kit's own server http://127.0.0.1:8765")
+    bl.add_argument("--base-url", default=None, help="OpenAI-compatible server URL (default $OPENAI_BASE_URL)")
+    bl.add_argument("--serve-kit", action="store_true",
+                    help="start the kit's own server on a free loopback port and load its Ollama-compatible API")
+    bl.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels (default 1,2,4,8)")
+    bl.add_argument("--requests", type=_positive_int, default=16, help="requests per level (default 16)")
+    bl.add_argument("--max-tokens", type=_positive_int, default=64)
+    bl.add_argument("--max-error-rate", type=float, default=0.5, help="stop when a level's error rate passes this")
+    bl.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole sweep (default 600)")
+    bl.add_argument("--threads", type=_positive_int, default=None, help="decoding threads (embedded, --serve-kit)")
+    bl.add_argument("--html", default=None, help="write the latency-vs-concurrency chart to this HTML file")
+    bl.add_argument("--json", action="store_true")
 
     serve = sub.add_parser("serve", help="WebSocket + Ollama-compatible HTTP API over the embedded models")
     serve.add_argument("--host", default="127.0.0.1")
@@ -160,7 +182,10 @@ def _metrics_line(summary: dict[str, Any]) -> str:
 
 
 async def ask(args: argparse.Namespace) -> int:
-    options = {"host": args.host} if args.backend == "ollama" and args.host else {}
+    if args.backend == "openai":
+        options = {"base_url": args.base_url, "response_format_style": args.response_format}
+    else:
+        options = {"host": args.host} if args.backend == "ollama" and args.host else {}
     backend = get_backend(args.backend, **options)
     pipe = Pipeline.from_preset(args.preset, backend=backend, model=args.model, rewrite=args.rewrite,
                                 review=args.review, judge_model=args.judge_model, fast_model=args.fast_model,
@@ -228,6 +253,21 @@ async def bench_cmd(args: argparse.Namespace) -> int:
         from .notebook import benchmark_view_async
 
         result = await benchmark_view_async(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
+    elif args.bench == "load":
+        from .load_sweep import format_sweep, load_target, parse_concurrency, sweep
+
+        levels = parse_concurrency(args.concurrency)
+        async with load_target(args.backend, host=args.host, base_url=args.base_url, serve_kit=args.serve_kit,
+                               model=args.model, n_threads=args.threads) as target:
+            result = await sweep(target, model=args.model, concurrency=levels, requests=args.requests,
+                                 max_tokens=args.max_tokens, max_error_rate=args.max_error_rate,
+                                 time_limit_s=args.time_limit)
+        if args.html:
+            from .charts import load_sweep, save_html
+
+            result["chart"] = str(save_html(load_sweep(result), args.html))
+        print(json.dumps(result, ensure_ascii=False) if args.json else format_sweep(result))
+        return EXIT_FAILED if result["stopped_early"] == "error rate" else EXIT_OK
     elif args.bench == "serve":
         from .server import bench_serve_async, format_bench
 
@@ -275,7 +315,7 @@ def study_cmd(args: argparse.Namespace) -> int:
         print(json.dumps(paths) if args.json else "\n".join(f"{k}: {v}" for k, v in paths.items()))
         return EXIT_OK
     result = study.run_study(args.study_file, output_dir=args.out, progress=not args.no_progress,
-                             report=not args.no_report)
+                             report=not args.no_report, executor=args.executor, scheduler=args.scheduler)
     print(result.describe(), file=sys.stderr)
     if args.json:
         print(json.dumps({"output_dir": str(result.output_dir), "wall_s": result.wall_s, "report": result.report,

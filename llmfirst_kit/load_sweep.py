@@ -119,6 +119,7 @@ async def sweep(backend: Backend, *, model: str | None = None, concurrency: Sequ
         with contextlib.suppress(Exception):
             await call.collect()
         warm = {"status": call.record.status, "error": call.record.error, "load_s": call.record.load_s}
+        model = model or call.record.model
     levels: list[LoadLevel] = []
     stopped: str | None = None
     for c in concurrency:
@@ -131,6 +132,8 @@ async def sweep(backend: Backend, *, model: str | None = None, concurrency: Sequ
         if level.stopped:
             stopped = level.stopped
             break
+    # a server's default model (openai backend without a model) is known once a call has listed the models
+    model = model or next((r.model for lv in levels for r in lv.records if r.model), "")
     return {
         "benchmark": "load", "backend": backend.name, "model": model, "target": target_of(backend),
         "requests_per_level": requests, "max_tokens": max_tokens, "max_error_rate": max_error_rate,

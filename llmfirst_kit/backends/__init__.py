@@ -5,11 +5,12 @@ from __future__ import annotations
 from ..errors import InvalidInput
 from .base import Backend, CallRequest, Chunk, ModelCall
 
-BACKENDS = ("embedded", "ollama")
+BACKENDS = ("embedded", "ollama", "openai")
 
 
 def get_backend(name: str = "embedded", **options) -> Backend:
-    """A backend by name: ``embedded`` (llama-cpp-python, the default) or ``ollama``."""
+    """A backend by name: ``embedded`` (llama-cpp-python, the default), ``ollama`` or ``openai`` (any
+    OpenAI-compatible server: vLLM, SGLang, llama-server, llama-cpp-python's server...)."""
     if name == "embedded":
         from .embedded import EmbeddedBackend
 
@@ -18,6 +19,10 @@ def get_backend(name: str = "embedded", **options) -> Backend:
         from .ollama import OllamaBackend
 
         return OllamaBackend(**options)
+    if name == "openai":
+        from .openai import OpenAIBackend
+
+        return OpenAIBackend(**options)
     raise InvalidInput(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
 
 
