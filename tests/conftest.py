@@ -43,3 +43,12 @@ async def wait_until_idle(loaded, settle_s: float = 0.3) -> int:
         if loaded.tokens_decoded == before:
             return before
         before = loaded.tokens_decoded
+
+
+async def stream(backend, request):
+    """Stream one call to the end; returns its record and the chunks as they arrived."""
+    call = backend.call(request)
+    chunks = []
+    async for chunk in call:
+        chunks.append(chunk)
+    return call.record, chunks

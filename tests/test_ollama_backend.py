@@ -20,10 +20,12 @@ import pytest
 from werkzeug import Request, Response
 
 from llmfirst_kit.backends import get_backend
-from llmfirst_kit.backends.base import CallRequest, Chunk
+from llmfirst_kit.backends.base import CallRequest
 from llmfirst_kit.backends.ollama import COLD_LOAD_THRESHOLD_S, DEFAULT_OLLAMA_MODEL, OllamaBackend
 from llmfirst_kit.errors import BackendError, BackendUnavailable, InvalidInput, UnknownModel
 from llmfirst_kit.metrics import call_metrics
+
+from conftest import stream
 
 MODEL = "qwen2.5:0.5b"
 QUESTION = [{"role": "user", "content": "Say hello."}]
@@ -71,14 +73,6 @@ async def ollama(httpserver):
     b = OllamaBackend(MODEL, host=httpserver.url_for("/"))
     yield b
     await b.aclose()
-
-
-async def stream(backend: OllamaBackend, request: CallRequest):
-    call = backend.call(request)
-    chunks: list[Chunk] = []
-    async for chunk in call:
-        chunks.append(chunk)
-    return call.record, chunks
 
 
 # ------------------------------------------------------------------------------------------- streaming

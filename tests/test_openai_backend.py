@@ -36,7 +36,7 @@ import httpx
 import pytest
 
 from llmfirst_kit.backends import BACKENDS, get_backend
-from llmfirst_kit.backends.base import CallRequest, Chunk
+from llmfirst_kit.backends.base import CallRequest
 from llmfirst_kit.backends.openai import DEFAULT_BASE_URL, NO_KEY, OpenAIBackend, completion_params, fill_stats
 from llmfirst_kit.cli import EXIT_OK, main
 from llmfirst_kit.errors import BackendError, BackendUnavailable, InvalidInput, UnknownModel
@@ -44,7 +44,7 @@ from llmfirst_kit.metrics import call_metrics, run_metrics
 from llmfirst_kit.models import resolve
 from llmfirst_kit.pipeline import Pipeline
 
-from conftest import TEST_MODEL, TEST_THREADS
+from conftest import TEST_MODEL, TEST_THREADS, stream
 
 KEY = "test-key"
 N_CTX = 2048
@@ -121,14 +121,6 @@ async def oai(server):
     b = OpenAIBackend(TEST_MODEL, base_url=server.base_url, api_key=KEY, response_format_style="json_object")
     yield b
     await b.aclose()
-
-
-async def stream(backend: OpenAIBackend, request: CallRequest):
-    call = backend.call(request)
-    chunks: list[Chunk] = []
-    async for chunk in call:
-        chunks.append(chunk)
-    return call.record, chunks
 
 
 # ------------------------------------------------------------------------------------------- streaming
