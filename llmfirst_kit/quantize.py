@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import KitError, ModelFileError, UnknownModel
 from .models import ResolvedModel, cache_dir, cached_sha256, get_spec, known_names, resolve
@@ -116,17 +116,41 @@ def find_variant(base: str, qtype: str) -> Variant | None:
 
 def quantize(base: str, qtype: str, *, force: bool = False, n_threads: int | None = None) -> Variant:
     """Build ``base@qtype`` from the shipped file (once; ``force`` rebuilds). Returns the variant."""
-    import llama_cpp
-
     qtype = normalize_type(qtype)
     spec = get_spec(base)
     if qtype == spec.quantization:
         raise QuantizeError(f"{base} is shipped as {qtype}; use the name {base!r} itself (or {base}@shipped)")
     if not force and (found := find_variant(base, qtype)) is not None:
         return found
-    source = resolve(base)  # assembles and verifies the shipped file
     path = variant_path(base, qtype)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(path):
+        if not force and (found := find_variant(base, qtype)) is not None:
+            return found  # built by another process (e.g. a second Dask worker on this machine) while we waited
+        return _build(base, qtype, path, n_threads)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """One build of a variant at a time on this machine, across processes and threads (``flock`` on a file
+    opened per call). Without it, two builders could rename their files over each other and leave a sidecar
+    that describes the other one's file. The lock file stays: removing it would let a third builder lock a
+    new file while the second still holds the old one."""
+    import fcntl
+
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(base: str, qtype: str, path: Path, n_threads: int | None) -> Variant:
+    import llama_cpp
+
+    spec = get_spec(base)
+    source = resolve(base)  # assembles and verifies the shipped file
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")

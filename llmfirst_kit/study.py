@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -43,13 +44,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from .backends import BACKENDS, get_backend
 from .errors import InvalidInput, KitError
 from .metrics import SLO, call_metrics, mbu, median_ci, percentiles, run_metrics, runs_frame
 from .pipeline import PRESETS, Pipeline
 from .records import RunLog, RunRecord, read_log
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 KERNEL_NAME = "llmfirst-kit"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -762,28 +766,30 @@ def _check_same_study(out: Path, spec: StudySpec, cells: list[GridCell]) -> None
     _write_json(path, {"spec": spec.to_dict(), "cells": cells_json, "kernel": KERNEL_NAME})
 
 
-def _prepare_variants(spec: StudySpec, echo: Callable[[str], Any]) -> dict[tuple[str, str], str]:
-    """Build the embedded quantized variants the grid needs (once; cached). Returns build errors by
-    (model, quantization); those cells fail with that error."""
-    p = spec.parameters
+def _prepare_variants(parameters: Mapping[str, Any], echo: Callable[[str], Any]) -> dict[tuple[str, str], str]:
+    """Build the embedded quantized variants that cells with these parameters need into this machine's
+    cache (once; cached). The runner calls it for the whole grid, a Dask worker for its cell (its cache
+    may lack them). Returns build errors by (model, quantization); those cells fail with that error."""
     errors: dict[tuple[str, str], str] = {}
-    if p.get("backend", "embedded") != "embedded":
+    if parameters.get("backend", "embedded") != "embedded":
         return errors
     from .models import REGISTRY
     from .quantize import QUANT_TYPES, find_variant, quantize
 
-    for model in p["models"]:
-        for quant in p["quantizations"]:
+    for model in parameters["models"]:
+        for quant in parameters["quantizations"]:
             spec_m = REGISTRY.get(model)
             if quant.lower() == SHIPPED or spec_m is None or quant.upper() not in QUANT_TYPES:
                 continue  # a path, an unknown model or type: the cell's own validation names the problem
             if quant.upper() == spec_m.quantization or find_variant(model, quant.upper()):
                 continue
             try:
-                v = quantize(model, quant, n_threads=p.get("n_threads") or None)
-                echo(f"built {v.name} ({v.size / 1e6:.1f} MB) in {v.built_s:.1f} s")
+                v = quantize(model, quant, n_threads=parameters.get("n_threads") or None)
             except KitError as exc:
                 errors[(model, quant)] = f"{type(exc).__name__}: {exc}"
+                continue
+            if v.built_s is not None:  # None: another process built it meanwhile
+                echo(f"built {v.name} ({v.size / 1e6:.1f} MB) in {v.built_s:.1f} s")
     return errors
 
 
@@ -858,36 +864,84 @@ def _clear(cell_dir: Path, *, grace_s: float = 15.0) -> None:
     shutil.rmtree(cell_dir, ignore_errors=True)
 
 
-def _execute_cell(spec: StudySpec, cell: GridCell, cell_dir: Path) -> CellResult:
+@dataclass(frozen=True)
+class Execution:
+    """How one execution of the cell notebook ended (wall_s None: it never started)."""
+
+    state: str  # done | failed
+    wall_s: float | None
+    error: str | None = None
+    notebook_cell: int | None = None  # the notebook cell that raised
+
+
+def execute_notebook(notebook: Path, parameters: Mapping[str, Any], work_dir: Path, *, timeout_s: int = 0
+                     ) -> Execution:
+    """Execute the cell notebook with papermill (kernel ``llmfirst-kit``, working directory ``work_dir``,
+    the executed notebook saved there after every notebook cell). The one way a grid cell is executed: by
+    the local runner in the cell's directory, by a Dask worker in a temporary directory."""
     import papermill as pm
 
-    if cell_dir.exists():  # an interrupted or failed attempt: redo it from scratch, no duplicated records
-        _clear(cell_dir)
-    cell_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(spec.notebook), str(cell_dir / EXECUTED), parameters=cell.parameters,
-                            kernel_name=KERNEL_NAME, cwd=str(cell_dir), progress_bar=False, log_output=False,
-                            request_save_on_cell_execute=True, start_timeout=180,
-                            execution_timeout=spec.cell_timeout_s or None)
+        pm.execute_notebook(str(notebook), str(work_dir / EXECUTED), parameters=dict(parameters),
+                            kernel_name=KERNEL_NAME, cwd=str(work_dir), progress_bar=False, log_output=False,
+                            request_save_on_cell_execute=True, start_timeout=180, execution_timeout=timeout_s or None)
     except pm.PapermillExecutionError as exc:
-        error = f"{exc.ename}: {exc.evalue}"
-        _write_json(cell_dir / FAILED, {"cell": cell.id, "error": error, "notebook_cell": exc.exec_count,
-                                        "wall_s": time.perf_counter() - t0, "failed_at": _now()})
-        return CellResult(cell.id, "failed", time.perf_counter() - t0, error)
+        return Execution("failed", time.perf_counter() - t0, f"{exc.ename}: {exc.evalue}", exc.exec_count)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # the kernel died, could not start, timed out...
-        error = f"{type(exc).__name__}: {exc}"
-        _write_json(cell_dir / FAILED, {"cell": cell.id, "error": error, "wall_s": time.perf_counter() - t0,
-                                        "failed_at": _now()})
-        return CellResult(cell.id, "failed", time.perf_counter() - t0, error)
-    wall = time.perf_counter() - t0
+        return Execution("failed", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+    return Execution("done", time.perf_counter() - t0)
+
+
+def _fresh(cell_dir: Path) -> None:
+    """An empty cell directory: an interrupted or failed attempt is redone from scratch, no duplicated records."""
+    if cell_dir.exists():
+        _clear(cell_dir)
+    cell_dir.mkdir(parents=True)
+
+
+def _record_cell(cell: GridCell, cell_dir: Path, execution: Execution, **where: str) -> CellResult:
+    """The cell's marker, written once its files are in ``cell_dir``: FAILED.json with the error, or DONE.json
+    (``where``: e.g. the Dask worker and host that ran the cell, recorded in the marker)."""
+    if execution.state == "failed":
+        _write_json(cell_dir / FAILED, {"cell": cell.id, "error": execution.error,
+                                        **({"notebook_cell": execution.notebook_cell}
+                                           if execution.notebook_cell is not None else {}),
+                                        **({"wall_s": execution.wall_s} if execution.wall_s is not None else {}),
+                                        "failed_at": _now(), **where})
+        return CellResult(cell.id, "failed", execution.wall_s, execution.error)
     records = read_log(cell_dir / RECORDS) if (cell_dir / RECORDS).is_file() else []
-    # the marker comes last: the records were fsync'ed run by run, so a marker always means complete records
-    _write_json(cell_dir / DONE, {"cell": cell.id, "runs": len(records), "wall_s": wall, "finished_at": _now(),
-                                  "parameters": cell.parameters})
-    return CellResult(cell.id, "done", wall, runs=len(records))
+    # the marker comes last: the records were fsync'ed (run by run, or as received from a Dask worker), so a
+    # marker always means complete records
+    _write_json(cell_dir / DONE, {"cell": cell.id, "runs": len(records), "wall_s": execution.wall_s,
+                                  "finished_at": _now(), "parameters": cell.parameters, **where})
+    return CellResult(cell.id, "done", execution.wall_s, runs=len(records))
+
+
+def _execute_cell(spec: StudySpec, cell: GridCell, cell_dir: Path) -> CellResult:
+    _fresh(cell_dir)
+    return _record_cell(cell, cell_dir, execute_notebook(spec.notebook, cell.parameters, cell_dir,
+                                                         timeout_s=spec.cell_timeout_s))
+
+
+# (spec, the cells to run, the study directory, the progress bar, echo) -> each cell's result as it finishes
+CellRunner = Callable[[StudySpec, list[GridCell], Path, Any, Callable[[str], Any]], Iterator[CellResult]]
+
+
+def _run_local(spec: StudySpec, cells: list[GridCell], out: Path, bar: Any, echo: Callable[[str], Any]
+               ) -> Iterator[CellResult]:
+    """The local executor: the cells one after another in this process's kernel subprocesses."""
+    for cell in cells:
+        bar.set_postfix_str(cell.id)
+        try:
+            result = _execute_cell(spec, cell, out / "cells" / cell.id)
+        except KeyboardInterrupt:
+            bar.close()
+            echo(f"interrupted during {cell.id}: that cell will be redone; run the same command again to resume")
+            raise
+        yield result
 
 
 def short_error(error: str | None) -> str | None:
@@ -901,62 +955,78 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+EXECUTORS = ("local", "dask")
+
+
 def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: str | os.PathLike[str] | None = None,
-              progress: bool = True, report: bool = True, echo: Callable[[str], Any] | None = None) -> StudyResult:
+              progress: bool = True, report: bool = True, echo: Callable[[str], Any] | None = None,
+              executor: str = "local", scheduler: str | Client | None = None) -> StudyResult:
     """Run (or resume) a study: every unfinished grid cell is executed with papermill; finished cells
     are skipped; failed cells are recorded and retried on the next invocation. Builds the report at the
-    end when ``report`` and at least one cell is done."""
+    end when ``report`` and at least one cell is done.
+
+    ``executor="local"`` runs the cells one after another here; ``executor="dask"`` sends them to the
+    workers of a Dask scheduler (``scheduler``: an address such as ``tcp://HOST:8786`` or a
+    ``distributed.Client``; see :mod:`llmfirst_kit.study_dask`). Either way this process alone writes the
+    study directory: the lock, the markers, ``status.json`` and the report."""
     from tqdm.auto import tqdm
 
+    if executor not in EXECUTORS:
+        raise InvalidInput(f"executor {executor!r} is unknown; accepted: {', '.join(EXECUTORS)}")
+    if scheduler is not None and executor != "dask":
+        raise InvalidInput("a scheduler is used by the dask executor only: --executor dask --scheduler tcp://HOST:8786")
     echo = echo or (lambda text: print(text, file=sys.stderr))
     t0 = time.perf_counter()
     spec = load_study(study, output_dir=output_dir)
     check_kernel()
     if not spec.notebook.is_file():
         raise InvalidInput(f"study notebook {spec.notebook} does not exist")
-    out = spec.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    cells = expand_grid(spec)
-    results: list[CellResult] = []
-    with _exclusive(out), _sigterm_as_interrupt():
+    results: dict[str, CellResult] = {}
+    with contextlib.ExitStack() as stack:
+        run_cells: CellRunner = _run_local
+        if executor == "dask":  # connected first: an unreachable scheduler fails before anything is written
+            from . import study_dask
+
+            run_cells = functools.partial(study_dask.run_cells, stack.enter_context(study_dask.connect(scheduler)))
+        out = spec.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        cells = expand_grid(spec)
+        stack.enter_context(_exclusive(out))
+        stack.enter_context(_sigterm_as_interrupt())
         _check_same_study(out, spec, cells)
         finished = sum(cell_state(out / "cells" / c.id) == "done" for c in cells)
         echo(f"study {spec.name}: {len(cells)} cells ({finished} already done) -> {out}")
-        build_errors = _prepare_variants(spec, echo)
+        build_errors = _prepare_variants(spec.parameters, echo)
         if not (out / ENVIRONMENT).is_file():
             env = capture_environment(spec)
             _write_json(out / ENVIRONMENT, env)
             echo(f"environment recorded: {env['cpu']['model']}, {env['n_threads']} threads, memory bandwidth "
                  f"{env.get('bandwidth_gb_per_s', 0):.1f} GB/s")
-        bar = tqdm(cells, unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        for cell in bar:
+        to_run = []
+        for cell in cells:
             cell_dir = out / "cells" / cell.id
-            bar.set_postfix_str(cell.id)
             if cell_state(cell_dir) == "done":
-                results.append(CellResult(cell.id, "skipped"))
-                continue
-            if (cell.model, cell.quantization) in build_errors:
-                if cell_dir.exists():
-                    _clear(cell_dir)
-                cell_dir.mkdir(parents=True)
+                results[cell.id] = CellResult(cell.id, "skipped")
+            elif (cell.model, cell.quantization) in build_errors:
+                _fresh(cell_dir)
                 error = build_errors[(cell.model, cell.quantization)]
-                _write_json(cell_dir / FAILED, {"cell": cell.id, "error": error, "failed_at": _now()})
-                results.append(CellResult(cell.id, "failed", 0.0, error))
-                continue
-            try:
-                result = _execute_cell(spec, cell, cell_dir)
-            except KeyboardInterrupt:
-                bar.close()
-                echo(f"interrupted during {cell.id}: that cell will be redone; run the same command again to resume")
-                raise
-            results.append(result)
-            if result.state == "failed":
-                bar.write(f"cell {cell.id} failed: {short_error(result.error)}", file=sys.stderr)
+                results[cell.id] = _record_cell(cell, cell_dir, Execution("failed", None, error))
+            else:
+                to_run.append(cell)
+        bar = stack.enter_context(tqdm(total=len(cells), initial=len(results), unit="cell", disable=not progress,
+                                       file=sys.stderr, dynamic_ncols=True))
+        with contextlib.closing(run_cells(spec, to_run, out, bar, echo)) as finishing:
+            for result in finishing:
+                results[result.id] = result
+                bar.update()
+                if result.state == "failed":
+                    bar.write(f"cell {result.id} failed: {short_error(result.error)}", file=sys.stderr)
         bar.close()
+        results_in_order = [results[c.id] for c in cells]
         wall = time.perf_counter() - t0
-        outcome = StudyResult(out, results, wall)
+        outcome = StudyResult(out, results_in_order, wall)
         _write_json(out / STATUS, {"finished_at": _now(), "wall_s": wall,
-                                   "cells": [dataclasses.asdict(c) for c in results]})
+                                   "cells": [dataclasses.asdict(c) for c in results_in_order]})
         if report and any(cell_state(out / "cells" / c.id) == "done" for c in cells):
             try:
                 outcome.report = build_report(out)
