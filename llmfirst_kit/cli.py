@@ -189,7 +189,8 @@ async def ask(args: argparse.Namespace) -> int:
     backend = get_backend(args.backend, **options)
     pipe = Pipeline.from_preset(args.preset, backend=backend, model=args.model, rewrite=args.rewrite,
                                 review=args.review, judge_model=args.judge_model, fast_model=args.fast_model,
-                                analysis_first=args.analysis_first, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+                                analysis_first=args.analysis_first, max_tokens=args.max_tokens,
+                                temperature=args.temperature, seed=args.seed)
     run = pipe.start(args.question)
     current: str | None = None
     error_code: str | None = None

@@ -91,7 +91,8 @@ class Param:
 # in step). One execution = one grid cell: the runner passes one-element lists; by hand, any lists work.
 CELL_PARAMETERS: dict[str, Param] = {
     "backend": Param(str, f"one of: {', '.join(BACKENDS)}"),
-    "models": Param(list, "model names: embedded registry names or .gguf paths; Ollama model names"),
+    "models": Param(list, "model names: embedded registry names or .gguf paths; Ollama or OpenAI-compatible "
+                          "server names"),
     "quantizations": Param(list, "embedded: 'shipped' or a type built by `llmfirst models quantize` (Q8_0, Q4_0, "
                                  "...); ollama: a tag suffix (model-<q>, e.g. q8_0) or 'default'"),
     "presets": Param(list, f"pipeline presets: {', '.join(PRESETS)} (staged:analysis-first too)"),
@@ -113,6 +114,9 @@ CELL_PARAMETERS: dict[str, Param] = {
     "perplexity_text": Param(str, "text for perplexity / KL of embedded files ('' = skip)"),
     "perplexity_tokens": Param(int, "tokens of the text to score"),
     "ollama_host": Param(str, "Ollama host ('' = $OLLAMA_HOST or the client's default)"),
+    "openai_base_url": Param(str, "OpenAI-compatible server URL ('' = $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)"),
+    "openai_response_format": Param(str, "how JSON schemas are sent to that server: json_schema (vLLM, SGLang, "
+                                         "llama-server) | json_object (llama-cpp-python's server)"),
     "output_dir": Param(str, "where this execution writes records.jsonl (and quality.json)"),
     "study_name": Param(str, "label: the study"),
     "cell": Param(str, "label: the grid cell"),
@@ -255,6 +259,8 @@ class CellParams:
     perplexity_text: str
     perplexity_tokens: int
     ollama_host: str
+    openai_base_url: str
+    openai_response_format: str
     output_dir: str
     study_name: str
     cell: str
@@ -325,8 +331,14 @@ def validate_parameters(values: Mapping[str, Any]) -> CellParams:
             problems.append(f"{name} must be > 0, got {v[name]}")
     if v["cache"] not in CACHE_MODES:
         problems.append(f"cache {v['cache']!r} is unknown; accepted: {', '.join(CACHE_MODES)}")
-    elif v["cache"] == "cold" and v["backend"] == "ollama":
-        problems.append("cache 'cold' is not possible with Ollama (no per-request switch); use 'auto' or 'reuse'")
+    elif v["cache"] == "cold" and v["backend"] != "embedded":
+        problems.append(f"cache 'cold' is not possible with {v['backend']} (no per-request switch); use 'auto' or "
+                        f"'reuse'")
+    from .backends.openai import RESPONSE_FORMAT_STYLES
+
+    if v["openai_response_format"] not in RESPONSE_FORMAT_STYLES:
+        problems.append(f"openai_response_format {v['openai_response_format']!r} is unknown; accepted: "
+                        f"{', '.join(RESPONSE_FORMAT_STYLES)}")
     if not v["output_dir"].strip():
         problems.append("output_dir must name a directory")
     if v["perplexity_text"] and not Path(v["perplexity_text"]).is_file():
@@ -381,6 +393,9 @@ def notebook_parameters(namespace: Mapping[str, Any], before: set[str]) -> CellP
 def make_backend(p: CellParams):
     if p.backend == "embedded":
         return get_backend("embedded", model=p.models[0], n_ctx=p.n_ctx, n_threads=p.n_threads or None)
+    if p.backend == "openai":
+        return get_backend("openai", model=p.models[0], base_url=p.openai_base_url or None,
+                           response_format_style=p.openai_response_format)
     return get_backend("ollama", model=p.models[0], host=p.ollama_host or None)
 
 
@@ -794,8 +809,9 @@ def _prepare_variants(parameters: Mapping[str, Any], echo: Callable[[str], Any])
 
 
 def _model_files(spec: StudySpec) -> list[dict[str, Any]]:
-    """sha256, size and path of every embedded file the grid uses (judge and shipped references too), or
-    Ollama's digest and size of each model."""
+    """sha256, size and path of every embedded file the grid uses (judge and shipped references too),
+    Ollama's digest and size of each model, or the models an OpenAI-compatible server lists (the API gives
+    no digest)."""
     p = spec.parameters
     if p.get("backend", "embedded") == "embedded":
         from .models import resolve
@@ -809,8 +825,17 @@ def _model_files(spec: StudySpec) -> list[dict[str, Any]]:
             except KitError as exc:
                 rows.append({"name": name, "error": str(exc)})
         return rows
-    from .backends.ollama import OllamaBackend
     from .sync import run_sync
+
+    if p.get("backend") == "openai":
+        from .backends.openai import OpenAIBackend
+
+        server = OpenAIBackend(base_url=p.get("openai_base_url") or None)
+        try:
+            return [{"base_url": server.base_url, "served": run_sync(_listed(server))}]
+        except KitError as exc:
+            return [{"openai_error": str(exc)}]
+    from .backends.ollama import OllamaBackend
 
     backend = OllamaBackend(host=p.get("ollama_host") or None)
     wanted = {safe_model_id("ollama", m, q) for m in p["models"] for q in p["quantizations"]} | (
@@ -826,6 +851,13 @@ def _model_files(spec: StudySpec) -> list[dict[str, Any]]:
             rows.append({"name": m.get("model") or m.get("name"), "digest": m.get("digest"), "size": m.get("size"),
                          "details": m.get("details")})
     return rows
+
+
+async def _listed(server: Any) -> list[str]:
+    try:
+        return await server.served_models()
+    finally:
+        await server.aclose()
 
 
 def capture_environment(spec: StudySpec) -> dict[str, Any]:

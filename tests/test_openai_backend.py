@@ -411,3 +411,28 @@ async def test_load_sweep_against_the_openai_server(server):
     assert result["model"] == TEST_MODEL and result["target"] == server.base_url and result["warmup"]["status"] == "ok"
     assert [(lv["concurrency"], lv["ok"], lv["errors"]) for lv in result["levels"]] == [(1, 2, 0), (2, 2, 0)]
     assert all(1 <= lv["output_tokens"] <= 2 * 4 for lv in result["levels"])
+
+
+def test_a_study_cell_runs_against_the_openai_server(server, monkeypatch, tmp_path):
+    """A study grid with ``backend: openai``: papermill executes the study notebook, whose pipeline streams
+    from the server; the judge's structured output goes through json_object; the environment lists the
+    server's models."""
+    from llmfirst_kit import study
+    from llmfirst_kit.records import RunRecord, read_log
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # inherited by the notebook's kernel
+    grid = {"name": "openai", "backend": "openai", "openai_base_url": server.base_url,
+            "openai_response_format": "json_object", "models": [TEST_MODEL], "quantizations": ["default"],
+            "presets": ["direct"], "queries_file": str(study.PROJECT_ROOT / "data" / "queries" / "queries.jsonl"),
+            "query_ids": ["en-s01"], "warmup_runs": 0, "max_tokens": 8, "judge_model": TEST_MODEL,
+            "perplexity_text": ""}
+    result = study.run_study(grid, output_dir=tmp_path / "openai", progress=False, report=False, echo=lambda _: None)
+    assert [(c.id, c.state) for c in result.cells] == [("smollm2-135m@default--direct", "done")], result.describe()
+    [run] = [r for r in read_log(tmp_path / "openai" / "cells" / "smollm2-135m@default--direct" / study.RECORDS)
+             if isinstance(r, RunRecord)]
+    answer = run.stages[0].call
+    assert run.status == "ok" and answer.backend == "openai" and answer.model == TEST_MODEL
+    assert answer.model_info["base_url"] == server.base_url and answer.token_count_source.startswith("content chunks")
+    assert run.quality is not None and 0 <= run.quality["score"] <= 100  # judged through the server
+    env = json.loads((tmp_path / "openai" / study.ENVIRONMENT).read_text())
+    assert env["model_files"] == [{"base_url": server.base_url, "served": [TEST_MODEL]}]
