@@ -208,13 +208,18 @@ def load_sweep(result: dict[str, Any], *, title: str | None = None) -> go.Figure
                                      name=f"p{q}", legendgroup=f"p{q}", showlegend=col == 1,
                                      line={"color": PALETTE[i], "dash": ("solid", "dash", "dot")[i]}),
                           row=1, col=col)
-        fig.add_hline(y=threshold, line_dash="dash", line_color="red", annotation_text=f"SLO {threshold:g} s",
-                      annotation_font_color="red", row=1, col=col)
+        fig.add_hline(y=threshold, line_dash="dash", line_color="red", row=1, col=col)
+        # log axes, so that the SLO and the measured values are both in view (annotation y is the log10)
+        fig.add_annotation(x=0, xref="x domain", y=math.log10(threshold), text=f"SLO {threshold:g} s",
+                           showarrow=False, xanchor="left", yanchor="bottom", font={"color": "red"},
+                           row=1, col=col)
+        fig.update_yaxes(type="log", row=1, col=col)
     fig.add_trace(go.Bar(x=x, y=[lv["output_tokens_per_s"] for lv in levels], name="tokens/s",
                          marker_color=PALETTE[3], text=[f"{lv['errors']} err" if lv["errors"] else ""
                                                         for lv in levels]), row=1, col=4)
     fig.update_xaxes(title_text="concurrency", type="category")
-    fig.update_layout(title=title or f"Load sweep · {result['backend']} · {result['model']}", legend_title="")
+    fig.update_layout(title=title or f"Load sweep · {result['model']} · {result['backend']} at {result['target']}",
+                      legend_title="")
     return fig
 
 
