@@ -8,7 +8,7 @@ still streaming, which is display only.)
 Why updates are batched: a widget resends its whole value on every change, so a text widget updated on
 every token costs O(n^2) bytes and one frontend message per token. The view applies events to plain
 Python state and flushes the changed widgets on a timer. Each message sent (a widget value change, or
-the comms a new panel opens) costs ``flush_interval_s`` (55 ms) before the next flush: ~18 messages a
+the comms a new panel opens) costs ``flush_interval_s`` (60 ms) before the next flush: ~16 messages a
 second whatever the token rate. The final update is always sent at once.
 
 Two ways to run:
@@ -48,8 +48,8 @@ from .records import CallRecord, RunRecord
 from .sync import run_sync
 
 # Every frontend message (a widget value change, a new panel's comms) costs one interval of the budget:
-# at most ~18 messages a second, so that even a short run stays under 20 a second with its final update.
-FLUSH_INTERVAL_S = 0.055
+# at most ~16 messages a second, so that even a short run stays under 20 a second with its final burst.
+FLUSH_INTERVAL_S = 0.06
 
 
 @dataclass
