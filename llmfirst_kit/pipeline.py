@@ -322,6 +322,8 @@ class Run:
                        code=getattr(exc, "code", "internal"), message=str(exc)))
         finally:
             rec.end_ns = time.perf_counter_ns()
+            if not rec.labels.get("model") and rec.stages:  # a server's default model, known once it was called
+                rec.labels["model"] = rec.stages[0].call.model
             emit(RunEnd(run_id=rec.run_id, t_ns=rec.end_ns, status=rec.status,
                         metrics=run_metrics(rec, pipe.slo), record=rec))
 

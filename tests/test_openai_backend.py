@@ -177,6 +177,10 @@ async def test_default_model_is_the_first_served_one(server):
     assert b.resolve_model(None) == TEST_MODEL
     assert await b.served_models() == [TEST_MODEL]
     await b.aclose()
+    fresh = OpenAIBackend(base_url=server.base_url, api_key=KEY)  # a pipeline's run is labelled with it too
+    run = await Pipeline.from_preset("direct", backend=fresh, max_tokens=4).run("Say hello.")
+    assert run.status == "ok" and run.labels["model"] == TEST_MODEL
+    await fresh.aclose()
 
 
 async def test_leaving_early_closes_the_stream_and_the_server_stops(oai, server):
