@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 from .backends import Backend, CallRequest, get_backend
-from .errors import InvalidInput
+from .errors import BackendUnavailable, InvalidInput, UnknownModel
 from .metrics import DEFAULT_SLO, SLO, load_level_metrics, slo_dict
 from .records import CallRecord
 
@@ -116,8 +116,12 @@ async def sweep(backend: Backend, *, model: str | None = None, concurrency: Sequ
     warm: dict[str, Any] | None = None
     if warmup:  # loads the model (embedded, or a server's cold load); excluded from every level
         call = backend.call(make_request(0))
-        with contextlib.suppress(Exception):
+        try:
             await call.collect()
+        except (BackendUnavailable, UnknownModel):
+            raise  # nothing to measure: no server there, or it has no such model
+        except Exception:
+            pass  # kept in the warm-up's record; the levels show whether it persists
         warm = {"status": call.record.status, "error": call.record.error, "load_s": call.record.load_s}
         model = model or call.record.model
     levels: list[LoadLevel] = []

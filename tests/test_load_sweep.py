@@ -7,6 +7,7 @@ only checks that the bound is enforced.
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -14,11 +15,17 @@ from conftest import TEST_MODEL, wait_until_idle
 from llmfirst_kit import charts
 from llmfirst_kit.backends.ollama import OllamaBackend
 from llmfirst_kit.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from llmfirst_kit.errors import InvalidInput
+from llmfirst_kit.errors import BackendUnavailable, InvalidInput, UnknownModel
 from llmfirst_kit.load_sweep import parse_concurrency, sweep
 from llmfirst_kit.server import ServerConfig, ServerThread
 
 QUERIES = ["What is 2+2?", "Name a color.", "Say hello."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +68,17 @@ async def test_sweep_stops_when_the_error_rate_passes_the_bound(server):
     [level] = result["levels"]  # the higher level never ran
     assert level["stopped"] == "error rate" and level["requests"] == 4 < 6 and level["errors"] == 4
     assert any("ollama pull no-such-model" in msg for msg in level["error_messages"])
+
+
+async def test_a_warm_up_that_finds_no_model_or_no_server_ends_the_sweep_at_once(server):
+    target = OllamaBackend("no-such-model", host=server.url)
+    with pytest.raises(UnknownModel, match="ollama pull no-such-model"):
+        await sweep(target, concurrency=[1], requests=2, max_tokens=4, queries=QUERIES)
+    await target.aclose()
+    nobody = OllamaBackend(TEST_MODEL, host=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(BackendUnavailable, match="ollama serve"):
+        await sweep(nobody, concurrency=[1], requests=2, max_tokens=4, queries=QUERIES)
+    await nobody.aclose()
 
 
 async def test_sweep_is_bounded_in_time(backend, loaded):
