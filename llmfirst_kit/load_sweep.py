@@ -103,8 +103,10 @@ async def sweep(backend: Backend, *, model: str | None = None, concurrency: Sequ
     """Run the sweep against ``backend``; returns a JSON-ready dict (``levels``: one row per level)."""
     if requests <= 0:
         raise InvalidInput(f"requests must be a positive integer, got {requests!r}")
+    if not time_limit_s > 0:
+        raise InvalidInput(f"time_limit_s (--time-limit) must be a positive number of seconds, got {time_limit_s!r}")
     if not 0 <= max_error_rate <= 1:
-        raise InvalidInput(f"max_error_rate is a share between 0 and 1, got {max_error_rate!r}")
+        raise InvalidInput(f"max_error_rate (--max-error-rate) is a share between 0 and 1, got {max_error_rate!r}")
     queries = list(queries or sweep_queries())
     model = backend.resolve_model(model)
 

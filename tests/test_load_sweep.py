@@ -109,6 +109,8 @@ def test_cli_bench_load_on_the_kit_server_writes_json_and_chart(capsys, tmp_path
     assert result["warmup"]["status"] == "ok" and result["chart"] == str(html)
     assert html.stat().st_size > 1_000_000  # plotly.js embedded: opens offline
 
-    code = main(["bench", "load", "--concurrency", "0,x"])
-    _, err = capsys.readouterr()
-    assert code == EXIT_BAD_INPUT and "e.g. 1,2,4,8" in err
+    for argv, fix in ((["--concurrency", "0,x"], "e.g. 1,2,4,8"), (["--max-error-rate", "1.5"], "between 0 and 1"),
+                      (["--time-limit", "0"], "positive number of seconds")):
+        code = main(["bench", "load", "--model", TEST_MODEL, *argv])
+        out, err = capsys.readouterr()
+        assert code == EXIT_BAD_INPUT and fix in err and not out  # before any request
