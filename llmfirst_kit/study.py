@@ -768,7 +768,10 @@ def _check_same_study(out: Path, spec: StudySpec, cells: list[GridCell]) -> None
         axes = ("models", "quantizations", "presets")
         before = {k: v for k, v in old["spec"]["parameters"].items() if k not in axes}
         now = {k: v for k, v in spec.parameters.items() if k not in axes}
-        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        # a parameter the notebook gained since (e.g. openai_base_url), left at its default, changes nothing
+        defaults = notebook_defaults(spec.notebook)
+        changed = sorted(k for k in before.keys() | now.keys()
+                         if before.get(k, defaults.get(k)) != now.get(k, defaults.get(k)))
         if changed:
             raise StudyError(f"{out} holds a study run with different parameters ({', '.join(changed)}); use "
                              f"another output directory (--out) or delete {out}")
@@ -1028,7 +1031,10 @@ def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: 
         _check_same_study(out, spec, cells)
         finished = sum(cell_state(out / "cells" / c.id) == "done" for c in cells)
         echo(f"study {spec.name}: {len(cells)} cells ({finished} already done) -> {out}")
-        build_errors = _prepare_variants(spec.parameters, echo)
+        pending = [c for c in cells if cell_state(out / "cells" / c.id) != "done"]
+        build_errors: dict[tuple[str, str], str] = {}
+        for model, quant in dict.fromkeys((c.model, c.quantization) for c in pending):  # finished cells need none
+            build_errors |= _prepare_variants({**spec.parameters, "models": [model], "quantizations": [quant]}, echo)
         if not (out / ENVIRONMENT).is_file():
             env = capture_environment(spec)
             _write_json(out / ENVIRONMENT, env)

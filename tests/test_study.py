@@ -119,6 +119,20 @@ def test_rerun_skips_finished_cells(tiny):
     assert (good / study.DONE).read_text() == marker
 
 
+def test_resume_accepts_a_study_from_before_a_new_parameter_but_not_a_changed_one(tiny):
+    _, out = tiny
+    saved = json.loads((out / study.STUDY_FILE).read_text())
+    older = json.loads(json.dumps(saved))
+    del older["spec"]["parameters"]["openai_base_url"]  # as written by a kit without that parameter
+    (out / study.STUDY_FILE).write_text(json.dumps(older))
+    again = study.run_study(TINY, output_dir=out, progress=False, report=False, echo=lambda _: None)
+    assert {c.id: c.state for c in again.cells}[GOOD] == "skipped"
+    with pytest.raises(study.StudyError, match=r"different parameters \(max_tokens\)"):
+        study.run_study({**TINY, "max_tokens": 17}, output_dir=out, progress=False, report=False,
+                        echo=lambda _: None)
+    (out / study.STUDY_FILE).write_text(json.dumps(saved))
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
