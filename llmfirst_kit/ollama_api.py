@@ -433,7 +433,8 @@ def generate_messages(body: GenerateBody) -> list[dict[str, str]]:
     return messages + [{"role": "user", "content": body.prompt or ""}]
 
 
-def chat_messages(body: ChatBody) -> list[dict[str, str]]:
+def chat_messages(body: Any) -> list[dict[str, str]]:
+    """The messages of a chat body (Ollama's /api/chat or OpenAI's /v1/chat/completions), checked."""
     messages = [{"role": m.role, "content": m.content} for m in body.messages or []]
     for m in messages:
         if m["role"] not in ("system", "user", "assistant"):
@@ -547,6 +548,10 @@ class CallResponse(Response):
         if produce.done() and not produce.cancelled() and produce.exception() is not None:
             raise produce.exception()  # a bug, not a model error: let the server log it and answer 500
 
+    def error(self, status: int, message: str) -> dict[str, Any]:
+        """An error body, shaped as the API this response belongs to (Ollama: ``{"error": message}``)."""
+        return {"error": message}
+
     def _final(self, text: str) -> dict[str, Any]:
         return {**self.render(text), "done": True, **durations(self.call.record, self.received_ns)}
 
@@ -558,7 +563,7 @@ class CallResponse(Response):
             except StopAsyncIteration:
                 first = None
             except KitError as exc:
-                await _send_json(send, status_of(exc), {"error": str(exc)})
+                await _send_json(send, status_of(exc), self.error(status_of(exc), str(exc)))
                 return
             if self.stream:
                 await self._stream(send, chunks, first)

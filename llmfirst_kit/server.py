@@ -1,5 +1,6 @@
 """The kit's ASGI server: pipeline runs over a WebSocket, and an Ollama-compatible HTTP API
-(:mod:`llmfirst_kit.ollama_api`) over the embedded models. Served by uvicorn, on loopback by default.
+(:mod:`llmfirst_kit.ollama_api`) and an OpenAI-compatible one (:mod:`llmfirst_kit.openai_api`, under /v1)
+over the embedded models. Served by uvicorn, on loopback by default.
 
 WebSocket ``/ws``
 -----------------
@@ -66,14 +67,14 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, ollama_api
+from . import __version__, ollama_api, openai_api
 from .backends import Backend, get_backend
 from .backends.embedded import EmbeddedBackend
 from .errors import InvalidInput, KitError
@@ -189,8 +190,10 @@ class Guard:
 
 
 async def _refuse(scope: dict, receive: Callable, send: Callable, status: int, message: str) -> None:
-    """Answer ``{"error": message}`` with ``status``; for a WebSocket, refuse the handshake."""
-    body = json.dumps({"error": message}).encode()
+    """Answer ``{"error": message}`` (OpenAI's error shape under /v1) with ``status``; for a WebSocket,
+    refuse the handshake."""
+    openai_path = scope.get("path", "").startswith(openai_api.router.prefix + "/")
+    body = json.dumps(openai_api.error_body(status, message) if openai_path else {"error": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
@@ -661,10 +664,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         await state.aclose()
 
     app = FastAPI(title="llmfirst_kit", version=__version__, lifespan=lifespan,
-                  description="Pipeline runs over the WebSocket /ws, and an Ollama-compatible API over the "
-                              "embedded models.")
+                  description="Pipeline runs over the WebSocket /ws, and Ollama- and OpenAI-compatible APIs over "
+                              "the embedded models.")
     app.state.kit = state
     app.include_router(ollama_api.router)
+    app.include_router(openai_api.router)
     app.add_api_websocket_route("/ws", ws_endpoint)
     _add_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -672,23 +676,30 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     return app
 
 
+def _error(request: Request, status: int, message: str) -> JSONResponse:
+    """An HTTP error shaped as the API of its path: OpenAI's under /v1, Ollama's ``{"error": "..."}`` else."""
+    if request.url.path.startswith(openai_api.router.prefix + "/"):
+        return JSONResponse(openai_api.error_body(status, message), status_code=status)
+    return ollama_api.error_response(status, message)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
-    """Every HTTP error as Ollama shapes it: ``{"error": "..."}``."""
+    """Every HTTP error as the API of its path shapes it (see :func:`_error`)."""
 
-    async def api_error(_: Any, exc: ollama_api.ApiError) -> JSONResponse:
-        return ollama_api.error_response(exc.status, exc.message)
+    async def api_error(request: Request, exc: ollama_api.ApiError) -> JSONResponse:
+        return _error(request, exc.status, exc.message)
 
-    async def kit_error(_: Any, exc: KitError) -> JSONResponse:
-        return ollama_api.error_response(ollama_api.status_of(exc), str(exc))
+    async def kit_error(request: Request, exc: KitError) -> JSONResponse:
+        return _error(request, ollama_api.status_of(exc), str(exc))
 
-    async def http_error(_: Any, exc: StarletteHTTPException) -> JSONResponse:
-        return ollama_api.error_response(exc.status_code, str(exc.detail))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(request, exc.status_code, str(exc.detail))
 
-    async def validation_error(_: Any, exc: RequestValidationError) -> JSONResponse:
-        return ollama_api.error_response(400, f"invalid request: {exc.errors()[:3]}")
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(request, 400, f"invalid request: {exc.errors()[:3]}")
 
-    async def internal_error(_: Any, exc: Exception) -> JSONResponse:
-        return ollama_api.error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error(request, 500, f"internal error ({type(exc).__name__}); see the server log")
 
     app.add_exception_handler(ollama_api.ApiError, api_error)
     app.add_exception_handler(KitError, kit_error)
@@ -703,7 +714,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in ollama_api.BODY_MODELS:
+    for model in (*ollama_api.BODY_MODELS, *openai_api.BODY_MODELS):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
@@ -714,6 +725,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "/api/chat": {"model": model, "messages": [{"role": "user", "content": "Hello"}],
                       "options": {"num_predict": 8}},
         "/api/show": {"model": model},
+        "/v1/chat/completions": {"model": model, "messages": [{"role": "user", "content": "Hello"}],
+                                 "max_tokens": 8},
     }
     for path, example in examples.items():
         schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"] = example

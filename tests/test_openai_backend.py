@@ -15,7 +15,9 @@ What this server does that the tests rely on (llama-cpp-python 0.3.36, the pinne
 - by default a new request interrupts the one in flight (its stream just ends); the servers here are started
   with ``--interrupt_requests False`` so that concurrent requests queue.
 
-The main server is started with an API key; the second one (killed mid-answer) without.
+The main server is started with an API key; the second one (killed mid-answer) without. The last tests run
+against the kit's own server (``llmfirst serve``, its /v1 routes), which does send ``usage`` when streaming,
+so the server-count path is checked end to end too.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from llmfirst_kit.metrics import call_metrics, run_metrics
 from llmfirst_kit.models import resolve
 from llmfirst_kit.pipeline import Pipeline
 
-from conftest import TEST_MODEL, TEST_THREADS, stream
+from conftest import TEST_MODEL, TEST_THREADS, stream, wait_until_idle
 
 KEY = "test-key"
 N_CTX = 2048
@@ -440,3 +442,70 @@ def test_a_study_cell_runs_against_the_openai_server(server, monkeypatch, tmp_pa
     assert run.quality is not None and 0 <= run.quality["score"] <= 100  # judged through the server
     env = json.loads((tmp_path / "openai" / study.ENVIRONMENT).read_text())
     assert env["model_files"] == [{"base_url": server.base_url, "served": [TEST_MODEL]}]
+
+
+# ----------------------------------------------------- the kit's own server: an OpenAI API that sends usage
+
+@pytest.fixture(scope="module")
+def kit_server(loaded):
+    """The kit's server (``llmfirst serve``) on a free loopback port; its /v1 routes decode with the test
+    model instance, so ``loaded.tokens_decoded`` counts its work."""
+    from llmfirst_kit.server import ServerConfig, ServerThread
+
+    with ServerThread(config=ServerConfig(default_model=TEST_MODEL, n_threads=loaded.n_threads)) as srv:
+        yield srv
+
+
+async def test_usage_from_a_server_that_sends_it(kit_server, loaded):
+    """End to end with stream_options.include_usage honoured: the counts are the server's, and exact."""
+    b = OpenAIBackend(TEST_MODEL, base_url=kit_server.url + "/v1")
+    before = await wait_until_idle(loaded)
+    rec, chunks = await stream(b, CallRequest(messages=LONG_ANSWER, max_tokens=12))
+    assert rec.status == "ok" and rec.finish_reason == "length"
+    assert rec.token_count_source == "openai usage (server)" and rec.output_tokens == 12 and rec.prompt_tokens > 0
+    assert await wait_until_idle(loaded) - before == 12  # the model decoded exactly what usage says
+    assert "".join(c.text for c in chunks) == rec.text and rec.model_info["model_id"] == TEST_MODEL
+    m = call_metrics(rec)
+    assert m["tpot_s"] == pytest.approx((m["e2e_s"] - m["ttft_s"]) / 11)
+    await b.aclose()
+
+
+async def test_json_schema_and_a_staged_pipeline_through_the_kit_server(kit_server):
+    b = OpenAIBackend(TEST_MODEL, base_url=kit_server.url + "/v1")  # the OpenAI json_schema form
+    rec, _ = await stream(b, CallRequest(messages=[{"role": "user", "content": "Pick a color."}], max_tokens=24,
+                                         json_schema=COLOR_SCHEMA))
+    fastjsonschema.compile(COLOR_SCHEMA)(json.loads(rec.text))
+    run = await Pipeline.from_preset("staged", backend=b, model=TEST_MODEL, max_tokens=16).run("Why is the sky blue?")
+    assert run.status == "ok" and run.decisions["strategy"]["status"] == "decided"
+    assert run_metrics(run)["compliance"] == 1.0
+    await b.aclose()
+
+
+async def test_kit_server_openai_errors_are_shaped_as_openai_does(kit_server):
+    async with httpx.AsyncClient(base_url=kit_server.url) as http:
+        listed = (await http.get("/v1/models")).json()
+        assert listed["object"] == "list" and TEST_MODEL in [m["id"] for m in listed["data"]]
+        for body, status, fix in (
+                ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "known: "),
+                ({"model": TEST_MODEL, "messages": []}, 400, "messages"),
+                ({"model": TEST_MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "send n=1"),
+                ({"model": TEST_MODEL, "messages": [{"role": "user", "content": "x"}], "frequency_penalty": 1.0},
+                 400, "not supported"),
+                ({"model": TEST_MODEL, "messages": [{"role": "user", "content": "x"}],
+                  "response_format": {"type": "json_schema"}}, 400, "needs a 'json_schema'")):
+            answer = await http.post("/v1/chat/completions", json=body)
+            error = answer.json()["error"]
+            assert answer.status_code == status and fix in error["message"] and error["type"].endswith("error")
+
+
+async def test_leaving_a_kit_server_stream_early_stops_decoding(kit_server, loaded):
+    b = OpenAIBackend(TEST_MODEL, base_url=kit_server.url + "/v1")
+    call = b.call(CallRequest(messages=LONG_ANSWER, max_tokens=400))
+    before = loaded.tokens_decoded
+    async for _ in call:
+        if len(call.record.chunk_ns) >= 3:
+            break
+    after = await wait_until_idle(loaded)  # meanwhile the loop finalises the abandoned stream
+    assert call.record.status == "cancelled"
+    assert after - before < 100  # far from the 400 asked for: the server stopped when the client left
+    await b.aclose()
