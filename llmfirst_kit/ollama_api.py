@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .backends.base import CallRequest, ModelCall
-from .backends.embedded import DEFAULT_N_CTX, EmbeddedBackend, LoadedModel, grammar_problem, loaded_models
+from .backends.embedded import DEFAULT_N_CTX, EmbeddedBackend, grammar_problem, loaded_models
 from .errors import BackendUnavailable, ContextOverflow, InvalidInput, KitError, UnknownModel
 from .models import REGISTRY, known_names, status as model_status
 from .records import CallRecord
@@ -591,9 +591,13 @@ class CallResponse(Response):
                 async for _ in chunks:
                     pass
         except KitError as exc:
-            await _send_json(send, status_of(exc), {"error": str(exc)})
+            await _send_json(send, status_of(exc), self.error(status_of(exc), str(exc)))
             return
-        await _send_json(send, 200, self._final(self.call.record.text))
+        await _send_json(send, 200, self.whole_body())
+
+    def whole_body(self) -> dict[str, Any]:
+        """The answer of a call that was not streamed, once it has ended."""
+        return self._final(self.call.record.text)
 
 
 async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:

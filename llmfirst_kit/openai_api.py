@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import KitError
 from .models import known_names
-from .ollama_api import (ApiError, CallResponse, Options, Plan, _backend, _Body, _config, _openapi_body, _send_json,
+from .ollama_api import (ApiError, CallResponse, Options, Plan, _backend, _Body, _config, _openapi_body,
                          chat_messages, parse_body, plan_call, read_body, registry_model, status_of)
 from .records import CallRecord
 
@@ -245,20 +245,12 @@ class CompletionResponse(CallResponse):
             await _send_event(send, error_body(status_of(exc), str(exc)))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
-    async def _whole(self, send: Callable, chunks: AsyncIterator[Any], first: Any) -> None:
-        try:
-            if first is not None:
-                async for _ in chunks:
-                    pass
-        except KitError as exc:
-            await _send_json(send, status_of(exc), error_body(status_of(exc), str(exc)))
-            return
+    def whole_body(self) -> dict[str, Any]:
         rec = self.call.record
-        await _send_json(send, 200, {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": rec.text},
-                         "finish_reason": rec.finish_reason}],
-            "usage": usage_of(rec)})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": rec.text},
+                             "finish_reason": rec.finish_reason}],
+                "usage": usage_of(rec)}
 
 
 async def _send_event(send: Callable, obj: dict[str, Any]) -> None:
