@@ -10,9 +10,9 @@ Bounded in count and time: at most ``requests`` calls a level, and a deadline fo
 still running then are cancelled and counted as such). It stops early when a level's error rate passes
 ``max_error_rate`` (checked as calls finish, once a few have), and does not go on to higher levels.
 
-Targets: the embedded model in this process, an Ollama server (``backend="ollama"``) -- which includes
-the kit's own server (``llmfirst serve``, an Ollama-compatible API; ``serve_kit=True`` starts one on a free
-loopback port) -- or any OpenAI-compatible server (``backend="openai"``: vLLM, SGLang, llama-server).
+Targets: the embedded model in this process, an Ollama server (``backend="ollama"``), any OpenAI-compatible
+server (``backend="openai"``: vLLM, SGLang, llama-server), or the kit's own server (``llmfirst serve``, which
+speaks both APIs; ``serve_kit=True`` starts one on a free loopback port).
 """
 
 from __future__ import annotations
@@ -159,14 +159,16 @@ async def load_target(backend: str = "embedded", *, host: str | None = None, bas
                       serve_kit: bool = False, model: str | None = None,
                       n_threads: int | None = None) -> AsyncIterator[Backend]:
     """The backend to load: by name, or (``serve_kit``) the kit's own server started on a free loopback
-    port and reached through its Ollama-compatible API with the Ollama backend."""
+    port and reached through its OpenAI-compatible API (``backend="openai"``) or else its Ollama-compatible
+    one."""
     if serve_kit:
-        from .backends.ollama import OllamaBackend
         from .models import DEFAULT_MODEL
         from .server import ServerConfig, ServerThread
 
-        with ServerThread(config=ServerConfig(default_model=model or DEFAULT_MODEL, n_threads=n_threads)) as srv:
-            target = OllamaBackend(model or DEFAULT_MODEL, host=srv.url)
+        name = model or DEFAULT_MODEL
+        with ServerThread(config=ServerConfig(default_model=name, n_threads=n_threads)) as srv:
+            target = (get_backend("openai", model=name, base_url=f"{srv.url}/v1") if backend == "openai"
+                      else get_backend("ollama", model=name, host=srv.url))
             try:
                 yield target
             finally:

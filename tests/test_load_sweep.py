@@ -114,3 +114,13 @@ def test_cli_bench_load_on_the_kit_server_writes_json_and_chart(capsys, tmp_path
         code = main(["bench", "load", "--model", TEST_MODEL, *argv])
         out, err = capsys.readouterr()
         assert code == EXIT_BAD_INPUT and fix in err and not out  # before any request
+
+
+async def test_serve_kit_through_its_openai_api(loaded):
+    from llmfirst_kit.load_sweep import load_target
+
+    async with load_target("openai", serve_kit=True, model=TEST_MODEL, n_threads=loaded.n_threads) as target:
+        result = await sweep(target, concurrency=[2], requests=2, max_tokens=4, queries=QUERIES)
+    assert result["backend"] == "openai" and result["target"].endswith("/v1")
+    [level] = result["levels"]
+    assert (level["ok"], level["errors"]) == (2, 0) and 2 <= level["output_tokens"] <= 8
