@@ -22,7 +22,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from .backends import Backend, CallRequest, get_backend
 from .errors import BackendUnavailable, InvalidInput, UnknownModel
@@ -63,8 +63,8 @@ def sweep_queries(limit: int = 0) -> list[str]:
     return [q.query for q in load_queries(QUERIES_FILE, limit=limit)]
 
 
-async def _run_level(backend: Backend, level: LoadLevel, requests: int, make_request, deadline: float,
-                     max_error_rate: float) -> None:
+async def _run_level(backend: Backend, level: LoadLevel, requests: int, make_request: Callable[[int], CallRequest],
+                     deadline: float, max_error_rate: float) -> None:
     pending = iter(range(requests))
     stop = asyncio.Event()
 
@@ -101,6 +101,8 @@ async def sweep(backend: Backend, *, model: str | None = None, concurrency: Sequ
                 max_error_rate: float = 0.5, time_limit_s: float = 600.0, warmup: bool = True,
                 slo: SLO = DEFAULT_SLO, temperature: float = 0.0) -> dict[str, Any]:
     """Run the sweep against ``backend``; returns a JSON-ready dict (``levels``: one row per level)."""
+    if not concurrency or any(not isinstance(c, int) or c <= 0 for c in concurrency):
+        raise InvalidInput(f"concurrency must be positive integers, e.g. [1, 2, 4, 8]; got {list(concurrency)!r}")
     if requests <= 0:
         raise InvalidInput(f"requests must be a positive integer, got {requests!r}")
     if not time_limit_s > 0:
