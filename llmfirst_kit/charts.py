@@ -109,6 +109,16 @@ def stage_waterfall(run: RunRecord, *, title: str | None = None) -> go.Figure:
     return fig
 
 
+def _log_axis_with_slo(fig: go.Figure, threshold: float, col: int) -> None:
+    """Subplot ``col`` (row 1) on a log axis, so that the SLO and the measured values are both in view,
+    with the SLO drawn as a dashed red line and labelled."""
+    fig.add_hline(y=threshold, line_dash="dash", line_color="red", row=1, col=col)
+    # on a log axis an annotation's y is the log10 of the value (a shape's is the value itself)
+    fig.add_annotation(x=0, xref="x domain", y=math.log10(threshold), text=f"SLO {threshold:g} s",
+                       showarrow=False, xanchor="left", yanchor="bottom", font={"color": "red"}, row=1, col=col)
+    fig.update_yaxes(type="log", row=1, col=col)
+
+
 def _frame(runs):
     """A runs DataFrame from records, or the frame as given."""
     import pandas as pd
@@ -148,13 +158,7 @@ def latency_distributions(runs: Iterable[RunRecord] | "pd.DataFrame", *, by: str
                     x=[group] * len(warmups), y=warmups[metric], mode="markers", name="warm-up (excluded)",
                     legendgroup="warm-up", showlegend=False, marker={"symbol": "x", "size": 9, "color": colour},
                 ), row=1, col=col)
-        threshold = getattr(slo, LATENCY_COLUMNS[metric][1])
-        fig.add_hline(y=threshold, line_dash="dash", line_color="red", row=1, col=col)
-        # on a log axis an annotation's y is the log10 of the value (a shape's is the value itself)
-        fig.add_annotation(x=0, xref="x domain", y=math.log10(threshold), text=f"SLO {threshold:g} s",
-                           showarrow=False, xanchor="left", yanchor="bottom", font={"color": "red"},
-                           row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
+        _log_axis_with_slo(fig, getattr(slo, LATENCY_COLUMNS[metric][1]), col)
     for trace in fig.data:  # one legend entry for the warm-up crosses
         if trace.name == "warm-up (excluded)":
             trace.showlegend = True
@@ -208,12 +212,7 @@ def load_sweep(result: dict[str, Any], *, title: str | None = None) -> go.Figure
                                      name=f"p{q}", legendgroup=f"p{q}", showlegend=col == 1,
                                      line={"color": PALETTE[i], "dash": ("solid", "dash", "dot")[i]}),
                           row=1, col=col)
-        fig.add_hline(y=threshold, line_dash="dash", line_color="red", row=1, col=col)
-        # log axes, so that the SLO and the measured values are both in view (annotation y is the log10)
-        fig.add_annotation(x=0, xref="x domain", y=math.log10(threshold), text=f"SLO {threshold:g} s",
-                           showarrow=False, xanchor="left", yanchor="bottom", font={"color": "red"},
-                           row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
+        _log_axis_with_slo(fig, threshold, col)
     fig.add_trace(go.Bar(x=x, y=[lv["output_tokens_per_s"] for lv in levels], name="tokens/s",
                          marker_color=PALETTE[3], text=[f"{lv['errors']} err" if lv["errors"] else ""
                                                         for lv in levels]), row=1, col=4)
