@@ -69,10 +69,6 @@ class ApiError(Exception):
         self.message = message
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
 def status_of(exc: KitError) -> int:
     """The HTTP status Ollama would give for a kit error."""
     if isinstance(exc, UnknownModel):

@@ -189,11 +189,17 @@ class Guard:
         return origin.rstrip("/") in self.allowed_origins or is_loopback(_host_name(origin) or "")
 
 
+def _error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    """An HTTP error shaped as the API of its path: OpenAI's under /v1, Ollama's ``{"error": "..."}`` else."""
+    if path.startswith(openai_api.router.prefix + "/"):
+        return openai_api.error_body(status, message)
+    return {"error": message}
+
+
 async def _refuse(scope: dict, receive: Callable, send: Callable, status: int, message: str) -> None:
     """Answer ``{"error": message}`` (OpenAI's error shape under /v1) with ``status``; for a WebSocket,
     refuse the handshake."""
-    openai_path = scope.get("path", "").startswith(openai_api.router.prefix + "/")
-    body = json.dumps(openai_api.error_body(status, message) if openai_path else {"error": message}).encode()
+    body = json.dumps(_error_body(scope.get("path", ""), status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
@@ -677,14 +683,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
 
 def _error(request: Request, status: int, message: str) -> JSONResponse:
-    """An HTTP error shaped as the API of its path: OpenAI's under /v1, Ollama's ``{"error": "..."}`` else."""
-    if request.url.path.startswith(openai_api.router.prefix + "/"):
-        return JSONResponse(openai_api.error_body(status, message), status_code=status)
-    return ollama_api.error_response(status, message)
+    return JSONResponse(_error_body(request.url.path, status, message), status_code=status)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """Every HTTP error as the API of its path shapes it (see :func:`_error`)."""
+    """Every HTTP error as the API of its path shapes it (see :func:`_error_body`)."""
 
     async def api_error(request: Request, exc: ollama_api.ApiError) -> JSONResponse:
         return _error(request, exc.status, exc.message)
