@@ -691,10 +691,14 @@ async def chat(request: Request) -> Response:
     return await _respond(request, plan, render, received)
 
 
-async def _respond(request: Request, plan: Plan, render: Render, received: int) -> CallResponse:
+async def planned_call(request: Request, plan: Plan) -> ModelCall:
+    """The model call for a plan, checked and ready to stream (planning may load the model: in a thread)."""
     backend = _backend(request)
-    call_request = await asyncio.to_thread(plan_call, plan, backend, _config(request))
-    return CallResponse(backend.call(call_request), render, stream=plan.stream, received_ns=received)
+    return backend.call(await asyncio.to_thread(plan_call, plan, backend, _config(request)))
+
+
+async def _respond(request: Request, plan: Plan, render: Render, received: int) -> CallResponse:
+    return CallResponse(await planned_call(request, plan), render, stream=plan.stream, received_ns=received)
 
 
 async def _load_only(request: Request, model: str, render: Render, stream: bool) -> Response:

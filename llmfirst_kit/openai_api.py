@@ -17,13 +17,12 @@ What a client gets:
 - errors as OpenAI shapes them, ``{"error": {"message", "type", "code"}}``: 404 for an unknown model, 400
   for a bad body, naming the fix. The server's token, if any, is the API key (``Authorization: Bearer``).
 
-The call itself is the Ollama routes' (:func:`llmfirst_kit.ollama_api.plan_call`, the same checks, the same
+The call itself is the Ollama routes' (:func:`llmfirst_kit.ollama_api.planned_call`, the same checks, the same
 cancellation when the client goes away); only the request and response shapes differ.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any, AsyncIterator, Callable, Literal
@@ -34,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import KitError
 from .models import known_names
-from .ollama_api import (ApiError, CallResponse, Options, Plan, _backend, _Body, _config, _openapi_body,
-                         chat_messages, parse_body, plan_call, read_body, registry_model, status_of)
+from .ollama_api import (ApiError, CallResponse, Options, Plan, _Body, _config, _openapi_body, chat_messages,
+                         parse_body, planned_call, read_body, registry_model, status_of)
 from .records import CallRecord
 
 SSE = "text/event-stream"
@@ -277,8 +276,6 @@ async def chat_completions(request: Request) -> Response:
     model = registry_model(body.model)
     refuse_unsupported(body)
     plan = Plan(model, chat_messages(body), options_of(body), format_of(body.response_format), body.stream)
-    backend = _backend(request)
-    call_request = await asyncio.to_thread(plan_call, plan, backend, _config(request))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return CompletionResponse(backend.call(call_request), model=body.model, stream=body.stream,
+    return CompletionResponse(await planned_call(request, plan), model=body.model, stream=body.stream,
                               include_usage=include_usage, received_ns=received)
