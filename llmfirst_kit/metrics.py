@@ -266,35 +266,27 @@ def percentiles(frame, by: Sequence[str] = (), columns: Sequence[str] | None = N
 
 def load_level_metrics(records: Sequence[CallRecord], wall_s: float, slo: SLO = DEFAULT_SLO,
                        q: Sequence[int] = (50, 95, 99)) -> dict[str, Any]:
-    """One concurrency level of a load sweep: TTFT / TPOT / E2E percentiles over the calls that finished,
-    error counts, and overall throughput = all output tokens / the level's wall time (first request issued
-    -> last call returned), as vLLM ``bench serve`` reports it."""
+    """One concurrency level of a load sweep: TTFT / TPOT / E2E percentiles over the calls that finished
+    (:func:`percentiles`), error counts, and overall throughput = all output tokens / the level's wall time
+    (first request issued -> last call returned), as vLLM ``bench serve`` reports it."""
     ok = [r for r in records if r.status == "ok"]
     out: dict[str, Any] = {"requests": len(records), "ok": len(ok),
                            "errors": sum(r.status == "error" for r in records),
                            "cancelled": sum(r.status == "cancelled" for r in records), "wall_s": wall_s}
     out["error_rate"] = out["errors"] / len(records) if records else None
-    for name, fn in (("ttft_s", ttft_s), ("tpot_s", tpot_s), ("e2e_s", e2e_s)):
-        values = sorted(v for v in (fn(r) for r in ok) if v is not None)
-        for p in q:
-            out[f"{name}_p{p}"] = _quantile(values, p / 100)
+    latencies = ("ttft_s", "tpot_s", "e2e_s")
+    out |= {f"{c}_p{p}": None for c in latencies for p in q}
+    out["slo_pass_rate"] = None
+    if ok:
+        frame = calls_frame(ok, slo)
+        row = percentiles(frame, columns=latencies, q=q).iloc[0]
+        out |= {k: None if v is None or math.isnan(v) else float(v) for k, v in row.drop("n").items()}
+        out["slo_pass_rate"] = float(frame[["slo_ttft", "slo_tpot", "slo_e2e"]].ne(False).all(axis=1).mean())
     tokens = sum(r.output_tokens or 0 for r in ok)
     out["output_tokens"] = tokens
     out["output_tokens_per_s"] = tokens / wall_s if wall_s > 0 else None
     out["requests_per_s"] = len(ok) / wall_s if wall_s > 0 else None
-    met = [all(v is not False for v in call_metrics(r, slo)["slo"].values()) for r in ok]
-    out["slo_pass_rate"] = sum(met) / len(met) if met else None
     return out
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between order statistics (numpy's and pandas' default)."""
-    if not sorted_values:
-        return None
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def slo_dict(slo: SLO) -> dict[str, float]:

@@ -348,3 +348,22 @@ def test_runlog_torn_last_line_is_skipped(tmp_path):
     # resuming after the crash: the next record is not glued onto the torn line
     RunLog(path).append(call(call_id="c"))
     assert [r.call_id for r in read_log(path)] == ["a", "b", "c"]
+
+
+def test_load_level_metrics_by_hand():
+    """Four finished calls and one error over a 4 s level; percentiles interpolate linearly (numpy's)."""
+    calls = [call(chunks_ms=(t, e), tokens=(1, 1), output_tokens=n, call_id=f"c{i}")
+             for i, (t, e, n) in enumerate([(100, 1000, 10), (300, 2000, 20), (200, 1500, 1), (500, 3000, 5)])]
+    failed = CallRecord(call_id="e", backend="embedded", model="test", status="error", error="boom")
+    lv = m.load_level_metrics([*calls, failed], wall_s=4.0)
+    assert (lv["requests"], lv["ok"], lv["errors"], lv["cancelled"], lv["error_rate"]) == (5, 4, 1, 0, 0.2)
+    assert lv["ttft_s_p50"] == pytest.approx(0.25) and lv["ttft_s_p95"] == pytest.approx(0.47)  # 0.3 + 0.85 x 0.2
+    assert lv["e2e_s_p50"] == pytest.approx(1.75) and lv["e2e_s_p99"] == pytest.approx(2.97)
+    # TPOT of the one-token answer is undefined: p50 of (0.9/9, 1.7/19, 2.5/4) is the middle one
+    assert lv["tpot_s_p50"] == pytest.approx(0.1)
+    assert lv["output_tokens"] == 36 and lv["output_tokens_per_s"] == pytest.approx(9.0)
+    assert lv["requests_per_s"] == pytest.approx(1.0)
+    assert lv["slo_pass_rate"] == pytest.approx(0.5)  # TPOT 0.1 and 0.625 s miss the 100 ms target
+    json.dumps(lv)  # plain numbers: the --json output
+    empty = m.load_level_metrics([failed], wall_s=1.0)
+    assert empty["ttft_s_p50"] is None and empty["slo_pass_rate"] is None and empty["output_tokens"] == 0
