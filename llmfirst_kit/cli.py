@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from .backends import BACKENDS, get_backend
+from .backends import BACKENDS, backend_options, get_backend
 from .errors import ContextOverflow, InvalidInput, KitError, UnknownModel
 from .events import Decision, Error, Token
 from .metrics import call_metrics, run_metrics
@@ -182,11 +182,8 @@ def _metrics_line(summary: dict[str, Any]) -> str:
 
 
 async def ask(args: argparse.Namespace) -> int:
-    if args.backend == "openai":
-        options = {"base_url": args.base_url, "response_format_style": args.response_format}
-    else:
-        options = {"host": args.host} if args.backend == "ollama" and args.host else {}
-    backend = get_backend(args.backend, **options)
+    backend = get_backend(args.backend, **backend_options(args.backend, host=args.host, base_url=args.base_url,
+                                                          response_format_style=args.response_format))
     pipe = Pipeline.from_preset(args.preset, backend=backend, model=args.model, rewrite=args.rewrite,
                                 review=args.review, judge_model=args.judge_model, fast_model=args.fast_model,
                                 analysis_first=args.analysis_first, max_tokens=args.max_tokens,

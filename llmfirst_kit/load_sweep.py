@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from .backends import Backend, CallRequest, get_backend
+from .backends import Backend, CallRequest, backend_options, get_backend
 from .errors import BackendUnavailable, InvalidInput, UnknownModel
 from .metrics import DEFAULT_SLO, SLO, load_level_metrics, slo_dict
 from .records import CallRecord
@@ -176,14 +176,7 @@ async def load_target(backend: str = "embedded", *, host: str | None = None, bas
             finally:
                 await target.aclose()
         return
-    options: dict[str, Any] = {}
-    if backend == "ollama" and host:
-        options["host"] = host
-    if backend == "openai" and base_url:
-        options["base_url"] = base_url
-    if backend == "embedded" and n_threads:
-        options["n_threads"] = n_threads
-    target = get_backend(backend, **options)
+    target = get_backend(backend, **backend_options(backend, host=host, base_url=base_url, n_threads=n_threads))
     try:
         yield target
     finally:

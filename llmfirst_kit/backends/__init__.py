@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import InvalidInput
 from .base import Backend, CallRequest, Chunk, ModelCall
 
@@ -26,4 +28,13 @@ def get_backend(name: str = "embedded", **options) -> Backend:
     raise InvalidInput(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
 
 
-__all__ = ["Backend", "CallRequest", "Chunk", "ModelCall", "get_backend", "BACKENDS"]
+def backend_options(name: str, *, host: str | None = None, base_url: str | None = None,
+                    n_threads: int | None = None, response_format_style: str | None = None) -> dict[str, Any]:
+    """The settings (e.g. from command-line flags) that apply to backend ``name``, unset ones left out:
+    ``host`` for ollama, ``base_url`` and ``response_format_style`` for openai, ``n_threads`` for embedded."""
+    given = {"ollama": {"host": host}, "openai": {"base_url": base_url, "response_format_style": response_format_style},
+             "embedded": {"n_threads": n_threads}}.get(name, {})
+    return {k: v for k, v in given.items() if v is not None}
+
+
+__all__ = ["Backend", "CallRequest", "Chunk", "ModelCall", "get_backend", "backend_options", "BACKENDS"]
