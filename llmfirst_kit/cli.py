@@ -16,6 +16,7 @@ from .backends import BACKENDS, backend_options, get_backend
 from .errors import ContextOverflow, InvalidInput, KitError, UnknownModel
 from .events import Decision, Error, Token
 from .metrics import call_metrics, run_metrics
+from . import engine
 from .models import DEFAULT_MODEL, known_names, status
 from .pipeline import PRESETS, Pipeline
 from .records import RunLog, RunRecord
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, default=0)
     ask.add_argument("--log", default=None, help="append the run record to this JSONL file")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    doctor = sub.add_parser("doctor", help="this machine's CPU and the embedded engine configuration chosen for it")
+    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--reprobe", action="store_true", help="probe again instead of using the cached verdict")
 
     models = sub.add_parser("models", help="the embedded model registry and each model's status")
     models.add_argument("--json", action="store_true")
@@ -188,7 +193,8 @@ async def ask(args: argparse.Namespace) -> int:
                                 review=args.review, judge_model=args.judge_model, fast_model=args.fast_model,
                                 analysis_first=args.analysis_first, max_tokens=args.max_tokens,
                                 temperature=args.temperature, seed=args.seed)
-    run = pipe.start(args.question)
+    log = RunLog(args.log) if args.log else None
+    run = pipe.start(args.question, log=log)
     current: str | None = None
     error_code: str | None = None
     labelled = len(pipe.stages) > 1  # label each stream when there are several (cascade stages interleave)
@@ -210,8 +216,8 @@ async def ask(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         pass
     rec = run.record
-    if args.log:
-        RunLog(args.log).append(rec)
+    if log is not None:
+        log.append(rec)
     summary = _summary(rec, pipe)
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
@@ -237,6 +243,26 @@ def models_cmd(args: argparse.Namespace) -> int:
               f"{r['size'] / 1e6:7.1f} MB  {'instruct' if r['instruct'] else 'base':<8} {state}{default}")
         if r.get("problem"):
             print(f"    {r['problem']}")
+    print(_engine_line(engine.choice()))
+    return EXIT_OK
+
+
+def _engine_line(c: engine.EngineChoice) -> str:
+    return f"engine: {c.config} (extra buffers {'on' if c.use_extra_bufts else 'off'}) on {c.cpu_model}: {c.reason}"
+
+
+def doctor_cmd(args: argparse.Namespace) -> int:
+    c = engine.choice(refresh=args.reprobe)
+    if args.json:
+        print(json.dumps(c.to_dict(), ensure_ascii=False, indent=2))
+        return EXIT_OK
+    print(f"cpu:      {c.cpu_model} (AMX {'yes' if c.cpu_amx else 'no'})")
+    print(f"llama.cpp: llama-cpp-python {c.llama_cpp_version}; {c.build_features}")
+    print(_engine_line(c))
+    probe = c.probe
+    if probe:
+        cost = f"{probe['wall_s']:.1f} s" if "wall_s" in probe else "?"
+        print(f"probe:    {probe['status']}, {cost}{' (cached from ' + c.decided_at + ')' if c.cached else ''}")
     return EXIT_OK
 
 
@@ -289,7 +315,7 @@ async def bench_cmd(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- quantize and study (issue 5)
 
 def quantize_cmd(args: argparse.Namespace) -> int:
-    from .quantize import quantize
+    from .models.quantize import quantize
 
     rows = []
     for qtype in [t.strip() for t in args.to.split(",") if t.strip()]:
@@ -328,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(ask(args))
         if args.command == "models":
             return quantize_cmd(args) if args.models_command == "quantize" else models_cmd(args)
+        if args.command == "doctor":
+            return doctor_cmd(args)
         if args.command == "study":
             return study_cmd(args)
         if args.command == "bench":

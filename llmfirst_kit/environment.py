@@ -112,6 +112,16 @@ def memory_bandwidth(*, size_mb: int = 256, repeats: int = 5, threads: int = 1) 
             "method": "numpy copyto, best of repeats, (read + write bytes) / s"}
 
 
+def _engine() -> dict[str, Any]:
+    """The embedded engine's configuration on this machine and why (``llmfirst_kit.engine``)."""
+    from . import engine
+
+    try:
+        return engine.choice().to_dict()
+    except Exception as exc:  # llama_cpp missing or broken: say so rather than lose the environment
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def capture(*, n_threads: int | None = None, measure_bandwidth: bool = True) -> dict[str, Any]:
     """Everything about this machine and software that a number depends on (model files are added by the
     caller, who knows which ones it used)."""
@@ -123,7 +133,7 @@ def capture(*, n_threads: int | None = None, measure_bandwidth: bool = True) -> 
         "python": sys.version.split()[0], "python_executable": sys.executable,
         "os": {"system": platform.system(), "release": platform.release(), "platform": platform.platform()},
         "cpu": cpu_info(), "memory_total_bytes": memory_total_bytes(), "n_threads": threads,
-        "packages": package_versions(), "llama_cpp": llama_cpp_info(),
+        "packages": package_versions(), "llama_cpp": llama_cpp_info(), "engine": _engine(),
     }
     if measure_bandwidth:
         env["memory_bandwidth"] = {"single_thread": memory_bandwidth(threads=1),

@@ -345,11 +345,10 @@ def model_metadata(name: str) -> dict[str, str]:
     if loaded:
         meta = dict(loaded[0].llm.metadata)
     else:
-        import llama_cpp
-
+        from .engine import new_llama
         from .models import resolve
 
-        llm = llama_cpp.Llama(model_path=str(resolve(name).path), vocab_only=True, verbose=False)
+        llm = new_llama(str(resolve(name).path), vocab_only=True)
         meta = dict(llm.metadata)
         llm.close()
     _METADATA[name] = meta

@@ -27,10 +27,11 @@ from typing import Any, AsyncIterator, Callable
 import fastjsonschema
 
 from .backends import Backend, CallRequest, get_backend
+from .engine import cpu_model
 from .errors import InvalidInput, KitError
 from .events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
 from .metrics import DEFAULT_SLO, SLO, call_metrics, run_metrics
-from .records import RunRecord, StageRecord, Visible, new_id
+from .records import RunLog, RunRecord, StageRecord, Visible, new_id
 
 # ------------------------------------------------------------------------------------------ schemas
 
@@ -244,17 +245,21 @@ class Pipeline:
         if problem:
             raise InvalidInput(f"stage {stage.name!r} needs structured output, but {problem}")
 
-    def start(self, query: str, *, labels: dict[str, Any] | None = None, warmup: bool = False) -> "Run":
-        """A run of this pipeline: ``async for event in run`` streams it; ``run.record`` is its record."""
+    def start(self, query: str, *, labels: dict[str, Any] | None = None, warmup: bool = False,
+              log: RunLog | None = None) -> "Run":
+        """A run of this pipeline: ``async for event in run`` streams it; ``run.record`` is its record.
+        With ``log``, each model call is appended to it as soon as the call ends (the caller appends the
+        run record at the end), so a crash mid-run keeps every finished call."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInput("the question is empty; pass a non-empty question")
         self.validate()
-        return Run(self, query, labels=labels or {}, warmup=warmup)
+        return Run(self, query, labels=labels or {}, warmup=warmup, log=log)
 
     async def run(self, query: str, *, on_event: Callable[[Event], Any] | None = None,
-                  labels: dict[str, Any] | None = None, warmup: bool = False) -> RunRecord:
+                  labels: dict[str, Any] | None = None, warmup: bool = False,
+                  log: RunLog | None = None) -> RunRecord:
         """Run to the end, handing every event to ``on_event``; returns the run record."""
-        run = self.start(query, labels=labels, warmup=warmup)
+        run = self.start(query, labels=labels, warmup=warmup, log=log)
         async for event in run:
             if on_event is not None:
                 result = on_event(event)
@@ -267,12 +272,15 @@ class Run:
     """One execution of a pipeline. Iterate once; leaving early or cancelling stops every model call and
     leaves the partial record with status ``cancelled``."""
 
-    def __init__(self, pipeline: Pipeline, query: str, *, labels: dict[str, Any], warmup: bool):
+    def __init__(self, pipeline: Pipeline, query: str, *, labels: dict[str, Any], warmup: bool,
+                 log: RunLog | None = None):
         self.pipeline = pipeline
+        self.log = log
         labels = {"backend": pipeline.backend.name, "model": pipeline.backend.resolve_model(pipeline.model),
                   **labels}
         self.record = RunRecord(run_id=new_id("run"), preset=pipeline.name, query=query, labels=labels,
-                                warmup=warmup)
+                                warmup=warmup, environment={"cpu_model": cpu_model(),
+                                                            **pipeline.backend.environment()})
         self.outputs: dict[str, str] = {"query": query}
         self._started = False
 
@@ -414,6 +422,9 @@ class Run:
                            text=chunk.text, tokens=chunk.tokens, visible=stage.visible))
         finally:
             srec.wait_ns = (crec.start_ns - rec.start_ns) if crec.start_ns else 0
+            crec.run_id = rec.run_id
+            if self.log is not None:
+                self.log.append(crec)
             emit(StageEnd(run_id=rec.run_id, t_ns=time.perf_counter_ns(), stage=stage.name,
                           call_id=crec.call_id, status=crec.status, metrics=call_metrics(crec, pipe.slo),
                           record=crec))

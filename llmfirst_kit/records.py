@@ -55,6 +55,7 @@ class CallRecord:
     cold_load: bool = False
     server: dict[str, Any] = field(default_factory=dict)  # server-side timings in ns, as the server gave them
     model_info: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None  # the pipeline run this call belongs to (None: a call on its own)
     warmup: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +101,7 @@ class RunRecord:
     shown: list[Visible] = field(default_factory=list)
     quality: dict[str, Any] | None = None
     labels: dict[str, Any] = field(default_factory=dict)  # study parameters: model, quantization, repeat...
+    environment: dict[str, Any] = field(default_factory=dict)  # CPU, the embedded engine's configuration
     warmup: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,20 +152,42 @@ def _ends_torn(path: Path) -> bool:
         return False
 
 
-def read_log(path: str | os.PathLike[str]) -> list[CallRecord | RunRecord]:
-    """Read a JSONL run log; a torn last line (crash mid-write) is skipped."""
+class CorruptLog(ValueError):
+    """Lines of a run log that are not records (other than a torn last line)."""
+
+
+def read_log(path: str | os.PathLike[str], *, strict: bool = False,
+             problems: list[str] | None = None) -> list[CallRecord | RunRecord]:
+    """Read a JSONL run log. A torn last line (a crash mid-write) is expected and skipped. Any other line
+    that is not a record is reported, never skipped silently: appended to ``problems`` as
+    ``"FILE:LINE: what"`` if given, else warned about (``strict=True``: raises :class:`CorruptLog`)."""
     out: list[CallRecord | RunRecord] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+    found: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            data = json.loads(line)
             kind = data.pop("kind", "call")
             out.append(RunRecord.from_dict(data) if kind == "run" else CallRecord.from_dict(data))
+        except (json.JSONDecodeError, AttributeError, TypeError, KeyError) as exc:
+            if i == last and isinstance(exc, json.JSONDecodeError):
+                continue  # the torn last line of a crash mid-write
+            found.append(f"{path}:{i + 1}: not a record ({type(exc).__name__}: {exc}; a line torn by an earlier "
+                         f"crash, or corruption); it stays in the file: fix or delete it")
+    if found:
+        if strict:
+            raise CorruptLog("; ".join(found))
+        if problems is not None:
+            problems.extend(found)
+        else:
+            import warnings
+
+            warnings.warn(f"{len(found)} corrupt line(s) in {path}: " + "; ".join(found[:3]), stacklevel=2)
     return out
 
 

@@ -205,7 +205,7 @@ def model_id(backend: str, model: str, quantization: str) -> str:
     if backend == "embedded":
         if q.lower() == SHIPPED or model.endswith(".gguf") or os.sep in model:
             return model
-        from .quantize import variant_name
+        from .models.variants import variant_name
 
         return variant_name(model, q)
     return model if q.lower() in ("default", SHIPPED) else f"{model}-{q}"
@@ -371,7 +371,7 @@ def _embedded_model_problems(v: Mapping[str, Any]) -> list[str]:
 
 
 def _quant_types() -> tuple[str, ...]:
-    from .quantize import QUANT_TYPES
+    from .models.variants import QUANT_TYPES
 
     return QUANT_TYPES
 
@@ -445,14 +445,15 @@ async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) 
                               "n_threads": getattr(backend, "n_threads", None)}
                     for w in range(p.warmup_runs):
                         q = p.queries[w % len(p.queries)]
-                        rec = await warm.run(q.query, labels={**labels, **q.labels(), "repeat": w}, warmup=True)
+                        rec = await warm.run(q.query, labels={**labels, **q.labels(), "repeat": w}, warmup=True,
+                                             log=log)
                         log.append(rec)
                         counts["warmup"] += 1
                         if echo:
                             echo(_line(rec, p.slo))
                     for r in range(p.repeats):
                         for q in p.queries:
-                            rec = await pipe.run(q.query, labels={**labels, **q.labels(), "repeat": r})
+                            rec = await pipe.run(q.query, labels={**labels, **q.labels(), "repeat": r}, log=log)
                             log.append(rec)
                             counts["runs"] += 1
                             counts["ok"] += rec.status == "ok"
@@ -472,7 +473,7 @@ def measure_cell_quality(p: CellParams) -> list[dict[str, Any]]:
     ``output_dir/quality.json``. Nothing for Ollama (the server exposes no logits) or without a text."""
     if not p.perplexity_text or p.backend != "embedded":
         return []
-    from . import quality
+    from .models import fidelity as quality
 
     rows = []
     for model in p.models:
@@ -792,7 +793,8 @@ def _prepare_variants(parameters: Mapping[str, Any], echo: Callable[[str], Any])
     if parameters.get("backend", "embedded") != "embedded":
         return errors
     from .models import REGISTRY
-    from .quantize import QUANT_TYPES, find_variant, quantize
+    from .models.quantize import quantize
+    from .models.variants import QUANT_TYPES, find_variant
 
     for model in parameters["models"]:
         for quant in parameters["quantizations"]:
@@ -947,7 +949,8 @@ def _record_cell(cell: GridCell, cell_dir: Path, execution: Execution, **where: 
                                         **({"wall_s": execution.wall_s} if execution.wall_s is not None else {}),
                                         "failed_at": _now(), **where})
         return CellResult(cell.id, "failed", execution.wall_s, execution.error)
-    records = read_log(cell_dir / RECORDS) if (cell_dir / RECORDS).is_file() else []
+    records = [r for r in read_log(cell_dir / RECORDS) if isinstance(r, RunRecord)] \
+        if (cell_dir / RECORDS).is_file() else []
     # the marker comes last: the records were fsync'ed (run by run, or as received from a Dask worker), so a
     # marker always means complete records
     _write_json(cell_dir / DONE, {"cell": cell.id, "runs": len(records), "wall_s": execution.wall_s,

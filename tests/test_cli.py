@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llmfirst_kit.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from llmfirst_kit.records import RunRecord, read_log
+from llmfirst_kit.records import CallRecord, RunRecord, read_log
 
 from conftest import TEST_MODEL
 
@@ -27,8 +27,9 @@ def test_ask_streams_text_then_one_metrics_line(capsys, tmp_path):
     assert out.strip()  # the model's text, on stdout only
     [line] = [ln for ln in err.splitlines() if ln.startswith("status=")]
     assert "ttft=" in line and "tpot=" in line and "compliance=1.0" in line
-    [rec] = read_log(log)
+    call, rec = read_log(log)  # the model call as it ended, then the run
     assert isinstance(rec, RunRecord) and rec.stages[0].call.text.strip() == out.strip()
+    assert isinstance(call, CallRecord) and call.run_id == rec.run_id and call.text == rec.stages[0].call.text
 
 
 def test_ask_json_has_the_documented_fields(capsys):

@@ -18,6 +18,8 @@ from llmfirst_kit.backends.embedded import DEFAULT_N_CTX, fold_system_message
 from llmfirst_kit.errors import BackendError, ContextOverflow, InvalidInput, UnknownModel
 from llmfirst_kit.models import REGISTRY
 
+from conftest import TEST_MODEL
+
 LONG = "Write a long story about a dragon."  # SmolLM2 does not stop on its own within 200 tokens
 SHORT = "What is 2+2?"  # SmolLM2 answers in 11 tokens and stops
 
@@ -92,27 +94,32 @@ async def test_greedy_is_deterministic(backend):
 
 
 async def test_cache_reuse_evaluates_less_of_the_prompt(backend, loaded, monkeypatch):
-    # a spy (not a fake): count the prompt tokens llama.cpp really evaluates (the first eval of a call)
-    evals: list[int] = []
+    # a spy (not a fake): count the prompt tokens llama.cpp really evaluates (evals that fill prompt positions;
+    # the prompt is evaluated batch by batch, then the decode evaluates one sampled token per step)
+    evals: list[tuple[int, int]] = []  # (tokens already in the cache, tokens evaluated)
     real_eval = loaded.llm.eval
-    monkeypatch.setattr(loaded.llm, "eval", lambda tokens: (evals.append(len(tokens)), real_eval(tokens))[1])
+    monkeypatch.setattr(loaded.llm, "eval",
+                        lambda tokens: (evals.append((loaded.llm.n_tokens, len(tokens))), real_eval(tokens))[1])
+
+    def prompt_evaluated(n_prompt: int) -> int:
+        return sum(n for before, n in evals if before < n_prompt)
 
     evals.clear()
     cold = await backend.call(ask(SHORT, max_tokens=4, cache="cold")).collect()
-    assert cold.server["prompt_eval_tokens"] == cold.prompt_tokens == evals[0]
+    assert cold.server["prompt_eval_tokens"] == cold.prompt_tokens == prompt_evaluated(cold.prompt_tokens)
 
     evals.clear()
     warm = await backend.call(ask(SHORT, max_tokens=4, cache="reuse")).collect()
     assert warm.prompt_tokens == cold.prompt_tokens
     assert warm.server["prompt_eval_tokens"] < cold.server["prompt_eval_tokens"]
-    assert warm.server["prompt_eval_tokens"] == evals[0]  # the reported figure is what was evaluated
+    assert warm.server["prompt_eval_tokens"] == prompt_evaluated(warm.prompt_tokens)  # reported = evaluated
     assert warm.text == cold.text
 
     # a prompt sharing only the chat template's opening is evaluated from the first difference on
     evals.clear()
     other = await backend.call(ask("What is 3+3?", max_tokens=4, cache="reuse")).collect()
     assert 0 < other.server["prompt_eval_tokens"] < other.prompt_tokens
-    assert other.server["prompt_eval_tokens"] == evals[0]
+    assert other.server["prompt_eval_tokens"] == prompt_evaluated(other.prompt_tokens)
 
 
 async def test_structured_output(backend):
@@ -182,6 +189,44 @@ async def test_cancelling_the_consumer_stops_decoding(backend, loaded):
     assert not loaded.busy and loaded.lock.waiting == 0
     # the model is free for the next call
     assert (await backend.call(ask(SHORT, max_tokens=4)).collect()).status == "ok"
+
+
+async def test_cancelling_during_prefill_stops_within_one_batch(backend, loaded, monkeypatch):
+    # a spy on llama.cpp's eval (not a fake): which prompt batches were really evaluated
+    import threading
+
+    evaluated: list[int] = []
+    started = threading.Event()
+    real_eval = loaded.llm.eval
+
+    def spy(tokens):
+        evaluated.append(len(tokens))
+        started.set()
+        return real_eval(tokens)
+
+    monkeypatch.setattr(loaded.llm, "eval", spy)
+    await wait_until_idle(loaded, 0.05)
+    call = backend.call(ask("apple " * 2800, max_tokens=4, cache="cold"))
+    task = asyncio.create_task(call.collect())
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    while loaded.busy:
+        await asyncio.sleep(0.01)
+    prompt = call.record.prompt_tokens or len(loaded.format_prompt([{"role": "user", "content": "apple " * 2800}]))
+    n_batch = loaded.llm.n_batch
+    assert prompt > 4 * n_batch  # several batches to evaluate
+    # stopped at the next batch boundary: the batch in flight when cancelled, at most one more
+    assert sum(evaluated) <= 2 * n_batch < prompt, (evaluated, prompt)
+    assert call.record.status == "cancelled" and call.record.chunk_ns == []
+    assert (await backend.call(ask(SHORT, max_tokens=4)).collect()).status == "ok"
+
+
+async def test_another_num_ctx_shares_the_model_files_lock(backend):
+    # policy: a second copy for another context size never decodes at the same time as the first
+    assert backend.load(TEST_MODEL, n_ctx=1024).lock is backend.load(TEST_MODEL).lock
 
 
 async def test_break_stops_decoding(backend, loaded):

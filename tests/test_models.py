@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from llmfirst_kit import models
+from llmfirst_kit.models import files, registry
 from llmfirst_kit.errors import InvalidInput, ModelFileError, UnknownModel
 from llmfirst_kit.models import REGISTRY, ModelSpec
 
@@ -30,7 +31,7 @@ def tmp_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def smol_file() -> Path:
-    return models._package_file(*SMOL.packages[0])
+    return files.package_file(*SMOL.packages[0])
 
 
 def sha256_of(path: Path) -> str:
@@ -178,8 +179,8 @@ def test_cached_sha256_hashes_once(tmp_path, monkeypatch):
     f = tmp_path / "blob.gguf"
     f.write_bytes(b"weights" * 1000)
     calls = []
-    real = models._sha256
-    monkeypatch.setattr(models, "_sha256", lambda p: calls.append(p) or real(p))
+    real = files.sha256_of
+    monkeypatch.setattr(files, "sha256_of", lambda p: calls.append(p) or real(p))
     first = models.cached_sha256(f)
     second = models.cached_sha256(f)
     assert first == second == sha256_of(f)
@@ -198,7 +199,7 @@ def test_cached_sha256_hashes_once(tmp_path, monkeypatch):
 
 @pytest.fixture
 def parted(tmp_path, monkeypatch):
-    """A three-part model of small files under tmp_path; ``_package_file`` serves them (instead of real
+    """A three-part model of small files under tmp_path; ``package_file`` serves them (instead of real
     installed distributions, which would mean assembling hundreds of MB)."""
     parts_dir = tmp_path / "parts"
     parts_dir.mkdir()
@@ -222,7 +223,7 @@ def parted(tmp_path, monkeypatch):
         served.append(dist)
         return files[dist]
 
-    monkeypatch.setattr(models, "_package_file", fake_package_file)
+    monkeypatch.setattr(registry, "package_file", fake_package_file)
     return spec, whole, served
 
 
@@ -241,8 +242,8 @@ def test_assembles_parts_in_order(parted, tmp_cache):
 def test_assembled_model_is_reused(parted, monkeypatch):
     models.resolve("tiny-parted")
     hashed = []
-    monkeypatch.setattr(models, "_sha256", lambda p: hashed.append(p) or "x")
-    monkeypatch.setattr(models.shutil, "copyfileobj", lambda *a, **k: pytest.fail("re-assembled"))
+    monkeypatch.setattr(files, "sha256_of", lambda p: hashed.append(p) or "x")
+    monkeypatch.setattr(files.shutil, "copyfileobj", lambda *a, **k: pytest.fail("re-assembled"))
     assert models.resolve("tiny-parted").sha256 == parted[0].sha256
     assert hashed == []  # verified once, remembered
 
@@ -277,7 +278,7 @@ def test_corrupted_assembly_is_detected_and_rebuilt(parted, tmp_cache):
 
 def test_assembly_is_atomic(parted, monkeypatch, tmp_cache):
     # a crash halfway through the copy (injected: a real copy cannot be made to fail on demand)
-    real_copy = models.shutil.copyfileobj
+    real_copy = files.shutil.copyfileobj
     copies = []
 
     def copy_then_crash(src, dst, *args):
@@ -286,9 +287,38 @@ def test_assembly_is_atomic(parted, monkeypatch, tmp_cache):
             raise OSError("No space left on device")
         return real_copy(src, dst, *args)
 
-    monkeypatch.setattr(models.shutil, "copyfileobj", copy_then_crash)
+    monkeypatch.setattr(files.shutil, "copyfileobj", copy_then_crash)
     with pytest.raises(OSError):
         models.resolve("tiny-parted")
     assert list((tmp_cache / "models").iterdir()) == []  # no half model under the final name, no temp file
-    monkeypatch.setattr(models.shutil, "copyfileobj", real_copy)
+    monkeypatch.setattr(files.shutil, "copyfileobj", real_copy)
     assert models.resolve("tiny-parted").path.read_bytes() == parted[1]
+
+
+def test_concurrent_first_use_assembles_once(parted, monkeypatch, tmp_cache):
+    # eight threads ask for the same chunked model at once (as a server's first requests or two Dask tasks do)
+    import threading
+
+    spec, whole, _ = parted
+    real_copy = files.shutil.copyfileobj
+    copies = []
+    monkeypatch.setattr(files.shutil, "copyfileobj", lambda *a: copies.append(1) or real_copy(*a))
+    barrier = threading.Barrier(8)
+    results, errors = [], []
+
+    def first_use():
+        barrier.wait()
+        try:
+            results.append(models.resolve("tiny-parted").path.read_bytes())
+        except Exception as exc:  # pragma: no cover - what the test is looking for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert results == [whole] * 8
+    assert len(copies) == len(spec.packages)  # assembled once: each part copied once
+    assert sorted(p.name for p in (tmp_cache / "models").iterdir()) == ["tiny-parted.gguf"]

@@ -12,11 +12,13 @@ import os
 
 import pytest
 
-from llmfirst_kit import cli, quality
+from llmfirst_kit import cli
+from llmfirst_kit.models import fidelity as quality
 from llmfirst_kit.backends import CallRequest, get_backend
 from llmfirst_kit.errors import UnknownModel
 from llmfirst_kit.models import REGISTRY, resolve
-from llmfirst_kit.quantize import QUANT_TYPES, find_variant, quantize, split_name, variant_name
+from llmfirst_kit.models.quantize import quantize
+from llmfirst_kit.models.variants import QUANT_TYPES, find_variant, split_name, variant_name
 from llmfirst_kit.study import PROJECT_ROOT
 
 TEXT = PROJECT_ROOT / "data" / "text" / "harbour_en.txt"

@@ -280,7 +280,8 @@ def test_two_builders_of_one_variant_at_once(tmp_path, monkeypatch):
     """Two workers on one machine may build the same missing variant at the same moment (here two threads,
     released together; builders in one process share a pid, so their temporary files would collide without
     the build lock): one builds, the other waits and finds it built, and the file verifies."""
-    from llmfirst_kit.quantize import quantize, resolve_variant
+    from llmfirst_kit.models.quantize import quantize
+    from llmfirst_kit.models.variants import resolve_variant
 
     monkeypatch.setenv("LLMFIRST_CACHE", str(tmp_path / "cache"))
     barrier, built = threading.Barrier(2), []

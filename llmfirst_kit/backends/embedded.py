@@ -30,17 +30,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from .. import engine
+from ..engine import default_threads
 from ..errors import BackendError, ContextOverflow, InvalidInput
 from ..models import DEFAULT_MODEL, REGISTRY, ResolvedModel, resolve
 from ..records import CallRecord
 from .base import Backend, CallRequest, Chunk
 
 DEFAULT_N_CTX = 4096
-
-
-def default_threads() -> int:
-    """All cores (llama-cpp-python's own default is half of them)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class FifoLock:
@@ -125,8 +122,11 @@ def loaded_models() -> list[LoadedModel]:
 
 
 def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None) -> LoadedModel:
-    """Load (once per process) the model's ``Llama``; later calls return the same object."""
-    import llama_cpp
+    """Load (once per process) the model's ``Llama``; later calls return the same object.
+
+    Policy for a request asking another ``num_ctx``: a second copy is loaded (the weights are memory-mapped,
+    so only its KV cache is new memory) and kept, but it shares the first copy's lock: calls to one model file
+    decode one at a time, whatever context they asked for."""
     from llama_cpp import llama_chat_format
 
     resolved = resolve(name_or_path)
@@ -136,10 +136,8 @@ def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_thread
         if key in _LOADED:
             return _LOADED[key]
         t0 = time.perf_counter()
-        llm = llama_cpp.Llama(
-            model_path=str(resolved.path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-            chat_format=resolved.chat_format, verbose=False,
-        )
+        llm = engine.new_llama(str(resolved.path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                               chat_format=resolved.chat_format)
         load_s = time.perf_counter() - t0
         if resolved.chat_format:
             formatter = getattr(llama_chat_format, f"format_{resolved.chat_format.replace('-', '_')}")
@@ -154,8 +152,11 @@ def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_thread
         else:
             raise InvalidInput(f"{resolved.path} has no chat template; register it in llmfirst_kit.models "
                                f"with a chat_format (e.g. 'gemma', 'chatml')")
+        # One decode per model file at a time: copies of a file loaded for another n_ctx (or thread count)
+        # share its FIFO lock, so they never decode at once on the same cores (and share the queue cap).
+        lock = next((lm.lock for (path, _, _), lm in _LOADED.items() if path == key[0]), None) or FifoLock()
         loaded = LoadedModel(resolved=resolved, llm=llm, n_ctx=n_ctx, n_threads=n_threads, load_s=load_s,
-                             formatter=formatter)
+                             formatter=formatter, lock=lock)
         _LOADED[key] = loaded
         return loaded
 
@@ -186,6 +187,9 @@ class EmbeddedBackend(Backend):
 
     def resolve_model(self, model: str | None) -> str:
         return resolve(model or self.default_model).name
+
+    def environment(self) -> dict[str, Any]:
+        return {"engine": engine.choice().summary(), "n_threads": self.n_threads}
 
     def structured_output_problem(self, model: str | None) -> str | None:
         resolved = resolve(model or self.default_model)
@@ -230,7 +234,7 @@ class EmbeddedBackend(Backend):
                 cancelled.set()
 
         loaded = prepared.loaded
-        record.model_info = loaded.resolved.info()
+        record.model_info = {**loaded.resolved.info(), "engine": engine.choice().config}
         record.cold_load = prepared.cold_load
         record.load_s = loaded.load_s if prepared.cold_load else None
         worker = threading.Thread(target=_decode, args=(prepared, put, cancelled), daemon=True,
@@ -356,6 +360,9 @@ def _decode(prepared: Prepared, put: Callable[[Any], None], cancelled: threading
         def emit(text: str, n: int) -> None:
             put(Chunk(text=text, t_ns=time.perf_counter_ns(), tokens=n))
 
+        if not _prefill(llm, prepared.prompt_tokens[:-1], cancelled):
+            put(_DONE)
+            return
         gen = llm.generate(
             prepared.prompt_tokens, temp=req.temperature, top_k=req.top_k if req.top_k is not None else 40,
             top_p=req.top_p if req.top_p is not None else 0.95, min_p=0.05, repeat_penalty=1.0,
@@ -404,6 +411,28 @@ def _decode(prepared: Prepared, put: Callable[[Any], None], cancelled: threading
     finally:
         loaded.busy = False
         loaded.lock.release()
+
+
+def _prefill(llm: Any, tokens: list[int], cancelled: threading.Event) -> bool:
+    """Evaluate the prompt (all but its last token) one batch at a time, checking for cancellation between
+    batches, so a cancelled call stops within one prefill batch (``Llama.generate`` would evaluate the
+    whole prompt first). ``generate`` then finds these tokens cached and evaluates only the last one.
+    False if cancelled."""
+    keep = 0
+    for a, b in zip(llm._input_ids[: llm.n_tokens], tokens):
+        if a != b:
+            break
+        keep += 1
+    if keep < llm.n_tokens:
+        if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):  # no partial removal: start from an empty cache
+            llm.reset()
+            keep = 0
+        llm.n_tokens = keep
+    for i in range(keep, len(tokens), llm.n_batch):
+        if cancelled.is_set():
+            return False
+        llm.eval(tokens[i: i + llm.n_batch])
+    return not cancelled.is_set()
 
 
 def _common_prefix(llm: Any, tokens: list[int]) -> int:

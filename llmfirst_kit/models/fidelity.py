@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .backends.embedded import default_threads
-from .errors import InvalidInput
-from .models import resolve
+from ..engine import default_threads, new_llama
+from ..errors import InvalidInput
+from .variants import resolve
 
 DEFAULT_TOKENS = 256
 
@@ -84,8 +84,8 @@ def logits(model: str, text: str, *, n_tokens: int = DEFAULT_TOKENS, tokens: lis
     resolved = resolve(model)
     n_threads = n_threads or default_threads()
     size = len(tokens) if tokens is not None else n_tokens + 8
-    llm = llama_cpp.Llama(model_path=str(resolved.path), n_ctx=size, n_batch=size, n_ubatch=size,
-                          n_threads=n_threads, n_threads_batch=n_threads, logits_all=True, verbose=False)
+    llm = new_llama(str(resolved.path), n_ctx=size, n_batch=size, n_ubatch=size, n_threads=n_threads,
+                    n_threads_batch=n_threads, logits_all=True)
     try:
         if tokens is None:
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)[:n_tokens]
