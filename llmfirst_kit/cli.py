@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--runs", type=_positive_int, default=5)
     ov.add_argument("--max-tokens", type=_positive_int, default=128)
     ov.add_argument("--json", action="store_true")
+    en = bsub.add_parser("engine", help="decode tokens/s with extra buffers on vs off, each in a child process")
+    en.add_argument("--model", default=DEFAULT_MODEL)
+    en.add_argument("--runs", type=_positive_int, default=3)
+    en.add_argument("--max-tokens", type=_positive_int, default=128)
+    en.add_argument("--threads", type=_positive_int, default=None)
+    en.add_argument("--json", action="store_true")
     pl = bsub.add_parser("pipeline", help="user-visible TTFT of presets, interleaved")
     pl.add_argument("--model", default=None)
     pl.add_argument("--presets", default="direct,staged,staged:analysis-first,cascade",
@@ -271,7 +277,9 @@ def doctor_cmd(args: argparse.Namespace) -> int:
 async def bench_cmd(args: argparse.Namespace) -> int:
     from . import bench
 
-    if args.bench == "overhead":
+    if args.bench == "engine":
+        result = engine.compare(model=args.model, runs=args.runs, tokens=args.max_tokens, n_threads=args.threads)
+    elif args.bench == "overhead":
         result = await bench.overhead(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
     elif args.bench == "view":
         from .notebook import benchmark_view_async

@@ -350,6 +350,32 @@ def test_runlog_torn_last_line_is_skipped(tmp_path):
     assert [r.call_id for r in read_log(path)] == ["a", "b", "c"]
 
 
+def test_runlog_corrupt_line_is_reported_not_skipped(tmp_path):
+    from llmfirst_kit.records import CorruptLog
+
+    path = tmp_path / "log.jsonl"
+    write_log(path, [call(call_id="a")])
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("{this is not json}\n")  # corruption in the middle of the file
+    RunLog(path).append(call(call_id="b"))
+    problems: list[str] = []
+    assert [r.call_id for r in read_log(path, problems=problems)] == ["a", "b"]
+    assert len(problems) == 1 and f"{path}:2:" in problems[0] and "fix or delete it" in problems[0]
+    with pytest.raises(CorruptLog, match=":2:"):
+        read_log(path, strict=True)
+    with pytest.warns(UserWarning, match="1 corrupt line"):
+        read_log(path)
+    clean: list[str] = []
+    read_log(_clean(tmp_path), problems=clean)
+    assert clean == []
+
+
+def _clean(tmp_path):
+    p = tmp_path / "clean.jsonl"
+    write_log(p, [call(call_id="x")])
+    return p
+
+
 def test_load_level_metrics_by_hand():
     """Four finished calls and one error over a 4 s level; percentiles interpolate linearly (numpy's)."""
     calls = [call(chunks_ms=(t, e), tokens=(1, 1), output_tokens=n, call_id=f"c{i}")
