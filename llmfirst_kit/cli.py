@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", default=None, help="required off loopback (or set $LLMFIRST_TOKEN)")
     serve.add_argument("--model", default=None, help=f"default model (default {DEFAULT_MODEL})")
     serve.add_argument("--threads", type=_positive_int, default=None, help="decoding threads (default: all cores)")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="calls that may wait per model; more get 503 (default $LLMFIRST_MAX_QUEUE, else 64)")
+    serve.add_argument("--allow-backend", action="append", choices=("ollama", "openai"), default=[],
+                       help="let WebSocket runs use this backend (your Ollama server / OpenAI key); repeatable")
+    serve.add_argument("--ws-idle-timeout", type=float, default=300.0,
+                       help="close a WebSocket without messages or runs after this many seconds (0: never)")
     return parser
 
 
@@ -371,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .server import ServerConfig, serve
 
-            config = ServerConfig(default_model=args.model or DEFAULT_MODEL, n_threads=args.threads)
+            config = ServerConfig(default_model=args.model or DEFAULT_MODEL, n_threads=args.threads,
+                                  max_queue=args.max_queue, allowed_backends=("embedded", *args.allow_backend),
+                                  idle_timeout_s=args.ws_idle_timeout or None)
             serve(args.host, args.port, args.token, config=config)
             return EXIT_OK
     except KeyboardInterrupt:

@@ -33,6 +33,13 @@ class BackendUnavailable(KitError):
     code = "backend_unavailable"
 
 
+class QueueFull(KitError):
+    """Too many calls already wait for the model (the queue cap, LLMFIRST_MAX_QUEUE / ``serve --max-queue``);
+    refused before the call takes a thread or a place in the queue. The servers answer 503."""
+
+    code = "queue_full"
+
+
 class BackendError(KitError):
     """The backend failed during a call; the record keeps the text produced so far."""
 

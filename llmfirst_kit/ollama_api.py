@@ -17,7 +17,8 @@ What a client gets, as Ollama documents it:
   sampling options this server cannot honour (``repeat_penalty``...) are refused with 400 rather than
   silently dropped, so a measured result never comes from settings other than the ones asked for;
 - ``format``: a JSON schema (structured output) or ``"json"`` (any JSON object);
-- errors as ``{"error": "..."}``: 404 for an unknown model, 400 for a bad body, naming the fix.
+- errors as ``{"error": "..."}``: 404 for an unknown model, 400 for a bad body, 503 ``"server busy, ..."``
+  past the model's queue cap (as Ollama past ``OLLAMA_MAX_QUEUE``), naming the fix.
 
 Model names are the kit's registry names, with an optional ``:latest`` tag. Paths to local files are
 refused: a remote client must not make the server open files by name.
@@ -43,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import __version__
 from .backends.base import CallRequest, ModelCall
 from .backends.embedded import DEFAULT_N_CTX, EmbeddedBackend, grammar_problem, loaded_models
-from .errors import BackendUnavailable, ContextOverflow, InvalidInput, KitError, UnknownModel
+from .errors import BackendUnavailable, ContextOverflow, InvalidInput, KitError, QueueFull, UnknownModel
 from .models import REGISTRY, known_names, status as model_status
 from .records import CallRecord
 
@@ -75,7 +76,7 @@ def status_of(exc: KitError) -> int:
         return 404
     if isinstance(exc, InvalidInput):  # includes ContextOverflow
         return 400
-    if isinstance(exc, BackendUnavailable):
+    if isinstance(exc, (BackendUnavailable, QueueFull)):  # QueueFull: as Ollama past OLLAMA_MAX_QUEUE
         return 503
     return 500
 

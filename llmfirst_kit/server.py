@@ -46,6 +46,13 @@ checked on every HTTP request and WebSocket handshake (``Authorization: Bearer <
 held back too: a request with an ``Origin`` header must come from a loopback page (or an origin in
 ``allowed_origins``), and a loopback server without a token answers only to loopback ``Host`` names (DNS
 rebinding).
+
+A WebSocket run may use only the backends in ``allowed_backends`` (default: embedded; ``ollama`` and
+``openai`` would spend the operator's own server and key); others get ``backend_not_allowed``. A connection
+with no message and no run for ``idle_timeout_s`` gets an ``idle_timeout`` error and is closed (code 1000).
+Past a model's queue cap (``max_queue``), a call is refused: 503 on HTTP, ``queue_full`` on the WebSocket.
+Client JSON schemas are checked by :mod:`llmfirst_kit.backends.schema_guard` (no remote or file references,
+bounded repetition counts) before anything reads them.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, ollama_api, openai_api
-from .backends import Backend, get_backend
+from .backends import BACKENDS, Backend, get_backend
 from .backends.embedded import EmbeddedBackend
 from .errors import InvalidInput, KitError
 from .events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
@@ -108,6 +115,10 @@ class ServerConfig:
     max_num_ctx: int = 8192  # largest context an Ollama client may ask for (num_ctx)
     preload: tuple[str, ...] = ()  # embedded models to load at start-up
     n_threads: int | None = None  # decoding threads of the embedded models (None: all cores)
+    max_queue: int | None = None  # calls that may wait per model (None: $LLMFIRST_MAX_QUEUE, else 64); more: 503
+    # backends a WebSocket run may pick: ollama and openai spend the operator's server or key (OPENAI_API_KEY)
+    allowed_backends: tuple[str, ...] = ("embedded",)
+    idle_timeout_s: float | None = 300.0  # close a WebSocket with no message and no run for this long; None: never
 
 
 class TokenRequired(InvalidInput):
@@ -282,9 +293,16 @@ def _run_request(data: dict[str, Any], config: ServerConfig) -> RunRequest:
     ref = _optional(data, "ref", str)
     if ref is not None and len(ref) > MAX_REF_CHARS:
         raise ProtocolError("invalid_field", f"ref is {len(ref)} characters; keep it under {MAX_REF_CHARS}")
+    backend = _optional(data, "backend", str) or "embedded"
+    if backend in BACKENDS and backend not in config.allowed_backends:
+        raise ProtocolError(
+            "backend_not_allowed",
+            f"backend {backend!r} is not enabled on this server: it would run on the operator's own {backend} "
+            f"server and credentials; enabled: {', '.join(config.allowed_backends) or 'none'}. The operator can "
+            f"enable it with `llmfirst serve --allow-backend {backend}` (ServerConfig(allowed_backends=...))")
     return RunRequest(
         query=query, preset=_optional(data, "preset", str) or "direct", model=_optional(data, "model", str),
-        backend=_optional(data, "backend", str) or "embedded", max_tokens=max_tokens,
+        backend=backend, max_tokens=max_tokens,
         rewrite=bool(_optional(data, "rewrite", bool)), review=bool(_optional(data, "review", bool)), ref=ref,
     )
 
@@ -439,7 +457,8 @@ class ServerState:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.embedded = EmbeddedBackend(model=config.default_model, n_threads=config.n_threads)
+        self.embedded = EmbeddedBackend(model=config.default_model, n_threads=config.n_threads,
+                                        max_queue=config.max_queue)
         self._backends: dict[str, Backend] = {"embedded": self.embedded}
         self._backends_lock = threading.Lock()  # runs are built in worker threads
         self.connections = 0
@@ -485,17 +504,23 @@ class Connection:
         self.current: Job | None = None
         self._wake = asyncio.Event()
         self._seq: dict[str, int] = {}
+        self.last_activity = time.monotonic()  # the client's last message, or the end of its last run
+        self.idle_closed = False
 
     async def serve(self) -> None:
         await self.ws.accept()
-        tasks = [asyncio.create_task(coro) for coro in
-                 (self._read_loop(), self._run_loop(), self._write_loop(), self.outbox.overflowed.wait())]
+        coros = [self._read_loop(), self._run_loop(), self._write_loop(), self.outbox.overflowed.wait()]
+        if self.config.idle_timeout_s:
+            coros.append(self._idle_watch(self.config.idle_timeout_s))
+        tasks = [asyncio.create_task(coro) for coro in coros]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await self._cancel_all(tasks)
         for task in tasks:
             _log_failure(task)
+        if self.idle_closed:
+            await self._close_idle(self.config.idle_timeout_s or 0)
         if self.outbox.overflowed.is_set():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(code=1008, reason="send buffer full: the client stopped reading"),
@@ -507,11 +532,33 @@ class Connection:
             task.cancel()
         await asyncio.gather(*running, *tasks, return_exceptions=True)
 
+    async def _idle_watch(self, idle_s: float) -> None:
+        """Returns once the client has sent nothing, and had no run running or waiting and nothing to
+        receive, for ``idle_s`` seconds (a silent client holds a connection slot and its buffers)."""
+        while True:
+            if self.current is not None or self.queue or len(self.outbox):
+                self.last_activity = time.monotonic()
+            left = self.last_activity + idle_s - time.monotonic()
+            if left <= 0:
+                self.idle_closed = True
+                return
+            await asyncio.sleep(left)
+
+    async def _close_idle(self, idle_s: float) -> None:
+        detail = (f"closing this connection: no message and no run for {idle_s:g} s; reconnect to send more, or send "
+                  f"something within {idle_s:g} s to keep it open (the server's --ws-idle-timeout)")
+        message = Outgoing("error", None, time.perf_counter_ns(),
+                           {"ref": None, "code": "idle_timeout", "detail": detail})
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.send_text(message.render(None)), timeout=1.0)
+            await asyncio.wait_for(self.ws.close(code=1000, reason="idle timeout"), timeout=1.0)
+
     # ----------------------------------------------------------------------------------- reader
 
     async def _read_loop(self) -> None:
         while True:
             message = await self.ws.receive()
+            self.last_activity = time.monotonic()
             if message["type"] == "websocket.disconnect":
                 return
             ref = None
@@ -570,6 +617,7 @@ class Connection:
                     self._internal_error(job, job.task.exception())
             finally:
                 self.current = None
+                self.last_activity = time.monotonic()
 
     async def _stream(self, job: Job) -> None:
         self._put(self._start_message(job))

@@ -79,12 +79,12 @@ class Backend(ABC):
     def generate(self, prepared: Any, record: CallRecord) -> AsyncIterator[Chunk]:
         """Issue the call and yield its chunks; fill the record's statistics at the end."""
 
-    @abstractmethod
     def environment(self) -> dict[str, Any]:
         """What this backend's numbers depend on beyond the model (the embedded engine's configuration);
         recorded in every run record."""
         return {}
 
+    @abstractmethod
     def resolve_model(self, model: str | None) -> str:
         """The model's canonical name (raises UnknownModel / BackendUnavailable with the fix)."""
 

@@ -32,25 +32,63 @@ from typing import Any, AsyncIterator, Callable
 
 from .. import engine
 from ..engine import default_threads
-from ..errors import BackendError, ContextOverflow, InvalidInput
+from ..errors import BackendError, ContextOverflow, InvalidInput, QueueFull
 from ..models import DEFAULT_MODEL, REGISTRY, ResolvedModel, resolve
 from ..records import CallRecord
 from .base import Backend, CallRequest, Chunk
+from .schema_guard import MAX_GRAMMAR_CHARS, NO_FETCH, schema_problem
 
 DEFAULT_N_CTX = 4096
+DEFAULT_MAX_QUEUE = 64  # calls that may wait for one model (Ollama's OLLAMA_MAX_QUEUE is alike, 512 by default)
+MAX_QUEUE_ENV = "LLMFIRST_MAX_QUEUE"
+
+
+def max_queue_from_env() -> int:
+    """The queue cap from LLMFIRST_MAX_QUEUE, else DEFAULT_MAX_QUEUE."""
+    raw = os.environ.get(MAX_QUEUE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_QUEUE
+    if not raw.isdigit():
+        raise InvalidInput(f"{MAX_QUEUE_ENV}={raw!r} is not a whole number; set it to how many calls may wait "
+                           f"for a model (e.g. {DEFAULT_MAX_QUEUE}), or unset it")
+    return int(raw)
 
 
 class FifoLock:
-    """A lock granted in arrival order; a waiter can give up when its call is cancelled."""
+    """A lock granted in arrival order; a waiter can give up when its call is cancelled.
+
+    The queue is capped at admission: :meth:`admit` takes a call's place in the queue (its ticket is the
+    call's ``cancelled`` event) before its decode thread exists, and raises QueueFull when ``max_waiting``
+    calls already wait behind the one holding the lock; the thread's :meth:`acquire` then waits in that
+    place. Without an admission, ``acquire`` queues at the back (no cap)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._queue: collections.deque[object] = collections.deque()
 
-    def acquire(self, cancelled: threading.Event) -> bool:
-        me = object()
+    def admit(self, ticket: threading.Event, max_waiting: int, what: str = "the model") -> None:
         with self._cond:
-            self._queue.append(me)
+            if len(self._queue) > max_waiting:
+                raise QueueFull(
+                    f"server busy, {what} is answering one call and {len(self._queue) - 1} more wait (at most "
+                    f"{max_waiting} may wait); retry later, or raise the cap (llmfirst serve --max-queue N, or "
+                    f"{MAX_QUEUE_ENV}=N)")
+            self._queue.append(ticket)
+
+    def withdraw(self, ticket: threading.Event) -> None:
+        """Give up an admission whose thread never started."""
+        with self._cond:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    def acquire(self, cancelled: threading.Event) -> bool:
+        with self._cond:
+            if any(entry is cancelled for entry in self._queue):
+                me: object = cancelled  # admitted: wait in the place taken then
+            else:
+                me = object()
+                self._queue.append(me)
             while self._queue[0] is not me:
                 self._cond.wait(0.05)
                 if cancelled.is_set():
@@ -180,10 +218,16 @@ class EmbeddedBackend(Backend):
 
     name = "embedded"
 
-    def __init__(self, model: str | None = None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None):
+    def __init__(self, model: str | None = None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
+                 max_queue: int | None = None):
+        """``max_queue``: how many calls may wait for a model while it answers another (default
+        ``$LLMFIRST_MAX_QUEUE``, else 64); one more is refused with QueueFull before it takes a thread."""
         self.default_model = model or DEFAULT_MODEL
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
+        self.max_queue = max_queue_from_env() if max_queue is None else max_queue
+        if self.max_queue < 0:
+            raise InvalidInput(f"max_queue must be 0 or more, got {self.max_queue}")
 
     def resolve_model(self, model: str | None) -> str:
         return resolve(model or self.default_model).name
@@ -239,7 +283,12 @@ class EmbeddedBackend(Backend):
         record.load_s = loaded.load_s if prepared.cold_load else None
         worker = threading.Thread(target=_decode, args=(prepared, put, cancelled), daemon=True,
                                   name=f"llmfirst-decode-{record.call_id}")
-        worker.start()
+        loaded.lock.admit(cancelled, self.max_queue, loaded.resolved.name)  # QueueFull: no thread, no place
+        try:
+            worker.start()
+        except BaseException:
+            loaded.lock.withdraw(cancelled)
+            raise
         try:
             while True:
                 item = await queue.get()
@@ -278,19 +327,26 @@ def schema_grammar(schema: dict[str, Any], loaded: LoadedModel) -> Any:
 
 
 MAX_GRAMMAR_DEPTH = 512  # llama.cpp's grammar parser recurses per nesting level and crashes far beyond this
-MAX_GRAMMAR_CHARS = 256 * 1024
 
 
 def grammar_problem(schema: dict[str, Any], loaded: LoadedModel) -> str | None:
     """Why this JSON schema cannot constrain the model, or None. Checked before any call because
     llama.cpp crashes the whole process on a grammar it cannot parse (e.g. an empty enum, or a
-    maxLength in the thousands nests the grammar too deep)."""
+    maxLength in the thousands nests the grammar too deep). A schema is a client's: before any library
+    reads it, :func:`~llmfirst_kit.backends.schema_guard.schema_problem` refuses references outside the
+    document (the validator would fetch URLs and open files) and repetition counts that expand into an
+    unbounded grammar; the validator gets a copy (it rewrites references in place) and may fetch nothing."""
+    import copy
+
     import fastjsonschema
     import llama_cpp
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    problem = schema_problem(schema)
+    if problem:
+        return problem
     try:
-        fastjsonschema.compile(schema)
+        fastjsonschema.compile(copy.deepcopy(schema), handlers=NO_FETCH)
     except fastjsonschema.JsonSchemaDefinitionException as exc:
         return f"not a valid JSON schema: {exc}"
     try:

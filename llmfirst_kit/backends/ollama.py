@@ -29,6 +29,7 @@ from ollama._client import _parse_host  # the client's own host rules, so our me
 
 from ..errors import BackendError, BackendUnavailable, InvalidInput, KitError, UnknownModel
 from ..records import CallRecord
+from ._remote import connect_timeout_fix, httpx_timeout, read_timeout_fix, timeouts
 from .base import Backend, CallRequest, Chunk
 
 DEFAULT_OLLAMA_MODEL = "qwen2.5:0.5b"
@@ -59,14 +60,19 @@ def chat_options(request: CallRequest) -> dict[str, Any]:
 
 
 class OllamaBackend(Backend):
-    """Stream from a model served by Ollama (``ollama serve``)."""
+    """Stream from a model served by Ollama (``ollama serve``).
+
+    ``timeout``: the longest wait in seconds for the server's next bytes (read timeout; default
+    ``$LLMFIRST_READ_TIMEOUT``, else 300; 0: none); ``connect_timeout``: for the connection (default
+    ``$LLMFIRST_CONNECT_TIMEOUT``, else 10). See :mod:`llmfirst_kit.backends._remote`."""
 
     name = "ollama"
 
-    def __init__(self, model: str | None = None, *, host: str | None = None, timeout: float | None = None):
+    def __init__(self, model: str | None = None, *, host: str | None = None, timeout: float | None = None,
+                 connect_timeout: float | None = None):
         self.default_model = model or DEFAULT_OLLAMA_MODEL
         self.host = _parse_host(host or os.getenv("OLLAMA_HOST"))
-        self.timeout = timeout
+        self.timeout, self.connect_timeout = timeouts(timeout, connect_timeout)
         self._client: ollama.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -78,7 +84,7 @@ class OllamaBackend(Backend):
         sync helpers (``asyncio.run`` per call) run every call on a new loop."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
-            self._client = ollama.AsyncClient(host=self.host, timeout=self.timeout)
+            self._client = ollama.AsyncClient(host=self.host, timeout=httpx_timeout(self.timeout, self.connect_timeout))
             self._client_loop = loop
         return self._client
 
@@ -129,7 +135,14 @@ class OllamaBackend(Backend):
 
     def _translate(self, exc: BaseException, model: str) -> KitError:
         """An ollama/httpx exception -> the kit's error, naming the fix."""
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError)):
+        if isinstance(exc, httpx.ConnectTimeout):
+            return BackendUnavailable(f"Ollama at {self.host} did not accept a connection within "
+                                      f"{self.connect_timeout} s; check that `ollama serve` runs there (or set "
+                                      f"OLLAMA_HOST), or {connect_timeout_fix('OllamaBackend')}")
+        if isinstance(exc, httpx.TimeoutException):  # read, write or pool: the server went silent
+            return BackendError(f"no answer from Ollama at {self.host} within {self.timeout} s; "
+                                f"{read_timeout_fix('OllamaBackend')}; the text streamed so far is kept")
+        if isinstance(exc, (httpx.ConnectError, ConnectionError)):
             # streaming requests raise httpx.ConnectError; the client's plain requests raise ConnectionError
             return BackendUnavailable(f"Ollama not reachable at {self.host}; start it with `ollama serve` "
                                       f"or set OLLAMA_HOST")
@@ -141,9 +154,6 @@ class OllamaBackend(Backend):
                 return BackendError(f"Ollama failed during the call: {exc.error}; the text streamed so far is "
                                     f"kept; check the `ollama serve` log")
             return BackendError(f"Ollama answered HTTP {exc.status_code}: {exc.error}")
-        if isinstance(exc, httpx.TimeoutException):
-            return BackendError(f"no answer from Ollama at {self.host} within {self.timeout} s; "
-                                f"raise OllamaBackend(timeout=...) or use a smaller model")
         if isinstance(exc, (httpx.HTTPError, json.JSONDecodeError)):
             return BackendError(f"the connection to Ollama at {self.host} failed mid-answer "
                                 f"({type(exc).__name__}: {exc}); check the `ollama serve` log")

@@ -31,6 +31,7 @@ from openai.types import CompletionUsage
 
 from ..errors import BackendError, BackendUnavailable, InvalidInput, KitError, UnknownModel
 from ..records import CallRecord
+from ._remote import connect_timeout_fix, read_timeout_fix, timeout_kind, timeouts
 from .base import Backend, CallRequest, Chunk
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # vLLM's default
@@ -81,21 +82,25 @@ class OpenAIBackend(Backend):
 
     ``model`` is the default model; ``None`` uses the first model the server lists (``GET /v1/models``).
     ``base_url`` defaults to ``$OPENAI_BASE_URL``, else vLLM's ``http://127.0.0.1:8000/v1``; the API key
-    to ``$OPENAI_API_KEY``, else a placeholder (local servers check none). ``timeout`` is in seconds (default:
-    the openai client's). ``response_format_style`` is how a JSON schema is sent (see :func:`response_format`).
+    to ``$OPENAI_API_KEY``, else a placeholder (local servers check none). ``timeout`` is the longest wait in
+    seconds for the server's next bytes (read timeout; default ``$LLMFIRST_READ_TIMEOUT``, else 300; 0: none),
+    ``connect_timeout`` the wait for the connection (``$LLMFIRST_CONNECT_TIMEOUT``, else 10); see
+    :mod:`llmfirst_kit.backends._remote`. ``response_format_style`` is how a JSON schema is sent (see
+    :func:`response_format`).
     """
 
     name = "openai"
 
     def __init__(self, model: str | None = None, *, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float | None = None, response_format_style: ResponseFormatStyle = "json_schema"):
+                 timeout: float | None = None, response_format_style: ResponseFormatStyle = "json_schema",
+                 connect_timeout: float | None = None):
         if response_format_style not in RESPONSE_FORMAT_STYLES:
             raise InvalidInput(f"response_format_style must be one of {', '.join(RESPONSE_FORMAT_STYLES)}, "
                                f"got {response_format_style!r}")
         self.default_model = model
         self.base_url = (base_url or os.getenv("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = api_key or os.getenv("OPENAI_API_KEY") or NO_KEY
-        self.timeout = timeout
+        self.timeout, self.connect_timeout = timeouts(timeout, connect_timeout)
         self.response_format_style: ResponseFormatStyle = response_format_style
         self._client: openai.AsyncOpenAI | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
@@ -114,7 +119,7 @@ class OpenAIBackend(Backend):
             # max_retries=0: a retried request would count the client's back-off into TTFT and E2E
             self._client = openai.AsyncOpenAI(
                 base_url=self.base_url, api_key=self.api_key, max_retries=0,
-                timeout=self.timeout if self.timeout is not None else openai.NOT_GIVEN)
+                timeout=openai.Timeout(self.timeout, connect=self.connect_timeout))
             self._client_loop = loop
             self._served = None
         return self._client
@@ -200,10 +205,15 @@ class OpenAIBackend(Backend):
                    structured: bool = False) -> KitError:
         """An openai exception -> the kit's error, naming the fix."""
         url = self.base_url
-        if isinstance(exc, openai.APITimeoutError):
-            limit = f"{self.timeout} s" if self.timeout is not None else "the openai client's default timeout"
-            return BackendError(f"no answer from {url} within {limit}; raise OpenAIBackend(timeout=...) or use a "
-                                f"smaller model")
+        kind = timeout_kind(exc)  # an APITimeoutError, or the transport's own timeout raised mid-stream
+        if kind is not None:
+            if kind == "connect":
+                return BackendUnavailable(f"{url} did not accept a connection within {self.connect_timeout} s; "
+                                          f"check the URL and that the server runs, or "
+                                          f"{connect_timeout_fix('OpenAIBackend')}")
+            kept = "; the text streamed so far is kept" if streaming else ""
+            return BackendError(f"no answer from {url} within {self.timeout} s; {read_timeout_fix('OpenAIBackend')}"
+                                f"{kept}")
         if isinstance(exc, openai.APIConnectionError):
             if streaming:
                 return BackendError(f"the connection to {url} broke mid-answer ({_cause(exc)}); the text streamed "

@@ -12,7 +12,7 @@ sampling, no judge, so two files can be compared exactly.
 The reference of a variant is the *shipped* file, itself already quantized: KL measures what the
 re-quantization lost on top of it, not the distance to a 16-bit original (none is shipped).
 
-The judge (LLM-scored answers) is the pipeline's ``review`` stage; studies use it for answer quality.
+The judge (LLM-judged answers) lives in ``llmfirst_kit.quality``; this module is only about the file.
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ def logits(model: str, text: str, *, n_tokens: int = DEFAULT_TOKENS, tokens: lis
 
     A fresh ``Llama`` with ``logits_all=True`` is loaded for this and closed after: the backend's shared
     instance keeps only the last position's logits."""
-    import llama_cpp
-
     if not isinstance(n_tokens, int) or n_tokens < 2:
         raise InvalidInput(f"n_tokens must be an integer >= 2, got {n_tokens!r}")
     resolved = resolve(model)
