@@ -65,7 +65,7 @@ def test_ask_staged_with_review_json(capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["ask", "   "], "empty"),
-    (["ask", "hi", "--model", "nope"], "known: gemma3-270m, qwen2.5-coder-0.5b, smollm2-135m"),
+    (["ask", "hi", "--model", "nope"], "known: gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m"),
     (["ask", "hi", "--backend", "carrier-pigeon"], "known: embedded, ollama"),
     (["ask", "hi", "--preset", "turbo"], "known: direct, staged, cascade"),
     (["ask", "x " * 5000, "--model", TEST_MODEL], "the context of smollm2-135m is 4096"),
@@ -88,7 +88,7 @@ def test_models_json_lists_the_registry(capsys):
     code, out, _ = run_cli(capsys, "models", "--json")
     assert code == EXIT_OK
     rows = {r["name"]: r for r in json.loads(out)}
-    assert set(rows) == {"qwen2.5-coder-0.5b", "smollm2-135m", "gemma3-270m"}
+    assert set(rows) == {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m", "gemma3-270m"}
     assert rows["smollm2-135m"]["installed"] and rows["smollm2-135m"]["verified"]
     assert rows["gemma3-270m"]["instruct"] is False and rows["gemma3-270m"]["chat_format"] == "gemma"
 

@@ -73,6 +73,9 @@ def test_runner_end_to_end(tiny):
     assert env["packages"]["llama-cpp-python"] and "system_info" in env["llama_cpp"]
     files = {f["name"]: f for f in env["model_files"] if "sha256" in f}
     assert files["smollm2-135m"]["sha256"] == REGISTRY["smollm2-135m"].sha256
+    # the engine configuration chosen for this machine, and why, beside every number of the study
+    assert env["engine"]["config"] in ("amx", "cpu-repack", "none") and env["engine"]["reason"]
+    assert all(r.environment["engine"]["config"] == env["engine"]["config"] for r in runs)
 
 
 def test_failing_cell_is_recorded_and_the_others_finish(tiny):
@@ -106,6 +109,7 @@ def test_report_has_the_table_and_offline_charts(tiny):
     assert html.count("plotly.js v") == 1  # plotly.js embedded once, not fetched
     assert "Plotly.newPlot" in html and "<script src=" not in html
     assert "user_ttft_s_p95" in html and "smollm2-135m" in html and "Latency by configuration" in html
+    assert "embedded engine" in html and "extra buffers" in html  # which engine configuration ran the study
 
 
 def test_rerun_skips_finished_cells(tiny):
