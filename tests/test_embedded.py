@@ -226,7 +226,14 @@ async def test_cancelling_during_prefill_stops_within_one_batch(backend, loaded,
 
 async def test_another_num_ctx_shares_the_model_files_lock(backend):
     # policy: a second copy for another context size never decodes at the same time as the first
-    assert backend.load(TEST_MODEL, n_ctx=1024).lock is backend.load(TEST_MODEL).lock
+    from llmfirst_kit.backends import embedded
+
+    copy = backend.load(TEST_MODEL, n_ctx=1024)
+    try:
+        assert copy.n_ctx == 1024 and copy.lock is backend.load(TEST_MODEL).lock
+    finally:  # unload the copy: later tests (the Ollama API's /api/ps) expect the one shared model
+        embedded._LOADED.pop((str(copy.resolved.path), copy.n_ctx, copy.n_threads), None)
+        copy.llm.close()
 
 
 async def test_break_stops_decoding(backend, loaded):
