@@ -117,9 +117,8 @@ def _config_name(use_extra_bufts: bool, cpu_amx: bool, build_features: str) -> s
     return "amx" if cpu_amx and "AMX" in build_features else "cpu-repack"
 
 
-def machine_key() -> str:
-    model, flags = _cpu()
-    version, features = _build()
+def machine_key(model: str, flags: list[str], version: str, features: str) -> str:
+    """What an engine verdict is cached under: CPU model and flags, llama.cpp build, architecture."""
     blob = json.dumps([model, sorted(flags), version, features, platform.machine()])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -150,7 +149,7 @@ def _decide(*, refresh: bool) -> EngineChoice:
     model, flags = _cpu()
     version, features = _build()
     amx = any(f.startswith("amx") for f in flags)
-    key = machine_key()
+    key = machine_key(model, flags, version, features)
     base = dict(mode=mode, key=key, cpu_model=model, cpu_amx=amx, build_features=features,
                 llama_cpp_version=version)
     if mode == "safe":
