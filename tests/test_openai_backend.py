@@ -431,7 +431,7 @@ def test_a_study_cell_runs_against_the_openai_server(server, monkeypatch, tmp_pa
             "openai_response_format": "json_object", "models": [TEST_MODEL], "quantizations": ["default"],
             "presets": ["direct"], "queries_file": str(study.PROJECT_ROOT / "data" / "queries" / "queries.jsonl"),
             "query_ids": ["en-s01"], "warmup_runs": 0, "max_tokens": 8, "judge_model": TEST_MODEL,
-            "perplexity_text": ""}
+            "perplexity_text": "", "baseline_model": ""}
     result = study.run_study(grid, output_dir=tmp_path / "openai", progress=False, report=False, echo=lambda _: None)
     assert [(c.id, c.state) for c in result.cells] == [("smollm2-135m@default--direct", "done")], result.describe()
     [run] = [r for r in read_log(tmp_path / "openai" / "cells" / "smollm2-135m@default--direct" / study.RECORDS)

@@ -36,6 +36,7 @@ TINY = {
     "presets": ["direct"], "queries_file": QUERIES, "query_ids": ["en-s01", "en-a01"], "repeats": 1,
     "warmup_runs": 1, "max_tokens": 16, "judge_model": "smollm2-135m", "n_threads": THREADS,
     "perplexity_text": TEXT, "perplexity_tokens": 32,
+    "baseline_model": "",  # no baseline system: the quality phase (tests/test_study_quality.py) has its own tests
 }
 GOOD = "smollm2-135m@shipped--direct"
 BAD = "no-such-model@shipped--direct"
@@ -103,7 +104,8 @@ def test_report_has_the_table_and_offline_charts(tiny):
     assert expected <= set(summary.columns)
     rows = summary.set_index("cell")
     assert rows.loc[GOOD, "n_runs"] == 2 and rows.loc[GOOD, "mbu"] > 0 and rows.loc[GOOD, "kl_mean"] == 0
-    assert rows.loc[GOOD, "quality_retention"] == 1.0 or pd.isna(rows.loc[GOOD, "judge_score_mean"])
+    assert pd.isna(rows.loc[GOOD, "quality_retention"]) and pd.isna(rows.loc[GOOD, "meets_quality"])  # no baseline
+    assert rows.loc[GOOD, "quality_note"] == "no baseline in this study" and rows.loc[GOOD, "truncation_rate"] >= 0
     assert rows.loc[BAD, "cell_state"] == "failed" and "no-such-model" in rows.loc[BAD, "cell_error"]
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("plotly.js v") == 1  # plotly.js embedded once, not fetched
@@ -165,7 +167,8 @@ def test_resume_after_the_runner_is_killed(tmp_path, monkeypatch):
     queries = ["en-s01", "en-s02", "en-s03"]
     spec = {"name": "resume", "models": ["smollm2-135m"], "quantizations": ["shipped", "Q8_0", "Q4_0"],
             "presets": ["direct"], "queries_file": QUERIES, "query_ids": queries, "repeats": 1,
-            "warmup_runs": 0, "max_tokens": 16, "judge_model": "", "n_threads": THREADS, "perplexity_text": ""}
+            "warmup_runs": 0, "max_tokens": 16, "judge_model": "", "n_threads": THREADS, "perplexity_text": "",
+            "baseline_model": ""}
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
@@ -249,11 +252,16 @@ def test_notebook_parameters_match_the_schema():
 def test_example_and_smoke_studies_expand():
     example = study.load_study(ROOT / "studies" / "example.yaml")
     cells = study.expand_grid(example)
-    assert len(cells) == 12 and {c.model for c in cells} == {"qwen2.5-coder-0.5b", "smollm2-135m"}
-    assert {c.quantization for c in cells} == {"shipped", "Q8_0", "Q3_K_S"} and {c.preset for c in cells} == {
-        "direct", "staged"}
+    assert len(cells) == 6 and {c.model for c in cells} == {"qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "smollm2-135m"}
+    assert {c.quantization for c in cells} == {"shipped", "Q3_K_S"} and {c.preset for c in cells} == {"direct"}
     assert len(example.parameters["query_ids"]) == 10 and example.output_dir == ROOT / "reports" / "example"
     assert sum(bool(c.parameters["perplexity_text"]) for c in cells) == 6  # once per model file
+    # the baseline system is the grid's 1.5B shipped direct cell (same max tokens), judged by the 1.5B model
+    assert study.baseline_cell(example, cells).id == "qwen2.5-coder-1.5b@shipped--direct"
+    assert example.quality.quality_judge == "qwen2.5-coder-1.5b" and example.quality.gate_threshold == 0.9
+    langs = {q.lang for q in study.load_queries(example.parameters["queries_file"],
+                                                ids=example.parameters["query_ids"])}
+    assert langs == {"en", "ko"}
     smoke = study.load_study(ROOT / "studies" / "smoke.yaml")
     assert len(study.expand_grid(smoke)) == 2
 

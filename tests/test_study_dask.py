@@ -42,6 +42,7 @@ GRID = {
     "name": "grid", "backend": "embedded", "models": ["smollm2-135m"], "quantizations": ["shipped", "Q8_0", "Q9"],
     "presets": ["direct"], "queries_file": QUERIES, "query_ids": ["en-s01"], "repeats": 1, "warmup_runs": 1,
     "max_tokens": 8, "judge_model": "", "n_threads": THREADS, "perplexity_text": TEXT, "perplexity_tokens": 32,
+    "baseline_model": "",
 }
 SHIPPED, Q8, Q9 = "smollm2-135m@shipped--direct", "smollm2-135m@Q8_0--direct", "smollm2-135m@Q9--direct"
 QUIET = {"progress": False, "echo": lambda _: None}

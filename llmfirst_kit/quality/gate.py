@@ -1,0 +1,193 @@
+"""The judge gate: before any quality verdict, the judge must show it can tell a real answer from a bad one.
+
+Known-bad answers are built automatically from real ones (the baseline's complete answers), one of each
+kind per real answer:
+
+- ``other_query``: the real answer to a different query (in the same language when there is one, so the
+  language alone does not give it away);
+- ``truncated``: the answer cut to its first fifth (characters);
+- ``wrong_language``: the answer to the same query's twin in the other language (``twin`` in
+  ``data/queries``), or else another query's answer in another language;
+- ``prompt_echo``: the kit's own prompt text (the instructions its pipelines give the answering model), as a
+  model that only echoes its prompt would answer;
+- ``empty``: an empty answer.
+
+Each pair (real, planted) is judged in both orders. **Gate accuracy** = the share of pairs in which the judge
+prefers the real answer in *both* orders (a tie or one wrong order fails the pair); below the threshold
+(0.9) the judge cannot judge and no quality verdict may be shown. The per-judgment accuracy and the
+accuracy of each kind are reported beside it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable, Iterable, Sequence
+
+KINDS = ("other_query", "truncated", "wrong_language", "prompt_echo", "empty")
+GATE_THRESHOLD = 0.9
+REAL, PLANTED = "real", "planted"
+
+
+@dataclass(frozen=True)
+class RealAnswer:
+    """A real, complete answer (the baseline's) to one query."""
+
+    query_id: str
+    query: str
+    text: str
+    lang: str = ""
+    twin: str | None = None  # the id of the same query in the other language, if the data has one
+
+
+@dataclass(frozen=True)
+class GatePair:
+    query_id: str
+    query: str
+    kind: str
+    real: str
+    planted: str
+    source: str | None = None  # where the planted answer came from (a query id), if from another answer
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prompt_echoes() -> list[str]:
+    """The kit's own prompt texts, as the answering model was given them (system prompt and each stage's
+    task): what a model that only repeats its prompt shows the user."""
+    from ..pipeline import SYSTEM_PROMPT, preset
+
+    return [f"{SYSTEM_PROMPT}\n\nYour task: {stage.instruction}" for stage in preset("staged")]
+
+
+def planted_pairs(answers: Sequence[RealAnswer], *, kinds: Iterable[str] = KINDS, seed: int = 0,
+                  echoes: Sequence[str] | None = None) -> list[GatePair]:
+    """One planted bad answer of each kind for each real answer (a kind that cannot be built for an answer,
+    e.g. ``other_query`` with a single answer, is left out for it). Deterministic for a seed."""
+    kinds = list(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown gate kind(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
+    echoes = list(echoes) if echoes is not None else prompt_echoes()
+    rng = random.Random(seed)
+    by_id = {a.query_id: a for a in answers}
+    pairs: list[GatePair] = []
+    for i, real in enumerate(answers):
+        others = [a for a in answers if a.query_id != real.query_id and a.text.strip() != real.text.strip()]
+        same_lang = [a for a in others if a.lang == real.lang and a.query_id != real.twin]
+        other_lang = [a for a in others if a.lang != real.lang]
+        for kind in kinds:
+            planted: str | None = None
+            source: str | None = None
+            if kind == "other_query":
+                pool = same_lang or [a for a in others if a.query_id != real.twin]
+                if pool:
+                    pick = pool[rng.randrange(len(pool))]
+                    planted, source = pick.text, pick.query_id
+            elif kind == "truncated":
+                cut = real.text[: len(real.text) // 5]
+                if cut.strip() and cut != real.text:
+                    planted = cut
+                elif len(real.text) >= 2:
+                    planted = real.text[:1]
+            elif kind == "wrong_language":
+                twin = by_id.get(real.twin) if real.twin else None
+                if twin is not None and twin.lang != real.lang:
+                    planted, source = twin.text, twin.query_id
+                elif other_lang:
+                    pick = other_lang[rng.randrange(len(other_lang))]
+                    planted, source = pick.text, pick.query_id
+            elif kind == "prompt_echo":
+                if echoes:
+                    planted = echoes[i % len(echoes)]
+            elif kind == "empty":
+                planted = ""
+            if planted is not None:
+                pairs.append(GatePair(query_id=real.query_id, query=real.query, kind=kind, real=real.text,
+                                      planted=planted, source=source))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------- formulas
+
+def pair_correct(winners: Sequence[str | None]) -> bool:
+    """A pair passes when every one of its judgments (both orders) preferred the real answer."""
+    return bool(winners) and all(w == REAL for w in winners)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    accuracy: float | None  # share of pairs with the real answer preferred in both orders
+    judgment_accuracy: float | None  # share of single judgments preferring the real answer
+    by_kind: dict[str, float | None]  # pair accuracy per kind
+    n_pairs: int
+    n_judgments: int
+    n_undecided: int
+    first_position_rate: float | None  # share of non-tie verdicts for the answer shown first
+    threshold: float
+    passed: bool  # accuracy >= threshold (False without pairs)
+    judge_model: str = ""
+    judge_backend: str = ""
+    pairs: list[dict[str, Any]] = field(default_factory=list)  # each pair with its judgments
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        acc = "n/a" if self.accuracy is None else f"{self.accuracy:.2f}"
+        kinds = ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in self.by_kind.items())
+        verdict = "passes" if self.passed else "FAILS: this judge cannot judge; no quality verdict"
+        return (f"judge gate ({self.judge_model}): accuracy {acc} over {self.n_pairs} pairs (both orders; threshold "
+                f"{self.threshold:g}) -> {verdict}; per kind: {kinds}")
+
+
+def gate_result(judged: Sequence[tuple[GatePair, Sequence[Any]]], *, threshold: float = GATE_THRESHOLD,
+                judge_model: str = "", judge_backend: str = "") -> GateResult:
+    """The gate's figures from pairs and their judgments (objects or dicts with ``winner`` and ``verdict``)."""
+    from .retention import first_position_rate
+
+    def get(j: Any, key: str) -> Any:
+        return j.get(key) if isinstance(j, dict) else getattr(j, key)
+
+    correct = [pair_correct([get(j, "winner") for j in js]) for _, js in judged]
+    flat = [j for _, js in judged for j in js]
+    by_kind: dict[str, float | None] = {}
+    for kind in KINDS:
+        ks = [c for (p, _), c in zip(judged, correct) if p.kind == kind]
+        by_kind[kind] = sum(ks) / len(ks) if ks else None
+    accuracy = sum(correct) / len(correct) if correct else None
+    return GateResult(
+        accuracy=accuracy,
+        judgment_accuracy=sum(get(j, "winner") == REAL for j in flat) / len(flat) if flat else None,
+        by_kind=by_kind, n_pairs=len(judged), n_judgments=len(flat),
+        n_undecided=sum(get(j, "winner") is None for j in flat),
+        first_position_rate=first_position_rate(get(j, "verdict") for j in flat), threshold=threshold,
+        passed=accuracy is not None and accuracy >= threshold, judge_model=judge_model, judge_backend=judge_backend,
+        pairs=[{**p.to_dict(), "correct": c, "judgments": [j if isinstance(j, dict) else j.to_dict() for j in js]}
+               for (p, js), c in zip(judged, correct)])
+
+
+async def run_gate(judge: Any, pairs: Sequence[GatePair], *, threshold: float = GATE_THRESHOLD,
+                   on_pair: Callable[[GatePair, list[Any]], Awaitable[None] | None] | None = None,
+                   done: dict[tuple[str, str], list[Any]] | None = None) -> GateResult:
+    """Judge every pair in both orders with ``judge`` (a :class:`~llmfirst_kit.quality.judge.PairwiseJudge`).
+    ``done`` holds judgments of pairs judged before (key: query id, kind), e.g. read back to resume;
+    ``on_pair`` is called with each newly judged pair (to append it to a log)."""
+    import inspect
+
+    judged = []
+    for pair in pairs:
+        known = (done or {}).get((pair.query_id, pair.kind))
+        if known is None:
+            known = await judge.compare(pair.query, pair.real, pair.planted, labels=(REAL, PLANTED))
+            if on_pair is not None:
+                result = on_pair(pair, known)
+                if inspect.isawaitable(result):
+                    await result
+        judged.append((pair, known))
+    return gate_result(judged, threshold=threshold, judge_model=judge.model_name, judge_backend=judge.backend.name)
+
+
+__all__ = ["GATE_THRESHOLD", "KINDS", "GatePair", "GateResult", "RealAnswer", "gate_result", "pair_correct",
+           "planted_pairs", "prompt_echoes", "run_gate"]

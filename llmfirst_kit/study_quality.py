@@ -1,0 +1,369 @@
+"""A study's quality phase: after the cells have answered, the judge gate, then pairwise judging of every
+configuration against the baseline system, then retention per configuration.
+
+Why after the cells, in the runner's process: a configuration is judged against the *baseline's* answers
+to the same queries, which another cell produced; and the judge model is loaded once for the whole study.
+(With the Dask executor the cells run on the workers; the judging runs where the runner runs.)
+
+- **Complete answers only**: an answer is the text of the pipeline's ``answer`` stage; it is complete when
+  that call ended on its own (``finish_reason == "stop"``), not on the token limit. Only complete answers
+  are judged or used as the baseline; the truncation rate is reported beside every verdict.
+- **Which judge**: ``quality_judge`` (default the 1.5B model), on ``quality_judge_backend``. A configuration
+  answered by that very model (same backend and model file) is judged by ``second_judge`` instead, so that no
+  model only judges itself; without a second judge it gets no quality verdict.
+- **The gate first**: each judge used is gated on planted bad answers built from the baseline's complete
+  answers (``llmfirst_kit.quality.gate``); below ``gate_threshold`` its verdicts are not shown.
+- **Identical answers** (the candidate's text equals the baseline's, e.g. a Q8_0 variant decoding greedily)
+  are ties by definition and are not sent to the judge; they are counted (``identical_answers``).
+- **Resumable**: every judged pair is appended (fsync'ed) to ``DIR/judging/judgments.jsonl``, keyed by the
+  run ids it compares; a rerun judges only what is missing, and a redone cell (new run ids) is judged again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import KitError
+from .quality.facts import key_fact_recall, mean_recall
+from .quality.gate import GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, gate_result, planted_pairs
+from .quality.judge import PROMPT_VERSION, PairwiseJudge
+from .quality.retention import Retention, retention
+from .records import RunRecord
+
+JUDGING = "judging"
+JUDGMENTS = "judgments.jsonl"
+MIN_COMPLETE_SHARE = 0.5  # below this share of complete answers a configuration gets no quality verdict
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+def answer_call(rec: RunRecord):
+    """The call that produced the run's answer: its ``answer`` stage (the last visible stage otherwise)."""
+    answers = [s for s in rec.stages if s.name == "answer"]
+    if answers:
+        return answers[-1].call
+    visible = [s for s in rec.stages if s.visible]
+    return visible[-1].call if visible else None
+
+
+def answer_text(rec: RunRecord) -> str:
+    call = answer_call(rec)
+    return call.text if call is not None else ""
+
+
+def is_complete(rec: RunRecord) -> bool | None:
+    """True: the answer ended on its own; False: cut off at the token limit (or failed); None: no answer."""
+    call = answer_call(rec)
+    if call is None:
+        return None
+    return rec.status == "ok" and call.finish_reason == "stop"
+
+
+def is_truncated(rec: RunRecord) -> bool | None:
+    call = answer_call(rec)
+    return None if call is None else call.finish_reason == "length"
+
+
+def cell_answers(runs: Iterable[RunRecord], cell: str) -> dict[str, RunRecord]:
+    """Query id -> the cell's first measured successful run of that query (repeat 0 where there are several)."""
+    out: dict[str, RunRecord] = {}
+    for r in sorted((r for r in runs if r.labels.get("cell") == cell and not r.warmup and r.status == "ok"),
+                    key=lambda r: r.labels.get("repeat", 0)):
+        out.setdefault(str(r.labels.get("query_id")), r)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- judges
+
+@dataclass(frozen=True)
+class JudgeChoice:
+    model: str | None  # None: no judge may judge this configuration
+    backend: str
+    note: str | None = None  # why there is no judge, or that the second judge was used
+
+
+def judge_for(cell: Mapping[str, Any], spec: Mapping[str, Any]) -> JudgeChoice:
+    """The judge of a configuration: the quality judge, or the second judge when the configuration's own model
+    (same backend, same file) is the quality judge."""
+    from .study import safe_model_id
+
+    judge, jb = spec.get("quality_judge") or "", spec.get("quality_judge_backend") or "embedded"
+    if not judge:
+        return JudgeChoice(None, jb, "no quality_judge")
+    backend = cell.get("backend") or spec["parameters"].get("backend", "embedded")
+    mine = safe_model_id(backend, cell["model"], cell["quantization"])
+    if backend == jb and mine is not None and mine == safe_model_id(jb, judge, "shipped"):
+        second = spec.get("second_judge") or ""
+        if not second:
+            return JudgeChoice(None, jb, f"answered by the judge model {judge} itself and no second_judge is set: "
+                                         f"a model never only judges itself")
+        return JudgeChoice(second, jb, f"judged by second_judge {second} (the quality judge answered it)")
+    return JudgeChoice(judge, jb)
+
+
+def _make_judge(model: str, backend_name: str, spec: Mapping[str, Any]) -> PairwiseJudge:
+    from .backends import backend_options, get_backend
+
+    p = spec["parameters"]
+    options = backend_options(backend_name, host=p.get("ollama_host") or None, base_url=p.get("openai_base_url") or None,
+                              n_threads=p.get("n_threads") or None,
+                              response_format_style=p.get("openai_response_format") or None)
+    if backend_name == "embedded":
+        options["n_ctx"] = max(int(p.get("n_ctx") or 4096), 4096)
+    backend = get_backend(backend_name, model=model, **options)
+    judge = PairwiseJudge(backend, model, max_tokens=int(spec.get("judge_max_tokens") or 160),
+                          seed=int(p.get("seed") or 0))
+    judge.check()
+    return judge
+
+
+# ----------------------------------------------------------------------------------------- the log
+
+def _key(line: Mapping[str, Any]) -> tuple:
+    return (line["type"], line["judge"], line.get("cell") or line.get("kind"), line["query_id"],
+            line.get("baseline_run_id"), line.get("candidate_run_id"), line.get("prompt_version"))
+
+
+def read_judgments(study_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    path = Path(study_dir) / JUDGING / JUDGMENTS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: that pair is judged again
+                continue
+    return out
+
+
+class _Log:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def append(self, line: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+# ------------------------------------------------------------------------------------- the phase
+
+def gate_answers(baseline: Mapping[str, RunRecord], queries: Mapping[str, Any], n: int) -> list[RealAnswer]:
+    """Up to ``n`` complete baseline answers for the gate, alternating between the queries' languages (in
+    query order), so that both languages are tested."""
+    by_lang: dict[str, list[RealAnswer]] = {}
+    for qid, q in queries.items():
+        rec = baseline.get(qid)
+        if rec is None or not is_complete(rec) or not answer_text(rec).strip():
+            continue
+        by_lang.setdefault(q.lang, []).append(RealAnswer(query_id=qid, query=q.query, text=answer_text(rec),
+                                                         lang=q.lang, twin=q.twin))
+    out: list[RealAnswer] = []
+    lists = list(by_lang.values())
+    i = 0
+    while len(out) < n and any(i < len(lst) for lst in lists):
+        out += [lst[i] for lst in lists if i < len(lst)]
+        i += 1
+    return out[:n]
+
+
+async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable[[str], Any] = print
+                            ) -> dict[str, Any]:
+    """Gate every judge the study needs, then judge every finished configuration against the baseline.
+    Returns counts; the judgments are in ``DIR/judging/judgments.jsonl``."""
+    from .study import load_queries, load_results
+
+    d = Path(study_dir)
+    res = load_results(d)
+    spec = res.spec
+    base_id = res.baseline_cell
+    counts = {"gate_pairs": 0, "pairs": 0, "identical": 0, "skipped": 0}
+    if not base_id or not spec.get("quality_judge"):
+        echo("quality: no baseline or no quality_judge in this study: no quality verdicts")
+        return counts
+    base_cell = next((c for c in res.cells if c["id"] == base_id), None)
+    if base_cell is None or base_cell["state"] != "done":
+        echo(f"quality: the baseline cell {base_id} is not done: no quality verdicts")
+        return counts
+    p = spec["parameters"]
+    queries = {q.id: q for q in load_queries(p["queries_file"], ids=p.get("query_ids") or (),
+                                             limit=p.get("query_limit") or 0)}
+    baseline = cell_answers(res.runs, base_id)
+    done = {_key(line): line for line in read_judgments(d)}
+    log = _Log(d / JUDGING / JUDGMENTS)
+    judges: dict[tuple[str, str], PairwiseJudge] = {}
+    plan = [(c, judge_for(c, spec)) for c in res.cells if c["state"] == "done" and c["id"] != base_id]
+    needed = list(dict.fromkeys((j.model, j.backend) for _, j in plan if j.model))
+    reals = gate_answers(baseline, queries, int(spec.get("gate_answers") or 8))
+    pairs = planted_pairs(reals, kinds=spec.get("gate_kinds") or KINDS, seed=int(p.get("seed") or 0))
+    base_runs = {a.query_id: baseline[a.query_id].run_id for a in reals}
+    for model, backend in needed:
+        judge = judges.setdefault((model, backend), _make_judge(model, backend, spec))
+        t0 = time.perf_counter()
+        for pair in pairs:
+            line = {"type": "gate", "judge": model, "judge_backend": backend, "prompt_version": PROMPT_VERSION,
+                    "kind": pair.kind,
+                    "query_id": pair.query_id, "baseline_run_id": base_runs[pair.query_id], "candidate_run_id": None}
+            if _key(line) in done:
+                continue
+            js = await judge.compare(pair.query, pair.real, pair.planted, labels=("real", "planted"))
+            log.append({**line, "pair": pair.to_dict(), "judgments": [j.to_dict() for j in js]})
+            counts["gate_pairs"] += 1
+            echo(f"gate {model} {pair.kind} {pair.query_id}: {' / '.join(str(j.winner) for j in js)} "
+                 f"({sum(j.seconds or 0 for j in js):.1f} s)")
+        if pairs:
+            echo(f"gate {model}: {len(pairs)} pairs in {time.perf_counter() - t0:.0f} s")
+    for cell, choice in plan:
+        if choice.model is None:
+            continue
+        judge = judges[(choice.model, choice.backend)]
+        mine = cell_answers(res.runs, cell["id"])
+        for qid, q in queries.items():
+            b, c = baseline.get(qid), mine.get(qid)
+            if b is None or c is None or not is_complete(b) or not is_complete(c):
+                counts["skipped"] += 1
+                continue
+            line = {"type": "pair", "judge": choice.model, "judge_backend": choice.backend,
+                    "prompt_version": PROMPT_VERSION, "cell": cell["id"],
+                    "query_id": qid, "baseline_run_id": b.run_id, "candidate_run_id": c.run_id}
+            if _key(line) in done:
+                continue
+            if answer_text(b).strip() == answer_text(c).strip():
+                log.append({**line, "identical": True, "judgments": []})
+                counts["identical"] += 1
+                continue
+            js = await judge.compare(q.query, answer_text(b), answer_text(c), labels=("baseline", "candidate"))
+            log.append({**line, "identical": False, "judgments": [j.to_dict() for j in js]})
+            counts["pairs"] += 1
+            echo(f"judge {choice.model} {cell['id']} {qid}: {' / '.join(str(j.winner) for j in js)} "
+                 f"({sum(j.seconds or 0 for j in js):.1f} s)")
+    for judge in judges.values():
+        await judge.backend.aclose()
+    return counts
+
+
+def judge_study(study_dir: str | os.PathLike[str], *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
+    from .sync import run_sync
+
+    return run_sync(judge_study_async(study_dir, echo=echo))
+
+
+# --------------------------------------------------------------------------------------- results
+
+def gate_results(study_dir: str | os.PathLike[str], lines: list[dict[str, Any]] | None = None,
+                 threshold: float = GATE_THRESHOLD, current: Mapping[str, str] | None = None
+                 ) -> dict[str, GateResult]:
+    """Judge model -> its gate result, from the judgment log (``current``: query id -> the baseline run id the
+    gate must be built from; older lines, of a redone baseline, are left out)."""
+    lines = read_judgments(study_dir) if lines is None else lines
+    by_judge: dict[str, list[tuple[GatePair, list[dict[str, Any]]]]] = {}
+    backends: dict[str, str] = {}
+    for line in lines:
+        if line["type"] != "gate":
+            continue
+        if current is not None and current.get(line["query_id"]) != line["baseline_run_id"]:
+            continue
+        if line.get("prompt_version") != PROMPT_VERSION:  # judged with another prompt: not this judge's figure
+            continue
+        by_judge.setdefault(line["judge"], []).append((GatePair(**line["pair"]), line["judgments"]))
+        backends[line["judge"]] = line.get("judge_backend", "")
+    return {j: gate_result(v, threshold=threshold, judge_model=j, judge_backend=backends[j]) for j, v in by_judge.items()}
+
+
+def quality_columns(res: Any) -> dict[str, dict[str, Any]]:
+    """Cell id -> its quality columns: the judge, its gate, retention with interval, order disagreement,
+    key-fact recall, truncation, and why there is no verdict when there is none."""
+    from .study import load_queries
+
+    spec = res.spec
+    p = spec["parameters"]
+    target = float(spec.get("quality_target", 0.8))
+    threshold = float(spec.get("gate_threshold", GATE_THRESHOLD))
+    n_boot = int(spec.get("bootstrap_samples") or 2000)
+    seed = int(p.get("seed") or 0)
+    try:
+        queries = {q.id: q for q in load_queries(p["queries_file"], ids=p.get("query_ids") or (),
+                                                 limit=p.get("query_limit") or 0)}
+    except KitError:
+        queries = {}
+    base_id = res.baseline_cell
+    baseline = cell_answers(res.runs, base_id) if base_id else {}
+    lines = read_judgments(res.directory)
+    gates = gate_results(res.directory, lines, threshold, {q: r.run_id for q, r in baseline.items()})
+    out: dict[str, dict[str, Any]] = {}
+    for cell in res.cells:
+        answers = cell_answers(res.runs, cell["id"])
+        complete = [r for r in answers.values() if is_complete(r)]
+        truncated = [r for r in answers.values() if is_truncated(r)]
+        recall = mean_recall(key_fact_recall(answer_text(r), queries[q].facts) if q in queries else None
+                             for q, r in answers.items() if is_complete(r))
+        row: dict[str, Any] = {
+            "role": "baseline" if cell["id"] == base_id else cell.get("role", "grid"),
+            "answers": len(answers), "complete_answers": len(complete),
+            "truncation_rate": len(truncated) / len(answers) if answers else None,
+            "key_fact_recall": recall, "quality_judge": None, "gate_accuracy": None, "gate_passed": None,
+            "quality_retention": None, "retention_ci_low": None, "retention_ci_high": None, "retention_queries": 0,
+            "order_disagreement": None, "first_position_rate": None, "identical_answers": 0,
+            "retention_baseline": base_id, "quality_note": None,
+        }
+        out[cell["id"]] = row
+        if cell["id"] == base_id:
+            row["quality_note"] = "the baseline"
+            continue
+        if not base_id:
+            row["quality_note"] = "no baseline in this study"
+            continue
+        if cell["state"] != "done":
+            continue
+        choice = judge_for(cell, spec)
+        row["quality_judge"] = choice.model
+        if choice.model is None:
+            row["quality_note"] = choice.note
+            continue
+        mine = [ln for ln in lines if ln["type"] == "pair" and ln.get("cell") == cell["id"]
+                and ln["judge"] == choice.model and ln.get("prompt_version") == PROMPT_VERSION and baseline.get(ln["query_id"]) is not None
+                and baseline[ln["query_id"]].run_id == ln["baseline_run_id"]
+                and answers.get(ln["query_id"]) is not None and answers[ln["query_id"]].run_id == ln["candidate_run_id"]]
+        outcomes: dict[str, list[str | None]] = {}
+        positions: list[str | None] = []
+        for ln in mine:
+            if ln.get("identical"):
+                outcomes[ln["query_id"]] = ["tie", "tie"]
+                row["identical_answers"] += 1
+            else:
+                outcomes[ln["query_id"]] = [j["winner"] for j in ln["judgments"]]
+                positions += [j["verdict"] for j in ln["judgments"]]
+        r: Retention = retention(outcomes, positions=positions, target=target, n_boot=n_boot, seed=seed)
+        gate = gates.get(choice.model)
+        row.update(gate_accuracy=gate.accuracy if gate else None, gate_passed=gate.passed if gate else None,
+                   order_disagreement=r.order_disagreement, first_position_rate=r.first_position_rate,
+                   retention_queries=r.n_queries)
+        complete_share = len(complete) / len(answers) if answers else 0.0
+        if gate is None:
+            row["quality_note"] = f"judge {choice.model} not gated (no complete baseline answers to plant from)"
+        elif not gate.passed:
+            acc = "n/a" if gate.accuracy is None else f"{gate.accuracy:.2f}"
+            row["quality_note"] = f"judge cannot judge: gate accuracy {acc} < {threshold:g}"
+        elif complete_share < MIN_COMPLETE_SHARE:
+            row["quality_note"] = (f"answers mostly cut off: {len(complete)} of {len(answers)} complete; raise "
+                                   f"max_tokens")
+        elif r.n_queries == 0:
+            row["quality_note"] = "no query with complete answers on both sides judged"
+        else:
+            row.update(quality_retention=r.share, retention_ci_low=r.ci_low, retention_ci_high=r.ci_high)
+            if choice.note:
+                row["quality_note"] = choice.note
+    return out
+
+
+__all__ = ["JUDGING", "JUDGMENTS", "JudgeChoice", "answer_text", "cell_answers", "gate_answers", "gate_results",
+           "is_complete", "judge_for", "judge_study", "judge_study_async", "quality_columns", "read_judgments"]

@@ -1,0 +1,119 @@
+"""A study's quality phase end to end on small real models: the baseline cell, the judge choice (no model
+only judges itself), the judge gate, pairwise judging, resume, the summary's quality columns and the report.
+
+Small and fast: SmolLM2-135M and Qwen2.5-Coder-0.5B answer two queries (English, Korean) in 48 tokens;
+the 0.5B model is the baseline system and the judge of SmolLM2's answers. The judge's ability is not what
+is tested here (test_quality_judge.py does that with the 1.5B model): the rules are -- a verdict only with a
+passed gate, complete answers only, the truncation rate reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from llmfirst_kit import study, study_quality
+from llmfirst_kit.study import PROJECT_ROOT
+
+THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))
+SMALL, BASE = "smollm2-135m", "qwen2.5-coder-0.5b"
+SPEC = {
+    "name": "quality", "backend": "embedded", "models": [SMALL, BASE], "quantizations": ["shipped"],
+    "presets": ["direct"], "queries_file": str(PROJECT_ROOT / "data" / "queries" / "queries.jsonl"),
+    "query_ids": ["en-s01", "ko-s01"], "repeats": 1, "warmup_runs": 0, "max_tokens": 48, "judge_model": "",
+    "n_threads": THREADS, "perplexity_text": "",
+    # the 0.5B direct cell of the grid is the baseline (same settings); SmolLM2 is answered by the quality judge
+    # itself, so the second judge (the 0.5B) judges it
+    "baseline_model": BASE, "baseline_max_tokens": 48, "quality_judge": SMALL, "second_judge": BASE,
+    "gate_answers": 2, "gate_kinds": ["empty", "other_query"], "bootstrap_samples": 200,
+}
+SMALL_CELL, BASE_CELL = f"{SMALL}@shipped--direct", f"{BASE}@shipped--direct"
+
+
+@pytest.fixture(scope="module")
+def quality_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality") / "study"
+    result = study.run_study(SPEC, output_dir=out, progress=False, report=True, echo=lambda _: None)
+    return result, out
+
+
+def test_the_baseline_is_the_grid_cell_with_its_settings():
+    spec = study.load_study(SPEC)
+    cells = study.expand_grid(spec)
+    assert [c.id for c in cells] == [SMALL_CELL, BASE_CELL]  # no extra cell: the grid's 0.5B cell is the baseline
+    assert study.baseline_cell(spec, cells).id == BASE_CELL
+    other = study.load_study({**SPEC, "baseline_max_tokens": 96})  # other settings: a cell of its own, first
+    cells = study.expand_grid(other)
+    assert cells[0].id == f"baseline--{BASE}@shipped--direct" and cells[0].role == "baseline"
+    assert cells[0].parameters["max_tokens"] == 96 and cells[0].parameters["perplexity_text"] == ""
+    assert len(study.expand_grid(study.load_study({**SPEC, "baseline_model": ""}))) == 2
+
+
+def test_no_model_only_judges_itself():
+    spec = {"parameters": {"backend": "embedded"}, "quality_judge": SMALL, "second_judge": ""}
+    mine = study_quality.judge_for({"model": SMALL, "quantization": "shipped", "backend": "embedded"}, spec)
+    assert mine.model is None and "never only judges itself" in mine.note
+    other = study_quality.judge_for({"model": BASE, "quantization": "shipped", "backend": "embedded"}, spec)
+    assert other.model == SMALL and other.note is None
+    second = study_quality.judge_for({"model": SMALL, "quantization": "shipped", "backend": "embedded"},
+                                     {**spec, "second_judge": BASE})
+    assert second.model == BASE and "second_judge" in second.note
+
+
+def test_the_quality_phase_judges_against_the_baseline(quality_study):
+    result, out = quality_study
+    assert result.ok, result.describe()
+    lines = study_quality.read_judgments(out)
+    gate = [ln for ln in lines if ln["type"] == "gate"]
+    assert {ln["judge"] for ln in gate} == {BASE}  # only the judge that is used is gated
+    assert sorted((ln["kind"], ln["query_id"]) for ln in gate) == [
+        ("empty", "en-s01"), ("empty", "ko-s01"), ("other_query", "en-s01"), ("other_query", "ko-s01")]
+    assert all(len(ln["judgments"]) == 2 and ln["judgments"][0]["shown_first"] == "real" for ln in gate)
+    pairs = [ln for ln in lines if ln["type"] == "pair"]
+    assert {ln["cell"] for ln in pairs} <= {SMALL_CELL} and all(ln["judge"] == BASE for ln in pairs)
+    # resume: nothing is judged twice
+    again = study_quality.judge_study(out, echo=lambda _: None)
+    assert again["gate_pairs"] == again["pairs"] == again["identical"] == 0
+    assert len(study_quality.read_judgments(out)) == len(lines)
+
+
+def test_summary_shows_a_quality_verdict_only_with_a_passed_gate(quality_study):
+    _, out = quality_study
+    rows = pd.read_csv(out / study.SUMMARY_CSV).set_index("cell")
+    base, small = rows.loc[BASE_CELL], rows.loc[SMALL_CELL]
+    assert base["role"] == "baseline" and base["quality_note"] == "the baseline" and pd.isna(base["meets_quality"])
+    for col in ("truncation_rate", "key_fact_recall", "gate_accuracy", "order_disagreement", "retention_ci_low",
+                "retention_ci_high", "n_complete", "quality_judge"):
+        assert col in rows.columns
+    assert small["quality_judge"] == BASE and 0 <= small["truncation_rate"] <= 1
+    assert small["n_complete"] + round(small["truncation_rate"] * small["n_runs"]) <= small["n_runs"]
+    if bool(small["gate_passed"]):
+        assert not pd.isna(small["quality_retention"]) or "no query" in small["quality_note"]
+    else:  # the gate failed: no verdict, and the report says why
+        assert pd.isna(small["quality_retention"]) and pd.isna(small["meets_quality"])
+        assert "judge cannot judge" in small["quality_note"] and small["gate_accuracy"] < 0.9
+    # the same judgments, a gate threshold the judge meets or not: the verdict follows the gate
+    res = study.load_results(out)
+    res.spec["gate_threshold"] = 1.0
+    strict = study.summary_table(res).set_index("cell").loc[SMALL_CELL]
+    assert bool(strict["gate_passed"]) == (small["gate_accuracy"] == 1.0)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "The judge gate" in html and "Quality against the baseline" in html and BASE in html
+
+
+def test_e2e_percentiles_use_complete_answers_only(quality_study):
+    _, out = quality_study
+    res = study.load_results(out)
+    runs = study.runs_table(res)
+    mine = runs[(runs["cell"] == SMALL_CELL) & ~runs["warmup"].astype(bool)]
+    complete = mine[mine["complete"]]
+    row = study.summary_table(res).set_index("cell").loc[SMALL_CELL]
+    if complete.empty:
+        assert pd.isna(row["e2e_s_p50"])
+    else:
+        assert row["e2e_s_p50"] == pytest.approx(complete["e2e_s"].median())
+    status = json.loads((out / study.STUDY_FILE).read_text())
+    assert status["baseline_cell"] == BASE_CELL
