@@ -274,6 +274,24 @@ def new_llama(model_path: str, *, use_extra_bufts: bool | None = None, **kwargs:
             llama_module.llama_cpp.llama_model_default_params = original
 
 
+def use_in_this_process() -> EngineChoice:
+    """Make every ``Llama`` this process builds from now on use the machine's configuration, whoever builds
+    it (e.g. llama-cpp-python's own server, :mod:`llmfirst_kit.llama_cpp_server`). For a process of its own:
+    the kit's code builds through :func:`new_llama` instead."""
+    import llama_cpp.llama as llama_module
+
+    c = choice()
+    original = llama_module.llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = original()
+        p.use_extra_bufts = c.use_extra_bufts
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+    return c
+
+
 # --------------------------------------------------------------------------------------- the probe child
 
 

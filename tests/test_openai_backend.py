@@ -63,7 +63,9 @@ class Server:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log
-        args = [sys.executable, "-m", "llama_cpp.server", "--model", str(resolve(TEST_MODEL).path),
+        # llama-cpp-python's server, loaded in this machine's engine configuration (plain `-m llama_cpp.server`
+        # dies by SIGSEGV at its first decode on a CPU with AMX)
+        args = [sys.executable, "-m", "llmfirst_kit.llama_cpp_server", "--model", str(resolve(TEST_MODEL).path),
                 "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(TEST_THREADS),
                 "--n_ctx", str(N_CTX), "--model_alias", TEST_MODEL,
                 # by default this server aborts the request in flight when a new one arrives; queue them instead
@@ -307,7 +309,7 @@ async def test_nothing_listening_names_the_url_and_how_to_start_a_server():
 
     message = str(info.value)
     assert url in message and "OPENAI_BASE_URL" in message
-    assert "vllm serve" in message and "python -m llama_cpp.server --model" in message
+    assert "vllm serve" in message and "python -m llmfirst_kit.llama_cpp_server --model" in message
     assert call.record.status == "error"
     await b.aclose()
 

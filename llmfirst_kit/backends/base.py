@@ -19,10 +19,13 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ..errors import InvalidInput
 from ..records import CallRecord, new_id
+
+if TYPE_CHECKING:
+    from .registry import Capabilities
 
 
 @dataclass
@@ -66,7 +69,14 @@ class Chunk:
 
 
 class Backend(ABC):
-    name: str = ""
+    name: str = ""  # its key in ``registry.REGISTRY``
+
+    @property
+    def capabilities(self) -> "Capabilities":
+        """What this backend can do (declared in the registry)."""
+        from .registry import capabilities
+
+        return capabilities(self.name)
 
     def call(self, request: CallRequest, *, call_id: str | None = None) -> "ModelCall":
         return ModelCall(self, request, call_id=call_id)

@@ -15,22 +15,19 @@ the record (``ModelCall`` keeps it).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, Iterator
 
 import httpx
 import ollama
 from ollama._client import _parse_host  # the client's own host rules, so our messages name the real URL
 
-from ..errors import BackendError, BackendUnavailable, InvalidInput, KitError, UnknownModel
+from ..errors import BackendError, BackendUnavailable, KitError, UnknownModel
 from ..records import CallRecord
-from ._remote import connect_timeout_fix, httpx_timeout, read_timeout_fix, timeouts
-from .base import Backend, CallRequest, Chunk
+from ._remote import RemoteBackend, StreamTally, connect_timeout_fix, httpx_timeout, read_timeout_fix
+from .base import CallRequest, Chunk
 
 DEFAULT_OLLAMA_MODEL = "qwen2.5:0.5b"
 
@@ -59,7 +56,7 @@ def chat_options(request: CallRequest) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-class OllamaBackend(Backend):
+class OllamaBackend(RemoteBackend):
     """Stream from a model served by Ollama (``ollama serve``).
 
     ``timeout``: the longest wait in seconds for the server's next bytes (read timeout; default
@@ -67,71 +64,53 @@ class OllamaBackend(Backend):
     ``$LLMFIRST_CONNECT_TIMEOUT``, else 10). See :mod:`llmfirst_kit.backends._remote`."""
 
     name = "ollama"
+    cold_cache_refusal = ("Ollama has no per-request switch to evaluate a prompt without its KV cache; "
+                          "use cache='reuse' with the ollama backend, or the embedded backend for cold runs")
 
     def __init__(self, model: str | None = None, *, host: str | None = None, timeout: float | None = None,
                  connect_timeout: float | None = None):
+        super().__init__(timeout=timeout, connect_timeout=connect_timeout)
         self.default_model = model or DEFAULT_OLLAMA_MODEL
         self.host = _parse_host(host or os.getenv("OLLAMA_HOST"))
-        self.timeout, self.connect_timeout = timeouts(timeout, connect_timeout)
-        self._client: ollama.AsyncClient | None = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
 
     def resolve_model(self, model: str | None) -> str:
         return model or self.default_model
 
-    def client(self) -> ollama.AsyncClient:
-        """One client per event loop: httpx's pooled connections belong to the loop that opened them, and
-        sync helpers (``asyncio.run`` per call) run every call on a new loop."""
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:
-            self._client = ollama.AsyncClient(host=self.host, timeout=httpx_timeout(self.timeout, self.connect_timeout))
-            self._client_loop = loop
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._client is not None and self._client_loop is asyncio.get_running_loop():
-            await self._client.close()
-        self._client = self._client_loop = None
+    def new_client(self) -> ollama.AsyncClient:
+        return ollama.AsyncClient(host=self.host, timeout=httpx_timeout(self.timeout, self.connect_timeout))
 
     async def prepare(self, request: CallRequest) -> OllamaPrepared:
         """No network call: a missing model surfaces on the chat call itself (HTTP 404)."""
-        if request.cache == "cold":
-            raise InvalidInput("Ollama has no per-request switch to evaluate a prompt without its KV cache; "
-                               "use cache='reuse' with the ollama backend, or the embedded backend for cold runs")
+        self.check_request(request)
         return OllamaPrepared(model_name=self.resolve_model(request.model), messages=list(request.messages),
                               options=chat_options(request), format=request.json_schema)
 
-    async def generate(self, prepared: OllamaPrepared, record: CallRecord) -> AsyncIterator[Chunk]:
-        model = prepared.model_name
+    async def open_stream(self, prepared: OllamaPrepared, record: CallRecord) -> Any:
         record.model_info = {"host": self.host}
-        stream: Any = None
-        chunks = 0
-        done = False
-        try:
-            stream = await self.client().chat(model=model, messages=prepared.messages, stream=True,
-                                              options=prepared.options, format=prepared.format)
-            async for part in stream:
-                t_ns = time.perf_counter_ns()  # first thing on arrival
-                text = part.message.content or ""
-                if text:
-                    chunks += 1
-                    # Ollama streams one token per part (it may hold back a token that ends inside a UTF-8
-                    # character or could start a stop string); the exact total is eval_count at the end.
-                    yield Chunk(text=text, t_ns=t_ns, tokens=1)
-                if part.done:
-                    done = True
-                    fill_stats(record, part, chunks)
-        except KitError:
-            raise
-        except Exception as exc:
-            raise self._translate(exc, model) from exc
-        finally:
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    await stream.aclose()  # early exit or cancel: closing the connection stops the generation
-        if not done:
+        return await self.client().chat(model=prepared.model_name, messages=prepared.messages, stream=True,
+                                        options=prepared.options, format=prepared.format)
+
+    def read_part(self, part: Any, t_ns: int, tally: StreamTally, record: CallRecord) -> Iterator[Chunk]:
+        text = part.message.content or ""
+        if text:
+            tally.chunks += 1
+            # Ollama streams one token per part (it may hold back a token that ends inside a UTF-8
+            # character or could start a stop string); the exact total is eval_count at the end.
+            yield Chunk(text=text, t_ns=t_ns, tokens=1)
+        if part.done:
+            tally.final = part
+
+    def finish(self, prepared: OllamaPrepared, tally: StreamTally, record: CallRecord) -> None:
+        if tally.final is None:
             raise BackendError(f"the Ollama stream from {self.host} ended without its final statistics "
                                f"(done=true); the server may have stopped; check the `ollama serve` log")
+        fill_stats(record, tally.final, tally.chunks)
+
+    async def close_stream(self, stream: Any) -> None:
+        await stream.aclose()
+
+    def translate(self, exc: BaseException, prepared: OllamaPrepared, *, streaming: bool) -> KitError:
+        return self._translate(exc, prepared.model_name)
 
     def _translate(self, exc: BaseException, model: str) -> KitError:
         """An ollama/httpx exception -> the kit's error, naming the fix."""

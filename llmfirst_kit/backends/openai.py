@@ -19,20 +19,17 @@ the record (``ModelCall`` keeps it).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Iterator, Literal
 
 import openai
 from openai.types import CompletionUsage
 
 from ..errors import BackendError, BackendUnavailable, InvalidInput, KitError, UnknownModel
 from ..records import CallRecord
-from ._remote import connect_timeout_fix, read_timeout_fix, timeout_kind, timeouts
-from .base import Backend, CallRequest, Chunk
+from ._remote import RemoteBackend, StreamTally, connect_timeout_fix, read_timeout_fix, timeout_kind
+from .base import CallRequest, Chunk
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # vLLM's default
 NO_KEY = "not-needed"  # local servers check no key, but the client insists on one
@@ -40,8 +37,8 @@ NO_KEY = "not-needed"  # local servers check no key, but the client insists on o
 ResponseFormatStyle = Literal["json_schema", "json_object"]
 RESPONSE_FORMAT_STYLES: tuple[str, ...] = ("json_schema", "json_object")
 
-START_A_SERVER = ("start one (e.g. `vllm serve MODEL` or `python -m llama_cpp.server --model FILE`) "
-                  "or set OPENAI_BASE_URL")
+START_A_SERVER = ("start one (e.g. `vllm serve MODEL`, or llama-cpp-python's server in this machine's engine "
+                  "configuration: `python -m llmfirst_kit.llama_cpp_server --model FILE`) or set OPENAI_BASE_URL")
 
 
 @dataclass
@@ -77,7 +74,7 @@ def completion_params(request: CallRequest, style: ResponseFormatStyle) -> dict[
     return params
 
 
-class OpenAIBackend(Backend):
+class OpenAIBackend(RemoteBackend):
     """Stream from any OpenAI-compatible server.
 
     ``model`` is the default model; ``None`` uses the first model the server lists (``GET /v1/models``).
@@ -90,6 +87,9 @@ class OpenAIBackend(Backend):
     """
 
     name = "openai"
+    cold_cache_refusal = ("the OpenAI API has no per-request switch to evaluate a prompt without the server's "
+                          "prefix cache; use cache='reuse' with the openai backend, or the embedded backend for "
+                          "cold runs")
 
     def __init__(self, model: str | None = None, *, base_url: str | None = None, api_key: str | None = None,
                  timeout: float | None = None, response_format_style: ResponseFormatStyle = "json_schema",
@@ -97,13 +97,11 @@ class OpenAIBackend(Backend):
         if response_format_style not in RESPONSE_FORMAT_STYLES:
             raise InvalidInput(f"response_format_style must be one of {', '.join(RESPONSE_FORMAT_STYLES)}, "
                                f"got {response_format_style!r}")
+        super().__init__(timeout=timeout, connect_timeout=connect_timeout)
         self.default_model = model
         self.base_url = (base_url or os.getenv("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = api_key or os.getenv("OPENAI_API_KEY") or NO_KEY
-        self.timeout, self.connect_timeout = timeouts(timeout, connect_timeout)
         self.response_format_style: ResponseFormatStyle = response_format_style
-        self._client: openai.AsyncOpenAI | None = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
         self._served: list[str] | None = None  # model ids listed through the current client
 
     def resolve_model(self, model: str | None) -> str:
@@ -111,23 +109,12 @@ class OpenAIBackend(Backend):
         a call has listed the server's models, so until then this is ``""`` (``prepare`` resolves it)."""
         return model or self.default_model or (self._served[0] if self._served else "")
 
-    def client(self) -> openai.AsyncOpenAI:
-        """One client per event loop: httpx's pooled connections belong to the loop that opened them, and
-        sync helpers (``asyncio.run`` per call) run every call on a new loop."""
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:
-            # max_retries=0: a retried request would count the client's back-off into TTFT and E2E
-            self._client = openai.AsyncOpenAI(
-                base_url=self.base_url, api_key=self.api_key, max_retries=0,
-                timeout=openai.Timeout(self.timeout, connect=self.connect_timeout))
-            self._client_loop = loop
-            self._served = None
-        return self._client
+    def new_client(self) -> openai.AsyncOpenAI:
+        # max_retries=0: a retried request would count the client's back-off into TTFT and E2E
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+                                  timeout=openai.Timeout(self.timeout, connect=self.connect_timeout))
 
-    async def aclose(self) -> None:
-        if self._client is not None and self._client_loop is asyncio.get_running_loop():
-            await self._client.close()
-        self._client = self._client_loop = None
+    def client_reset(self) -> None:
         self._served = None
 
     async def served_models(self, *, refresh: bool = False) -> list[str]:
@@ -144,10 +131,7 @@ class OpenAIBackend(Backend):
     async def prepare(self, request: CallRequest) -> OpenAIPrepared:
         """Checks the model against the server's list: some servers (llama-cpp-python's) silently answer with
         their default model when asked for one they do not serve."""
-        if request.cache == "cold":
-            raise InvalidInput("the OpenAI API has no per-request switch to evaluate a prompt without the server's "
-                               "prefix cache; use cache='reuse' with the openai backend, or the embedded backend "
-                               "for cold runs")
+        self.check_request(request)
         if request.num_ctx is not None:
             raise InvalidInput("an OpenAI-compatible server's context size is fixed when it starts (vLLM "
                                "--max-model-len, llama-server -c, llama_cpp.server --n_ctx); leave num_ctx unset")
@@ -162,44 +146,35 @@ class OpenAIBackend(Backend):
         return OpenAIPrepared(model_name=model, messages=list(request.messages),
                               params=completion_params(request, self.response_format_style))
 
-    async def generate(self, prepared: OpenAIPrepared, record: CallRecord) -> AsyncIterator[Chunk]:
-        model = prepared.model_name
+    async def open_stream(self, prepared: OpenAIPrepared, record: CallRecord) -> Any:
         record.model_info = {"base_url": self.base_url}
-        stream: Any = None
-        chunks = 0
-        finish_reason: str | None = None
-        usage: CompletionUsage | None = None
-        try:
-            stream = await self.client().chat.completions.create(
-                model=model, messages=prepared.messages, stream=True, stream_options={"include_usage": True},
-                **prepared.params)
-            async for part in stream:
-                t_ns = time.perf_counter_ns()  # first thing on arrival
-                record.model_info.setdefault("model_id", part.model)
-                if part.usage is not None:  # vLLM and others: a last chunk with usage and no choices
-                    usage = part.usage
-                for choice in part.choices:
-                    text = choice.delta.content or ""
-                    if text:
-                        chunks += 1
-                        # tokens=None: a delta may carry several tokens (vLLM's --stream-interval, a UTF-8
-                        # character split over tokens); the exact total comes from usage at the end
-                        yield Chunk(text=text, t_ns=t_ns)
-                    if choice.finish_reason is not None:
-                        finish_reason = choice.finish_reason
-        except KitError:
-            raise
-        except Exception as exc:
-            raise self._translate(exc, model, streaming=stream is not None,
-                                  structured="response_format" in prepared.params) from exc
-        finally:
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    await stream.close()  # early exit or cancel: closing the connection stops the generation
-        if finish_reason is None:
+        return await self.client().chat.completions.create(
+            model=prepared.model_name, messages=prepared.messages, stream=True,
+            stream_options={"include_usage": True}, **prepared.params)
+
+    def read_part(self, part: Any, t_ns: int, tally: StreamTally, record: CallRecord) -> Iterator[Chunk]:
+        record.model_info.setdefault("model_id", part.model)
+        if part.usage is not None:  # vLLM and others: a last chunk with usage and no choices
+            tally.final = part.usage
+        for choice in part.choices:
+            text = choice.delta.content or ""
+            if text:
+                tally.chunks += 1
+                # tokens=None: a delta may carry several tokens (vLLM's --stream-interval, a UTF-8
+                # character split over tokens); the exact total comes from usage at the end
+                yield Chunk(text=text, t_ns=t_ns)
+            if choice.finish_reason is not None:
+                tally.finish_reason = choice.finish_reason
+
+    def finish(self, prepared: OpenAIPrepared, tally: StreamTally, record: CallRecord) -> None:
+        if tally.finish_reason is None:
             raise BackendError(f"the stream from {self.base_url} ended without a finish_reason; the server may have "
                                f"failed (e.g. a prompt longer than its context); check the server's log")
-        fill_stats(record, usage=usage, finish_reason=finish_reason, chunks=chunks)
+        fill_stats(record, usage=tally.final, finish_reason=tally.finish_reason, chunks=tally.chunks)
+
+    def translate(self, exc: BaseException, prepared: OpenAIPrepared, *, streaming: bool) -> KitError:
+        return self._translate(exc, prepared.model_name, streaming=streaming,
+                               structured="response_format" in prepared.params)
 
     def _translate(self, exc: BaseException, model: str, *, listing: bool = False, streaming: bool = False,
                    structured: bool = False) -> KitError:
