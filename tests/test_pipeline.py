@@ -234,3 +234,14 @@ def test_presets_are_data():
     assert cascade[0].overlap and cascade[0].visible and cascade[1].name == "answer"
     with pytest.raises(UnknownModel):
         Pipeline.from_preset("direct", model="nope")
+
+
+def test_preset_names_are_parsed_in_one_place_and_a_wrong_variant_is_refused():
+    from llmfirst_kit.pipeline import PRESET_NAMES, parse_preset
+
+    assert parse_preset("staged:analysis-first").label == "staged:analysis-first"
+    assert parse_preset("staged:analysis-first").analysis_first and not parse_preset("staged").analysis_first
+    assert [parse_preset(n).label for n in PRESET_NAMES] == list(PRESET_NAMES)
+    for wrong in ("direct:analysis-first", "staged:fast", "Staged", "cascade:", ""):
+        with pytest.raises(InvalidInput, match="known: direct, staged, staged:analysis-first, cascade"):
+            parse_preset(wrong)

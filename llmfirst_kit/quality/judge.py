@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..backends import Backend, CallRequest
-from ..pipeline import _parse
+from ..pipeline import parse_structured
 
 VERDICT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -118,7 +118,7 @@ class PairwiseJudge:
                               temperature=self.temperature, seed=self.seed, json_schema=VERDICT_SCHEMA,
                               cache=self.cache)
         record = await self.backend.call(request).collect()
-        value, problem = _parse(record.text, VERDICT_SCHEMA)
+        value, problem = parse_structured(record.text, VERDICT_SCHEMA)
         return value, problem, record
 
     async def judge(self, query: str, answer_a: str, answer_b: str) -> tuple[str | None, str | None, str, str | None,
