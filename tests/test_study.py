@@ -25,8 +25,9 @@ from llmfirst_kit import study
 from llmfirst_kit.errors import InvalidInput
 from llmfirst_kit.models import REGISTRY
 from llmfirst_kit.records import RunRecord, read_log
+from llmfirst_kit.study import params
 
-ROOT = Path(study.__file__).resolve().parent.parent
+ROOT = study.PROJECT_ROOT
 QUERIES = str(ROOT / "data" / "queries" / "queries.jsonl")
 TEXT = str(ROOT / "data" / "text" / "harbour_en.txt")
 THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))
@@ -246,7 +247,7 @@ def test_notebook_parameters_match_the_schema():
     defaults = study.notebook_defaults()
     assert list(defaults) == list(study.CELL_PARAMETERS)
     for name, value in defaults.items():
-        assert study._type_problem(name, value, study.CELL_PARAMETERS[name].kind) is None, name
+        assert params.type_problem(name, value, params.CELL_PARAMETERS[name].kind) is None, name
 
 
 def test_example_and_smoke_studies_expand():

@@ -31,7 +31,7 @@ from llmfirst_kit import cli, study
 from llmfirst_kit.errors import InvalidInput
 from llmfirst_kit.records import RunRecord, read_log
 
-ROOT = Path(study.__file__).resolve().parent.parent
+ROOT = study.PROJECT_ROOT
 QUERIES = str(ROOT / "data" / "queries" / "queries.jsonl")
 TEXT = str(ROOT / "data" / "text" / "harbour_en.txt")
 THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))

@@ -15,8 +15,8 @@ import os
 import pandas as pd
 import pytest
 
-from llmfirst_kit import study, study_quality
-from llmfirst_kit.study import PROJECT_ROOT
+from llmfirst_kit import study
+from llmfirst_kit.study import PROJECT_ROOT, quality
 
 THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))
 SMALL, BASE = "smollm2-135m", "qwen2.5-coder-0.5b"
@@ -54,19 +54,19 @@ def test_the_baseline_is_the_grid_cell_with_its_settings():
 
 def test_no_model_only_judges_itself():
     spec = {"parameters": {"backend": "embedded"}, "quality_judge": SMALL, "second_judge": ""}
-    mine = study_quality.judge_for({"model": SMALL, "quantization": "shipped", "backend": "embedded"}, spec)
+    mine = quality.judge_for({"model": SMALL, "quantization": "shipped", "backend": "embedded"}, spec)
     assert mine.model is None and "never only judges itself" in mine.note
-    other = study_quality.judge_for({"model": BASE, "quantization": "shipped", "backend": "embedded"}, spec)
+    other = quality.judge_for({"model": BASE, "quantization": "shipped", "backend": "embedded"}, spec)
     assert other.model == SMALL and other.note is None
-    second = study_quality.judge_for({"model": SMALL, "quantization": "shipped", "backend": "embedded"},
-                                     {**spec, "second_judge": BASE})
+    second = quality.judge_for({"model": SMALL, "quantization": "shipped", "backend": "embedded"},
+                               {**spec, "second_judge": BASE})
     assert second.model == BASE and "second_judge" in second.note
 
 
 def test_the_quality_phase_judges_against_the_baseline(quality_study):
     result, out = quality_study
     assert result.ok, result.describe()
-    lines = study_quality.read_judgments(out)
+    lines = quality.read_judgments(out)
     gate = [ln for ln in lines if ln["type"] == "gate"]
     assert {ln["judge"] for ln in gate} == {BASE}  # only the judge that is used is gated
     assert sorted((ln["kind"], ln["query_id"]) for ln in gate) == [
@@ -75,9 +75,9 @@ def test_the_quality_phase_judges_against_the_baseline(quality_study):
     pairs = [ln for ln in lines if ln["type"] == "pair"]
     assert {ln["cell"] for ln in pairs} <= {SMALL_CELL} and all(ln["judge"] == BASE for ln in pairs)
     # resume: nothing is judged twice
-    again = study_quality.judge_study(out, echo=lambda _: None)
+    again = quality.judge_study(out, echo=lambda _: None)
     assert again["gate_pairs"] == again["pairs"] == again["identical"] == 0
-    assert len(study_quality.read_judgments(out)) == len(lines)
+    assert len(quality.read_judgments(out)) == len(lines)
 
 
 def test_summary_shows_a_quality_verdict_only_with_a_passed_gate(quality_study):

@@ -5,8 +5,8 @@ Dask schedules; the runner stays the only writer of the study directory (lock, m
 the report). Each unfinished cell is submitted once, as a task whose key names the cell. Workers may be
 other machines without the runner's filesystem, so a task carries by value what its cell needs (the
 notebook, the parameters, the queries file and perplexity text), executes the notebook in a temporary
-directory on the worker -- with :func:`llmfirst_kit.study.execute_notebook`, as the local executor does --
-and returns the files it produced as bytes. The runner writes them into the cell's directory, then the
+directory on the worker -- with :func:`llmfirst_kit.study.notebooks.execute_notebook`, as the local
+executor does -- and returns the files it produced as bytes. The runner writes them into the cell's directory, then the
 marker. Because a worker never writes the study directory, a task that Dask runs twice (a worker thought
 lost that was not) cannot duplicate records.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import tempfile
 import uuid
@@ -28,9 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import InvalidInput, KitError
-from .study import (ENVIRONMENT, EXECUTED, QUALITY, RECORDS, CellResult, Execution, GridCell, StudyError, StudySpec,
-                    _fresh, _prepare_variants, _record_cell, _write_json, check_kernel, execute_notebook)
+from ..._fs import atomic_write
+from ...errors import InvalidInput, KitError
+from ..notebooks import Execution, check_kernel, execute_notebook
+from ..quantization import prepare_variants
+from ..spec import GridCell, StudySpec
+from ..store import ENVIRONMENT, EXECUTED, QUALITY, RECORDS, StudyError, fresh_cell_dir, write_json
+from .base import CellResult, record_cell
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -128,14 +131,14 @@ def _unprepared(parameters: dict[str, Any]) -> Execution | None:
         check_kernel()
     except KitError as exc:
         return Execution("failed", None, f"{type(exc).__name__}: {exc}")
-    build_errors = _prepare_variants(parameters, echo=lambda _: None)
+    build_errors = prepare_variants(parameters, echo=lambda _: None)
     return Execution("failed", None, next(iter(build_errors.values()))) if build_errors else None
 
 
 async def _worker_environment(n_threads: int | None) -> dict[str, Any]:
     """``environment.capture`` on a worker, in a thread: the memory bandwidth measurement takes seconds and
     must not stall the worker's event loop (its heartbeats)."""
-    from . import environment
+    from ... import environment
 
     env = await asyncio.to_thread(environment.capture, n_threads=n_threads)
     return {"host": socket.gethostname(), **env}
@@ -161,56 +164,73 @@ def record_worker_environments(client: Client, path: Path, spec: StudySpec, echo
     for address, value in captured.items():
         failed = isinstance(value, BaseException)
         recorded[address] = {"error": f"{type(value).__name__}: {value}"} if failed else value
-    _write_json(path, env)
+    write_json(path, env)
     echo(f"environment of {len(captured)} Dask worker(s) recorded")
 
 
-def run_cells(client: Client, spec: StudySpec, cells: list[GridCell], out: Path, bar: Any,
-              echo: Callable[[str], Any]) -> Iterator[CellResult]:
-    """The dask executor: record the workers' environments, submit every cell once, then write each cell's
-    files and marker as it completes (in the order they complete). Leaving early (Ctrl-C, SIGTERM) cancels
-    the cells not finished; a cell already executing finishes on its worker and its result is dropped."""
-    from distributed import as_completed
+class DaskExecutor:
+    """The dask executor: entered, it connects to the scheduler (:func:`connect`); :meth:`run_cells` records
+    the workers' environments, submits every cell once, then writes each cell's files and marker as it
+    completes (in the order they complete)."""
 
-    record_worker_environments(client, out / ENVIRONMENT, spec, echo)
-    run = uuid.uuid4().hex[:8]  # two runs (or two studies with the same cell names) never share a key
-    futures: dict[Future, GridCell] = {
-        client.submit(execute_task, make_task(spec, cell), key=f"llmfirst-cell {cell.id} {run}"): cell
-        for cell in cells}
-    try:
-        for future in as_completed(futures, loop=client.loop):  # our client need not be the default one
-            cell = futures[future]
-            bar.set_postfix_str(cell.id)
-            yield _write_outcome(cell, out / "cells" / cell.id, future)
-        # workers that joined during the run (e.g. one restarted after a crash), now that no cell runs
+    def __init__(self, *, scheduler: str | Client | None = None):
+        self.scheduler = scheduler
+        self.client: Client | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> DaskExecutor:
+        self.client = self._stack.enter_context(connect(self.scheduler))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+        self.client = None
+
+    def run_cells(self, spec: StudySpec, cells: list[GridCell], out: Path, bar: Any, echo: Callable[[str], Any]
+                  ) -> Iterator[CellResult]:
+        """Leaving early (Ctrl-C, SIGTERM) cancels the cells not finished; a cell already executing finishes on
+        its worker and its result is dropped."""
+        from distributed import as_completed
+
+        client = self.client
+        if client is None:
+            raise RuntimeError("enter the DaskExecutor (`with DaskExecutor(...) as executor:`) before run_cells")
         record_worker_environments(client, out / ENVIRONMENT, spec, echo)
-    except KeyboardInterrupt:
-        bar.close()
-        echo(f"interrupted: {sum(not f.done() for f in futures)} unfinished cell(s) cancelled; they will be "
-             f"redone: run the same command again to resume")
-        raise
-    finally:
-        # unfinished cells leave the queue, finished ones' results the workers' memory -- at once: an erred
-        # future is kept alive by its traceback until the garbage collector runs, and a Client passed in
-        # stays connected
-        client.cancel(list(futures))
+        run = uuid.uuid4().hex[:8]  # two runs (or two studies with the same cell names) never share a key
+        futures: dict[Future, GridCell] = {
+            client.submit(execute_task, make_task(spec, cell), key=f"llmfirst-cell {cell.id} {run}"): cell
+            for cell in cells}
+        try:
+            for future in as_completed(futures, loop=client.loop):  # our client need not be the default one
+                cell = futures[future]
+                bar.set_postfix_str(cell.id)
+                yield _write_outcome(cell, out / "cells" / cell.id, future)
+            # workers that joined during the run (e.g. one restarted after a crash), now that no cell runs
+            record_worker_environments(client, out / ENVIRONMENT, spec, echo)
+        except KeyboardInterrupt:
+            bar.close()
+            echo(f"interrupted: {sum(not f.done() for f in futures)} unfinished cell(s) cancelled; they will be "
+                 f"redone: run the same command again to resume")
+            raise
+        finally:
+            # unfinished cells leave the queue, finished ones' results the workers' memory -- at once: an erred
+            # future is kept alive by its traceback until the garbage collector runs, and a Client passed in
+            # stays connected
+            client.cancel(list(futures))
 
 
 def _write_outcome(cell: GridCell, cell_dir: Path, future: Future) -> CellResult:
     """The worker's files into the (emptied) cell directory, then the marker; a task that raised -- e.g.
     ``KilledWorker``: the workers executing it died too often -- is recorded FAILED with that reason."""
-    _fresh(cell_dir)
+    fresh_cell_dir(cell_dir)
     try:
         outcome: CellOutcome = future.result()
     except Exception as exc:
-        return _record_cell(cell, cell_dir, Execution("failed", None, f"{type(exc).__name__}: {exc}"))
+        return record_cell(cell, cell_dir, Execution("failed", None, f"{type(exc).__name__}: {exc}"))
     for name, content in outcome.files.items():
-        with open(cell_dir / name, "wb") as fh:  # durable before the marker, as the local kernel's records are
-            fh.write(content)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return _record_cell(cell, cell_dir, outcome.execution, worker=outcome.worker, host=outcome.host)
+        atomic_write(cell_dir / name, content)  # durable before the marker, as the local kernel's records are
+    return record_cell(cell, cell_dir, outcome.execution, worker=outcome.worker, host=outcome.host)
 
 
-__all__ = ["connect", "run_cells", "record_worker_environments", "make_task", "execute_task", "CellTask",
+__all__ = ["DaskExecutor", "connect", "record_worker_environments", "make_task", "execute_task", "CellTask",
            "CellOutcome"]

@@ -28,12 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import KitError
-from .quality.facts import key_fact_recall, mean_recall
-from .quality.gate import GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, gate_result, planted_pairs
-from .quality.judge import PROMPT_VERSION, PairwiseJudge
-from .quality.retention import Retention, retention
-from .records import RunRecord
+from ..errors import KitError
+from ..quality.facts import key_fact_recall, mean_recall
+from ..quality.gate import GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, gate_result, planted_pairs
+from ..quality.judge import PROMPT_VERSION, PairwiseJudge
+from ..quality.retention import Retention, retention
+from ..records import RunRecord
+from .quantization import SHIPPED, safe_model_id
+from .queries import load_queries
+from .store import StudyResults, load_results
 
 JUDGING = "judging"
 JUDGMENTS = "judgments.jsonl"
@@ -90,14 +93,12 @@ class JudgeChoice:
 def judge_for(cell: Mapping[str, Any], spec: Mapping[str, Any]) -> JudgeChoice:
     """The judge of a configuration: the quality judge, or the second judge when the configuration's own model
     (same backend, same file) is the quality judge."""
-    from .study import safe_model_id
-
     judge, jb = spec.get("quality_judge") or "", spec.get("quality_judge_backend") or "embedded"
     if not judge:
         return JudgeChoice(None, jb, "no quality_judge")
     backend = cell.get("backend") or spec["parameters"].get("backend", "embedded")
     mine = safe_model_id(backend, cell["model"], cell["quantization"])
-    if backend == jb and mine is not None and mine == safe_model_id(jb, judge, "shipped"):
+    if backend == jb and mine is not None and mine == safe_model_id(jb, judge, SHIPPED):
         second = spec.get("second_judge") or ""
         if not second:
             return JudgeChoice(None, jb, f"answered by the judge model {judge} itself and no second_judge is set: "
@@ -107,7 +108,7 @@ def judge_for(cell: Mapping[str, Any], spec: Mapping[str, Any]) -> JudgeChoice:
 
 
 def _make_judge(model: str, backend_name: str, spec: Mapping[str, Any]) -> PairwiseJudge:
-    from .backends import backend_options, get_backend
+    from ..backends import backend_options, get_backend
 
     p = spec["parameters"]
     options = backend_options(backend_name, host=p.get("ollama_host") or None, base_url=p.get("openai_base_url") or None,
@@ -180,8 +181,6 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
                             ) -> dict[str, Any]:
     """Gate every judge the study needs, then judge every finished configuration against the baseline.
     Returns counts; the judgments are in ``DIR/judging/judgments.jsonl``."""
-    from .study import load_queries, load_results
-
     d = Path(study_dir)
     res = load_results(d)
     spec = res.spec
@@ -252,7 +251,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
 
 
 def judge_study(study_dir: str | os.PathLike[str], *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
-    from .sync import run_sync
+    from ..sync import run_sync
 
     return run_sync(judge_study_async(study_dir, echo=echo))
 
@@ -279,11 +278,9 @@ def gate_results(study_dir: str | os.PathLike[str], lines: list[dict[str, Any]] 
     return {j: gate_result(v, threshold=threshold, judge_model=j, judge_backend=backends[j]) for j, v in by_judge.items()}
 
 
-def quality_columns(res: Any) -> dict[str, dict[str, Any]]:
+def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     """Cell id -> its quality columns: the judge, its gate, retention with interval, order disagreement,
     key-fact recall, truncation, and why there is no verdict when there is none."""
-    from .study import load_queries
-
     spec = res.spec
     p = spec["parameters"]
     target = float(spec.get("quality_target", 0.8))

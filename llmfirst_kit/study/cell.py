@@ -1,0 +1,131 @@
+"""What runs inside one grid cell (``notebooks/study.ipynb``): :func:`run_cell` runs the queries x repeats
+(warm-up runs first, marked) and appends every :class:`~llmfirst_kit.records.RunRecord` to
+``records.jsonl`` through :class:`~llmfirst_kit.records.RunLog`; :func:`measure_cell_quality` writes
+perplexity / KL of embedded variants to ``quality.json``. An optional per-answer 0-100 review
+(``judge_model``: the pipeline's own ``review`` stage) is part of the record but left out of the latency
+figures (:func:`latency_view`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ..backends import get_backend
+from ..metrics import SLO, run_metrics
+from ..pipeline import Pipeline
+from ..records import RunLog, RunRecord
+from .params import CellParams
+from .quantization import model_id, quantization_label
+from .store import QUALITY, RECORDS, StudyError, write_json
+
+JUDGE_STAGES = ("review", "review.retry")
+
+
+def make_backend(p: CellParams):
+    if p.backend == "embedded":
+        return get_backend("embedded", model=p.models[0], n_ctx=p.n_ctx, n_threads=p.n_threads or None)
+    if p.backend == "openai":
+        return get_backend("openai", model=p.models[0], base_url=p.openai_base_url or None,
+                           response_format_style=p.openai_response_format)
+    return get_backend("ollama", model=p.models[0], host=p.ollama_host or None)
+
+
+def _line(rec: RunRecord, slo: SLO) -> str:
+    m = run_metrics(latency_view(rec), slo)
+
+    def s(v: float | None, scale: float = 1.0, unit: str = "s") -> str:
+        return "n/a" if v is None else f"{v * scale:.2f}{unit}"
+
+    q = rec.quality.get("score") if rec.quality else None
+    lab = rec.labels
+    return (f"{'warmup ' if rec.warmup else ''}{lab.get('model_id')} {rec.preset} {lab.get('query_id')} "
+            f"r{lab.get('repeat')}: {rec.status} ttft={s(m['user_ttft_s'])} tpot={s(m['answer_tpot_s'], 1000, 'ms')} "
+            f"e2e={s(m['e2e_s'])} tokens={m['output_tokens']} judge={q}"
+            + (f" error={rec.error}" if rec.error else ""))
+
+
+async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) -> dict[str, Any]:
+    """Run every model x quantization x preset of ``p`` over its queries: warm-up runs, then queries x
+    repeats, each record appended (and fsync'ed) to ``output_dir/records.jsonl`` as soon as it ends.
+    Raises :class:`StudyError` if no measured run succeeded (the records stay)."""
+    out = Path(p.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out / RECORDS)
+    backend = make_backend(p)
+    counts = {"runs": 0, "ok": 0, "warmup": 0}
+    first_error: str | None = None
+    try:
+        for model in p.models:
+            for quant in p.quantizations:
+                mid = model_id(p.backend, model, quant)
+                qname, shipped = quantization_label(p.backend, model, quant)
+                if p.judge_model and p.backend == "embedded":  # load the judge now, not inside a measured run
+                    await asyncio.to_thread(backend.load, p.judge_model)
+                for preset in p.presets:
+                    name, _, variant = preset.partition(":")
+                    options = dict(backend=backend, model=mid, max_tokens=p.max_tokens, temperature=p.temperature,
+                                   seed=p.seed, cache=p.effective_cache, slo=p.slo,
+                                   analysis_first=variant == "analysis-first")
+                    warm = Pipeline.from_preset(name, **options)
+                    pipe = Pipeline.from_preset(name, review=bool(p.judge_model), judge_model=p.judge_model or None,
+                                                **options)
+                    labels = {"study": p.study_name, "cell": p.cell, "backend": p.backend, "model": model,
+                              "quantization": qname, "shipped": shipped, "model_id": mid, "preset": preset,
+                              "judge_model": p.judge_model or None, "max_tokens": p.max_tokens,
+                              "temperature": p.temperature, "seed": p.seed, "cache": p.effective_cache,
+                              "n_threads": getattr(backend, "n_threads", None)}
+                    for w in range(p.warmup_runs):
+                        q = p.queries[w % len(p.queries)]
+                        rec = await warm.run(q.query, labels={**labels, **q.labels(), "repeat": w}, warmup=True,
+                                             log=log)
+                        log.append(rec)
+                        counts["warmup"] += 1
+                        if echo:
+                            echo(_line(rec, p.slo))
+                    for r in range(p.repeats):
+                        for q in p.queries:
+                            rec = await pipe.run(q.query, labels={**labels, **q.labels(), "repeat": r}, log=log)
+                            log.append(rec)
+                            counts["runs"] += 1
+                            counts["ok"] += rec.status == "ok"
+                            first_error = first_error or rec.error
+                            if echo:
+                                echo(_line(rec, p.slo))
+    finally:
+        await backend.aclose()
+    if counts["ok"] == 0:
+        raise StudyError(f"none of the {counts['runs']} measured runs succeeded; first error: {first_error}")
+    return counts
+
+
+def measure_cell_quality(p: CellParams) -> list[dict[str, Any]]:
+    """Perplexity of each embedded model file of the cell on ``perplexity_text``, and its KL divergence
+    against the model's shipped file (the shipped file against itself gives 0). Written to
+    ``output_dir/quality.json``. Nothing for Ollama (the server exposes no logits) or without a text."""
+    if not p.perplexity_text or p.backend != "embedded":
+        return []
+    from ..models import fidelity as quality
+
+    rows = []
+    for model in p.models:
+        for quant in p.quantizations:
+            mid = model_id(p.backend, model, quant)
+            qname, shipped = quantization_label(p.backend, model, quant)
+            reference = None if (model.endswith(".gguf") or os.sep in model) else model
+            fq = quality.measure(mid, p.perplexity_text, reference=reference, n_tokens=p.perplexity_tokens,
+                                 n_threads=p.n_threads or None)
+            rows.append({**fq.to_dict(), "file": fq.model, "model": model, "quantization": qname, "shipped": shipped,
+                         "model_id": mid,
+                         "note": "reference = the shipped (already quantized) file, not a 16-bit original"})
+    write_json(Path(p.output_dir) / QUALITY, rows)
+    return rows
+
+
+def latency_view(rec: RunRecord) -> RunRecord:
+    """The record without its judge stages: the judge scores the answer after the user has it, so its
+    time is not part of the pipeline's latency (the full record stays on disk)."""
+    return dataclasses.replace(rec, stages=[s for s in rec.stages if s.name not in JUDGE_STAGES])

@@ -1,0 +1,243 @@
+"""The study file and its grid: a YAML file (or a dict) of the cell notebook's parameters -- ``models``,
+``quantizations`` and ``presets`` are the grid's axes -- plus the runner's own keys (:data:`RUNNER_KEYS`:
+the baseline system, its judge and the judge gate are :class:`QualitySettings`); :func:`load_study`
+checks it, :func:`expand_grid` makes one :class:`GridCell` per model x quantization x preset, with the
+baseline system's cell (:func:`baseline_cell`) first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..backends import BACKENDS
+from ..errors import InvalidInput
+from ..pipeline import PRESETS
+from .notebooks import STUDY_NOTEBOOK, notebook_defaults
+from .params import CELL_PARAMETERS, Param, check_names_and_types, raise_invalid, type_name
+from .quantization import SHIPPED
+
+RUNNER_KEYS: dict[str, Param] = {
+    "name": Param(str, "the study's name (default: the file name)"),
+    "output_dir": Param(str, "the study directory (relative to the study file)"),
+    "notebook": Param(str, "the cell notebook (default notebooks/study.ipynb)"),
+    "baseline_model": Param(str, "the baseline system every configuration is judged against: this model ... (default "
+                                 "qwen2.5-coder-1.5b; '' = no baseline, no quality verdicts)"),
+    "baseline_backend": Param(str, "... on this backend (default embedded) ..."),
+    "baseline_preset": Param(str, "... with this preset (default direct) ..."),
+    "baseline_quantization": Param(str, "... at this quantization (default shipped) ..."),
+    "baseline_max_tokens": Param(int, "... and this max tokens per stage, large enough for complete answers (default 512)"),
+    "quality_judge": Param(str, "the model that judges each configuration's answers against the baseline's, pairwise "
+                                "in both orders (default qwen2.5-coder-1.5b; '' = no judging)"),
+    "quality_judge_backend": Param(str, "the judge's backend (default embedded)"),
+    "second_judge": Param(str, "judges the configurations answered by the judge model itself, so that no model only "
+                               "judges itself ('' = those configurations get no quality verdict; default '')"),
+    "judge_max_tokens": Param(int, "max tokens of one judgment (reasons, then the verdict; default 160)"),
+    "gate_answers": Param(int, "baseline answers the judge gate plants bad answers from, 5 kinds each (default 8)"),
+    "gate_kinds": Param(list, "kinds of planted bad answers: other_query, truncated, wrong_language, prompt_echo, empty "
+                              "(default all)"),
+    "gate_threshold": Param(float, "gate accuracy below which a judge cannot judge: no quality verdict (default 0.9)"),
+    "bootstrap_samples": Param(int, "bootstrap resamples of the retention interval (default 2000; seeded by `seed`)"),
+    "quality_target": Param(float, "meets quality: the retention interval's lower bound >= this (default 0.8)"),
+    "cell_timeout_s": Param(int, "papermill timeout of one notebook cell, 0 = none (default 0)"),
+}
+RUNNER_SET = ("output_dir", "study_name", "cell")  # notebook parameters the runner sets itself
+PATH_KEYS = ("queries_file", "perplexity_text", "notebook", "output_dir")
+
+
+REFERENCE_MODEL = "qwen2.5-coder-1.5b"  # the default baseline and judge
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """The baseline system, its judge and the judge gate (study-level keys of the same names)."""
+
+    baseline_model: str = REFERENCE_MODEL
+    baseline_backend: str = "embedded"
+    baseline_preset: str = "direct"
+    baseline_quantization: str = SHIPPED
+    baseline_max_tokens: int = 512
+    quality_judge: str = REFERENCE_MODEL
+    quality_judge_backend: str = "embedded"
+    second_judge: str = ""
+    judge_max_tokens: int = 160
+    gate_answers: int = 8
+    gate_kinds: tuple[str, ...] = ("other_query", "truncated", "wrong_language", "prompt_echo", "empty")
+    gate_threshold: float = 0.9
+    bootstrap_samples: int = 2000
+    quality_target: float = 0.8
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("baseline_backend", "quality_judge_backend"):
+            if getattr(self, name) not in BACKENDS:
+                out.append(f"{name} {getattr(self, name)!r} is unknown; accepted: {', '.join(BACKENDS)}")
+        base, _, variant = self.baseline_preset.partition(":")
+        if base not in PRESETS or variant not in ("", "analysis-first"):
+            out.append(f"baseline_preset {self.baseline_preset!r} is unknown; accepted: {', '.join(PRESETS)}")
+        for name, low in (("baseline_max_tokens", 1), ("judge_max_tokens", 16), ("gate_answers", 1),
+                          ("bootstrap_samples", 100)):
+            if getattr(self, name) < low:
+                out.append(f"{name} must be >= {low}, got {getattr(self, name)}")
+        from ..quality.gate import KINDS
+
+        unknown = [k for k in self.gate_kinds if k not in KINDS]
+        if unknown or not self.gate_kinds:
+            out.append(f"gate_kinds must be a non-empty list of: {', '.join(KINDS)}; got {list(self.gate_kinds)}")
+        if not 0 < self.gate_threshold <= 1 or not 0 < self.quality_target <= 1:
+            out.append("gate_threshold and quality_target must be in (0, 1]")
+        return out
+
+
+QUALITY_KEYS = tuple(f.name for f in dataclasses.fields(QualitySettings))
+
+
+@dataclass
+class StudySpec:
+    name: str
+    output_dir: Path
+    notebook: Path
+    parameters: dict[str, Any]  # notebook parameters shared by every cell (grid axes included as lists)
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    cell_timeout_s: int = 0
+    source: str | None = None
+
+    @property
+    def baseline_preset(self) -> str:
+        return self.quality.baseline_preset
+
+    @property
+    def baseline_quantization(self) -> str:
+        return self.quality.baseline_quantization
+
+    @property
+    def quality_target(self) -> float:
+        return self.quality.quality_target
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "output_dir": str(self.output_dir), "notebook": str(self.notebook),
+                "parameters": self.parameters, **dataclasses.asdict(self.quality),
+                "cell_timeout_s": self.cell_timeout_s, "source": self.source}
+
+
+def accepted_study_keys() -> str:
+    keys = {**RUNNER_KEYS, **{k: v for k, v in CELL_PARAMETERS.items() if k not in RUNNER_SET}}
+    return "".join(f"\n  {k} ({type_name(p.kind)}): {p.help}" for k, p in keys.items())
+
+
+def load_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: str | os.PathLike[str] | None = None
+               ) -> StudySpec:
+    """A study from a YAML file or a dict. Keys are the notebook's parameters (``models``, ``quantizations``
+    and ``presets`` are the grid's axes) plus the runner's own; relative paths are relative to the YAML
+    file (to the working directory for a dict). Unknown keys or wrong types fail here, listing what is
+    accepted; model names are checked by each cell (an unknown model fails that cell only)."""
+    import yaml
+
+    if isinstance(study, Mapping):
+        data, base, source = dict(study), Path.cwd(), None
+    else:
+        path = Path(study)
+        if not path.is_file():
+            raise InvalidInput(f"study file {str(path)!r} does not exist; see studies/example.yaml")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise InvalidInput(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"{path} must hold a mapping of study keys; accepted: {accepted_study_keys()}")
+        base, source = path.resolve().parent, str(path.resolve())
+    set_by_runner = [k for k in data if k in RUNNER_SET and k != "output_dir"]
+    notebook_keys = {k: v for k, v in CELL_PARAMETERS.items() if k not in RUNNER_SET}
+    problems = [f"{k} is set by the runner for each cell; remove it" for k in set_by_runner]
+    problems += check_names_and_types({k: v for k, v in data.items() if k not in set_by_runner},
+                                      extra=RUNNER_KEYS, require_all=False)
+    for axis in ("models", "presets"):
+        if axis not in data:
+            problems.append(f"{axis} is required (a list)")
+    raise_invalid(problems, accepted_study_keys())
+    for key in PATH_KEYS:
+        if data.get(key):
+            data[key] = str((base / Path(data[key]).expanduser()).resolve())
+    name = data.pop("name", None) or (Path(source).stem if source else "study")
+    out = output_dir or data.pop("output_dir", None) or (Path.cwd() / "runs" / name)
+    data.pop("output_dir", None)
+    runner = {k: data.pop(k) for k in list(data) if k in RUNNER_KEYS}
+    notebook = Path(runner.get("notebook") or STUDY_NOTEBOOK)
+    parameters = {k: v for k, v in notebook_defaults(notebook).items() if k in notebook_keys}
+    for key in ("queries_file", "perplexity_text"):  # the notebook's defaults are relative to the notebook
+        if parameters.get(key) and not Path(parameters[key]).is_absolute():
+            parameters[key] = str((notebook.parent / parameters[key]).resolve())
+    parameters.update(data)
+    parameters.setdefault("quantizations", [SHIPPED])
+    quality = QualitySettings(**{k: (float(v) if isinstance(getattr(QualitySettings, k), float) else
+                                     tuple(v) if isinstance(v, list) else v)
+                                 for k, v in runner.items() if k in QUALITY_KEYS})
+    raise_invalid(quality.problems(), accepted_study_keys())
+    return StudySpec(name=name, output_dir=Path(out).expanduser().resolve(),
+                     notebook=notebook, parameters=parameters, quality=quality,
+                     cell_timeout_s=int(runner.get("cell_timeout_s", 0)), source=source)
+
+
+@dataclass(frozen=True)
+class GridCell:
+    id: str
+    model: str
+    quantization: str
+    preset: str
+    parameters: dict[str, Any]
+    role: str = "grid"  # grid | baseline (the baseline system's answers, which the others are judged against)
+    backend: str = ""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@+=-]+", "_", text).strip("_") or "x"
+
+
+def expand_grid(spec: StudySpec) -> list[GridCell]:
+    """models x quantizations x presets, in that order. The first preset of each model x quantization
+    also measures perplexity / KL (once per model file)."""
+    p = spec.parameters
+    cells: list[GridCell] = []
+    seen: set[str] = set()
+    for model in p["models"]:
+        short = Path(model).stem if model.endswith(".gguf") else model
+        for quant in p["quantizations"]:
+            for i, preset in enumerate(p["presets"]):
+                cid = _slug(f"{short}@{quant}--{preset}")
+                while cid in seen:
+                    cid += "+"
+                seen.add(cid)
+                params = {**p, "models": [model], "quantizations": [quant], "presets": [preset],
+                          "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name, "cell": cid,
+                          "perplexity_text": p.get("perplexity_text", "") if i == 0 else ""}
+                cells.append(GridCell(id=cid, model=model, quantization=quant, preset=preset, parameters=params,
+                                      backend=p.get("backend", "embedded")))
+    baseline = baseline_cell(spec, cells)
+    if baseline is not None and baseline not in cells:
+        cells.insert(0, baseline)  # first: its answers are what every other cell is judged against
+    return cells
+
+
+def baseline_cell(spec: StudySpec, grid: list[GridCell]) -> GridCell | None:
+    """The cell that answers as the baseline system: a grid cell with exactly the baseline's settings, or a
+    cell of its own (``baseline--...``; no perplexity, its own max tokens). None without a baseline."""
+    q, p = spec.quality, spec.parameters
+    if not q.baseline_model:
+        return None
+    for cell in grid:
+        if (cell.backend == q.baseline_backend and cell.model == q.baseline_model
+                and cell.quantization.lower() == q.baseline_quantization.lower() and cell.preset == q.baseline_preset
+                and p.get("max_tokens") == q.baseline_max_tokens):
+            return cell
+    short = Path(q.baseline_model).stem if q.baseline_model.endswith(".gguf") else q.baseline_model
+    cid = _slug(f"baseline--{short}@{q.baseline_quantization}--{q.baseline_preset}")
+    params = {**p, "backend": q.baseline_backend, "models": [q.baseline_model],
+              "quantizations": [q.baseline_quantization], "presets": [q.baseline_preset],
+              "max_tokens": q.baseline_max_tokens, "perplexity_text": "",
+              "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name, "cell": cid}
+    return GridCell(id=cid, model=q.baseline_model, quantization=q.baseline_quantization, preset=q.baseline_preset,
+                    parameters=params, role="baseline", backend=q.baseline_backend)
