@@ -1,7 +1,7 @@
 """The ``llmfirst`` command: a thin layer over functions a notebook can call too.
 
 Model text goes to stdout as it streams; stage labels, decisions and the metrics line go to stderr, so
-``llmfirst ask ... > answer.txt`` keeps only what the model wrote.
+``llmfirst ask ... > answer.txt`` keeps only what the model wrote (``sinks.console``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from typing import Any
 
 from .backends import BACKENDS, backend_options, get_backend
 from .errors import ContextOverflow, InvalidInput, KitError, UnknownModel
-from .events import Decision, Error, Token
+from .compliance import Transcript, sink_compliance
+from .events import Error
 from .metrics import call_metrics, run_metrics
 from . import engine
 from .models import DEFAULT_MODEL, known_names, status
 from .pipeline import PRESETS, Pipeline
 from .records import RunLog, RunRecord
+from .sinks.console import ConsoleSink
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 BAD_INPUT_CODES = {cls.code for cls in (InvalidInput, ContextOverflow, UnknownModel)}
@@ -156,13 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------ ask
 
-def _summary(rec: RunRecord, pipe: Pipeline) -> dict[str, Any]:
-    """The --json object: the answer call's metrics at the top level, the run's beside them."""
+def _summary(rec: RunRecord, pipe: Pipeline, transcript: Transcript | None = None) -> dict[str, Any]:
+    """The --json object: the answer call's metrics at the top level, the run's beside them. ``compliance`` is
+    the figure of the sink that shows it: the terminal's ``transcript``, or else this object itself (its
+    ``text`` and its stages' texts are what it presents as the models' words)."""
     visible = [s for s in rec.stages if s.visible]
     answer = visible[-1].call if visible else (rec.stages[-1].call if rec.stages else None)
     cm = call_metrics(answer, pipe.slo) if answer else {}
     rm = run_metrics(rec, pipe.slo)
-    return {
+    out = {
         "status": rec.status, "error": rec.error, "run_id": rec.run_id,
         "text": answer.text if answer else "", "model": answer.model if answer else rec.labels.get("model"),
         "backend": rec.labels.get("backend"), "preset": rec.preset,
@@ -172,8 +176,10 @@ def _summary(rec: RunRecord, pipe: Pipeline) -> dict[str, Any]:
         "load_s": cm.get("load_s"), "cold_load": cm.get("cold_load"),
         "slo": cm.get("slo", {"ttft": None, "tpot": None, "e2e": None}),
         "user_ttft_s": rm["user_ttft_s"], "run_e2e_s": rm["e2e_s"], "model_calls": rm["model_calls"],
-        "kit_overhead_s": rm["kit_overhead_s"], "compliance": rm["compliance"],
-        "decisions": {k: {"value": v["value"], "status": v["status"]} for k, v in rec.decisions.items()},
+        "kit_overhead_s": rm["kit_overhead_s"], "compliance": None, "sink": None,
+        "prompt_echo_chars": rm["prompt_echo_chars"], "decision_compliance": rm["decision_compliance"],
+        "decisions": {k: {"value": v.get("value"), "status": v["status"], "used": v.get("used", v.get("value")),
+                          "source": v.get("source", "model")} for k, v in rec.decisions.items()},
         "quality": rm["quality"], "query": rec.query,
         "stages": [
             {"name": s.name, "model": s.call.model, "text": s.call.text, "visible": s.visible,
@@ -182,6 +188,18 @@ def _summary(rec: RunRecord, pipe: Pipeline) -> dict[str, Any]:
             for s in rec.stages
         ],
     }
+    if transcript is None:  # this object is the sink: the text it presents as the models' words
+        transcript = Transcript("json")
+        for stage in out["stages"]:
+            if stage["visible"]:
+                transcript.content(stage["name"], stage["text"])
+    report = sink_compliance(rec, transcript)
+    out["compliance"], out["sink"] = report.compliance, report.to_dict()
+    return out
+
+
+def _r(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _metrics_line(summary: dict[str, Any]) -> str:
@@ -193,7 +211,8 @@ def _metrics_line(summary: dict[str, Any]) -> str:
              f"user_ttft={f(summary['user_ttft_s'])}", f"ttft={f(summary['ttft_s'])}",
              f"tpot={f(summary['tpot_s'], 'ms', 1000)}", f"e2e={f(summary['e2e_s'])}",
              f"tokens={summary['output_tokens']} ({summary['token_count_source']})",
-             f"tok/s={f(summary['tokens_per_s'], '')}", f"compliance={summary['compliance']}",
+             f"tok/s={f(summary['tokens_per_s'], '')}", f"compliance={_r(summary['compliance'])}",
+             f"echo={summary['prompt_echo_chars']}", f"decisions={_r(summary['decision_compliance'])}",
              f"quality={summary['quality']}", f"slo[{slo}]"]
     return " ".join(parts)
 
@@ -207,35 +226,28 @@ async def ask(args: argparse.Namespace) -> int:
                                 temperature=args.temperature, seed=args.seed)
     log = RunLog(args.log) if args.log else None
     run = pipe.start(args.question, log=log)
-    current: str | None = None
     error_code: str | None = None
-    labelled = len(pipe.stages) > 1  # label each stream when there are several (cascade stages interleave)
-    err = sys.stderr
+    # the terminal sink; with --json nothing streams and the JSON object is the sink (see _summary)
+    sink = ConsoleSink(labels=sum(s.visible for s in pipe.stages) > 1) if not args.json else None
     try:
         async for ev in run:
             if isinstance(ev, Error):
                 error_code = ev.code
-                print(f"\nllmfirst: error [{ev.code}] in stage {ev.stage}: {ev.message}", file=err)
-            if args.json:
-                continue
-            if isinstance(ev, Token):
-                if labelled and ev.stage != current:
-                    current = ev.stage
-                    print(f"\n[{ev.stage}]", file=err, flush=True)
-                print(ev.text, end="", flush=True, file=sys.stdout if ev.visible else err)
-            elif isinstance(ev, Decision):
-                print(f"\n[decision {ev.name} ({ev.status})] {json.dumps(ev.value, ensure_ascii=False)}", file=err)
+                if sink is None:
+                    print(f"llmfirst: error [{ev.code}] in stage {ev.stage}: {ev.message}", file=sys.stderr)
+            if sink is not None:
+                sink.handle(ev)
     except asyncio.CancelledError:
         pass
     rec = run.record
     if log is not None:
         log.append(rec)
-    summary = _summary(rec, pipe)
-    if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
+    if sink is not None:
+        sink.close()
+        summary = _summary(rec, pipe, sink.transcript)
+        sink.line(_metrics_line(summary))
     else:
-        print(file=sys.stdout)
-        print(_metrics_line(summary), file=err)
+        print(json.dumps(_summary(rec, pipe), ensure_ascii=False))
     if error_code in BAD_INPUT_CODES:  # found before a model call (e.g. a prompt longer than the context)
         return EXIT_BAD_INPUT
     return {"ok": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(rec.status, EXIT_FAILED)
@@ -281,18 +293,20 @@ def doctor_cmd(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- bench
 
 async def bench_cmd(args: argparse.Namespace) -> int:
-    from . import bench
+    from .bench.engine import compare
+    from .bench.overhead import overhead
+    from .bench.pipeline import pipeline as bench_pipeline
 
     if args.bench == "engine":
-        result = engine.compare(model=args.model, runs=args.runs, tokens=args.max_tokens, n_threads=args.threads)
+        result = compare(model=args.model, runs=args.runs, tokens=args.max_tokens, n_threads=args.threads)
     elif args.bench == "overhead":
-        result = await bench.overhead(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
+        result = await overhead(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
     elif args.bench == "view":
         from .notebook import benchmark_view_async
 
         result = await benchmark_view_async(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
     elif args.bench == "load":
-        from .load_sweep import format_sweep, load_target, parse_concurrency, sweep
+        from .bench.load_sweep import format_sweep, load_target, parse_concurrency, sweep
 
         levels = parse_concurrency(args.concurrency)
         async with load_target(args.backend, host=args.host, base_url=args.base_url, serve_kit=args.serve_kit,
@@ -307,7 +321,7 @@ async def bench_cmd(args: argparse.Namespace) -> int:
         print(json.dumps(result, ensure_ascii=False) if args.json else format_sweep(result))
         return EXIT_FAILED if result["stopped_early"] == "error rate" else EXIT_OK
     elif args.bench == "serve":
-        from .server import bench_serve_async, format_bench
+        from .bench.ws_load import bench_serve_async, format_bench
 
         result = await bench_serve_async(args.clients, args.queries, model=args.model, preset=args.preset,
                                          max_tokens=args.max_tokens, n_threads=args.threads)
@@ -316,7 +330,7 @@ async def bench_cmd(args: argparse.Namespace) -> int:
             return EXIT_OK
     else:
         presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
-        result = await bench.pipeline(model=args.model, presets=presets, repeats=args.repeats,
+        result = await bench_pipeline(model=args.model, presets=presets, repeats=args.repeats,
                                       max_tokens=args.max_tokens)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
@@ -375,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return asyncio.run(bench_cmd(args))
         if args.command == "serve":
-            from .server import ServerConfig, serve
+            from .serve import ServerConfig, serve
 
             config = ServerConfig(default_model=args.model or DEFAULT_MODEL, n_threads=args.threads,
                                   max_queue=args.max_queue, allowed_backends=("embedded", *args.allow_backend),

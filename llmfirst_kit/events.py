@@ -7,11 +7,13 @@ its chunk and the id of the model call that produced it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from .records import CallRecord, RunRecord
+
+if TYPE_CHECKING:
+    from .compliance import Transcript
 
 
 @dataclass(frozen=True)
@@ -19,10 +21,6 @@ class Event:
     type: ClassVar[str] = "event"
     run_id: str
     t_ns: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (records flattened to dicts)."""
-        return {"type": self.type, **dataclasses.asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -56,14 +54,18 @@ class StageEnd(Event):
 
 @dataclass(frozen=True)
 class Decision(Event):
-    """A decision a model returned as structured output (or ``undecided`` and the configured default)."""
+    """A decision a model returned as structured output. ``undecided``: the model's output failed twice,
+    ``value`` is None and the run uses ``used``, the configured default (``source="kit default"``): a sink shows
+    it as undecided, never as the model's."""
 
     type: ClassVar[str] = "decision"
     stage: str
     name: str
-    value: Any
+    value: Any  # what the model decided; None when undecided
     status: str  # decided | undecided
     call_id: str
+    used: Any = None  # what the run goes on with: the model's value, or the kit's default
+    source: str = "model"  # model | kit default
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,17 @@ class Error(Event):
     stage: str | None
     code: str
     message: str
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Anything that shows a run to a person: the terminal (``sinks.console``), the notebook view
+    (``sinks.live_view``), the server's WebSocket and HTTP APIs. It gets every event in order (``handle``) and
+    keeps a transcript of exactly what it emitted, from which its LLM-first compliance is computed
+    (:func:`llmfirst_kit.compliance.sink_compliance`)."""
+
+    name: str
+    transcript: "Transcript"
+
+    def handle(self, event: Event) -> Any:
+        ...

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
 from .records import CallRecord, RunRecord
+from .compliance import decision_compliance, output_compliance, prompt_echo_chars
 
 NS = 1e9
 
@@ -145,23 +146,6 @@ def kit_overhead_s(run: RunRecord) -> float:
     return sum(stage_gaps_s(run))
 
 
-def compliance(run: RunRecord) -> float | None:
-    """Share of user-visible characters produced by a model call (1.0 = everything a model wrote)."""
-    total = sum(len(v.text) for v in run.shown)
-    if total == 0:
-        return None
-    by_model = sum(len(v.text) for v in run.shown if v.call_id is not None and _is_model_call(run, v))
-    return by_model / total
-
-
-def _is_model_call(run: RunRecord, v: Any) -> bool:
-    """A visible string counts as model-made only if it is a substring of that call's recorded output."""
-    for s in run.stages:
-        if s.call.call_id == v.call_id:
-            return v.text in s.call.text
-    return False
-
-
 def run_metrics(run: RunRecord, slo: SLO = DEFAULT_SLO) -> dict[str, Any]:
     visible = [s for s in run.stages if s.visible]
     answer = visible[-1].call if visible else (run.stages[-1].call if run.stages else None)
@@ -174,7 +158,9 @@ def run_metrics(run: RunRecord, slo: SLO = DEFAULT_SLO) -> dict[str, Any]:
         "model_calls": len(run.stages),
         "output_tokens": sum(s.call.output_tokens or 0 for s in run.stages),
         "kit_overhead_s": kit_overhead_s(run),
-        "compliance": compliance(run),
+        "compliance": output_compliance(run),  # before any sink; each sink reports its own (compliance.py)
+        "prompt_echo_chars": prompt_echo_chars(run),
+        "decision_compliance": decision_compliance(run),
         "quality": None if run.quality is None else run.quality.get("score"),
         "slo": slo_verdict(ut, tp, e, slo),
     }

@@ -42,6 +42,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from .compliance import SinkCompliance, Transcript, sink_compliance
 from .events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
 from .metrics import DEFAULT_SLO, NS, SLO, call_metrics, calls_frame, decode_tps, run_metrics, ttft_s
 from .records import CallRecord, RunRecord
@@ -92,12 +93,14 @@ class _Panel:
 
 
 class LiveView:
-    """One panel per stage with its text growing live, a header per stage (TTFT, tokens/s, elapsed), the
+    """A :class:`~llmfirst_kit.events.Sink` for Jupyter. One panel per stage with its text growing live, a header per stage (TTFT, tokens/s, elapsed), the
     model's decisions, and a Stop button. Shows one run; make a new view for the next run.
 
     ``show``: display the view (``None``: only inside a Jupyter kernel). ``messages`` counts the
     frontend messages the view caused (widget value changes and display updates).
     """
+
+    name = "live_view"
 
     def __init__(self, *, flush_interval_s: float = FLUSH_INTERVAL_S, show: bool | None = None):
         self.flush_interval_s = flush_interval_s
@@ -279,6 +282,34 @@ class LiveView:
 
             self._display = display(self.widget, display_id=True)
 
+    def rendered_texts(self) -> list[tuple[str, bool, str]]:
+        """(stage, shown to the user, text) of each panel as its widget renders it now (read back from the
+        widget's HTML, in display order): what a person sees, not what the view meant to show."""
+        out = []
+        by_widget = {id(p.widget): p for p in self._panels.values()}
+        for w in self.stages_box.children:
+            p = by_widget[id(w)]
+            body = w.value.split(_BODY_OPEN, 1)[-1].rsplit(_BODY_CLOSE, 1)[0] if _BODY_OPEN in w.value else ""
+            out.append((p.stage, p.visible, html.unescape(body)))
+        return out
+
+    @property
+    def transcript(self) -> Transcript:
+        """What the view emitted: the shown panels' rendered text is content; the header (metrics, decisions,
+        errors) and the internal panels' text, marked internal, are chrome."""
+        t = Transcript(self.name)
+        t.chrome(html.unescape(self.header.value))
+        for stage, visible, text in self.rendered_texts():
+            if visible:
+                t.content(stage, text)
+            else:
+                t.chrome(text)
+        return t
+
+    def compliance(self) -> SinkCompliance | None:
+        """This view's LLM-first compliance (``compliance.sink_compliance``), once it shows a run."""
+        return sink_compliance(self.record, self.transcript) if self.record is not None else None
+
     def texts(self) -> dict[str, str]:
         """The text of each panel, by call id: what the next flush sends; after the run, what is shown."""
         return {call_id: p.text for call_id, p in self._panels.items()}
@@ -306,9 +337,13 @@ class LiveView:
             bits.append(html.escape(str(rec.labels.get("model", ""))))
         m = self.run_metrics
         if m:
+            own = self.compliance() if self._finished else None  # this view's figure, from what it rendered
             bits += [f"user TTFT {_s(m['user_ttft_s'])}", f"E2E {_s(m['e2e_s'])}",
                      f"answer TPOT {_ms(m['answer_tpot_s'])}", f"{m['output_tokens']} tokens",
-                     f"model calls {m['model_calls']}", f"compliance {_num(m['compliance'])}"]
+                     f"model calls {m['model_calls']}",
+                     f"compliance {_num(own.compliance if own else None)}",
+                     f"prompt echo {m['prompt_echo_chars']} chars",
+                     f"decisions by the model {_num(m['decision_compliance'])}"]
             if m.get("quality") is not None:
                 bits.append(f"quality {m['quality']}")
             slo = m.get("slo") or {}
@@ -318,8 +353,13 @@ class LiveView:
             lines.append("stopped during stage " + ", ".join(f"<b>{html.escape(s)}</b>"
                                                              for s in self.stopped_stages))
         for d in self.decisions:
-            lines.append(f"decision <b>{html.escape(d.name)}</b> ({html.escape(d.status)}, stage "
-                         f"{html.escape(d.stage)}): {_decision_text(d)}")
+            if d.status == "decided":
+                lines.append(f"decision <b>{html.escape(d.name)}</b> (by the model, stage "
+                             f"{html.escape(d.stage)}): {_decision_text(d.value)}")
+            else:
+                lines.append(f"decision <b>{html.escape(d.name)}</b>: <span style='color:#c80'>undecided</span> "
+                             f"(the model's output failed twice, stage {html.escape(d.stage)}); the kit's default "
+                             f"is used: {_decision_text(d.used)}")
         for e in self.errors:
             lines.append(f"<span style='color:#b00'>error {html.escape(e.code)} in stage "
                          f"{html.escape(str(e.stage))}: {html.escape(e.message)}</span>")
@@ -352,7 +392,10 @@ def _panel_html(p: _Panel, now_ns: int) -> str:
     border = "#4a90d9" if p.visible else "#bbb"
     return (f"<div style='border-left:3px solid {border};padding:2px 8px;margin:6px 0'>"
             f"<div style='font-family:monospace;font-size:12px;color:#555'>{head}</div>"
-            f"<div style='white-space:pre-wrap'>{html.escape(p.text)}</div></div>")
+            f"{_BODY_OPEN}{html.escape(p.text)}{_BODY_CLOSE}")
+
+
+_BODY_OPEN, _BODY_CLOSE = "<div style='white-space:pre-wrap'>", "</div></div>"  # a panel's text, between these
 
 
 def _badge(state: str) -> str:
@@ -361,8 +404,7 @@ def _badge(state: str) -> str:
     return f"<span style='color:{colour}'>{html.escape(state)}</span>"
 
 
-def _decision_text(d: Decision) -> str:
-    value = d.value
+def _decision_text(value: Any) -> str:
     if isinstance(value, dict):
         parts = []
         for k, v in value.items():

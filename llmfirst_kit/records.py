@@ -68,15 +68,6 @@ class CallRecord:
 
 
 @dataclass
-class Visible:
-    """One string a user saw, with where it came from (``call_id`` of the model call, or ``None``)."""
-
-    stage: str
-    text: str
-    call_id: str | None
-
-
-@dataclass
 class StageRecord:
     name: str
     visible: bool
@@ -86,7 +77,8 @@ class StageRecord:
 
 @dataclass
 class RunRecord:
-    """One pipeline run: its stages (each one model call), decisions and everything the user saw."""
+    """One pipeline run: its stages (each one model call), its decisions and the kit prompts it sent. What a
+    person saw is each sink's own record (``compliance.Transcript``)."""
 
     run_id: str
     preset: str
@@ -98,7 +90,7 @@ class RunRecord:
     error: str | None = None
     stages: list[StageRecord] = field(default_factory=list)
     decisions: dict[str, Any] = field(default_factory=dict)
-    shown: list[Visible] = field(default_factory=list)
+    kit_prompts: list[str] = field(default_factory=list)  # the kit-written prompt texts sent (prompt-echo check)
     quality: dict[str, Any] | None = None
     labels: dict[str, Any] = field(default_factory=dict)  # study parameters: model, quantization, repeat...
     environment: dict[str, Any] = field(default_factory=dict)  # CPU, the embedded engine's configuration
@@ -115,7 +107,6 @@ class RunRecord:
                         wait_ns=s.get("wait_ns", 0))
             for s in data.get("stages", [])
         ]
-        data["shown"] = [Visible(**v) for v in data.get("shown", [])]
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

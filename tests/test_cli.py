@@ -7,6 +7,7 @@ import json
 import pytest
 
 from llmfirst_kit.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from llmfirst_kit.compliance import Transcript, sink_compliance
 from llmfirst_kit.records import CallRecord, RunRecord, read_log
 
 from conftest import TEST_MODEL
@@ -26,10 +27,26 @@ def test_ask_streams_text_then_one_metrics_line(capsys, tmp_path):
     assert code == EXIT_OK
     assert out.strip()  # the model's text, on stdout only
     [line] = [ln for ln in err.splitlines() if ln.startswith("status=")]
-    assert "ttft=" in line and "tpot=" in line and "compliance=1.0" in line
+    assert "ttft=" in line and "tpot=" in line and "echo=" in line and "decisions=n/a" in line
     call, rec = read_log(log)  # the model call as it ended, then the run
     assert isinstance(rec, RunRecord) and rec.stages[0].call.text.strip() == out.strip()
+    # the printed figure is the one of stdout as captured here, against the run's record
+    captured = Transcript("stdout")
+    captured.content("answer", out)
+    assert f"compliance={sink_compliance(rec, captured).compliance:.3f}" in line
     assert isinstance(call, CallRecord) and call.run_id == rec.run_id and call.text == rec.stages[0].call.text
+
+
+def test_ask_staged_keeps_each_stage_apart_on_stdout(capsys, tmp_path):
+    log = tmp_path / "runs.jsonl"
+    code, out, err = run_cli(capsys, "ask", "What is rain?", "--model", TEST_MODEL, "--max-tokens", "24",
+                             "--preset", "staged", "--log", str(log))
+    assert code == EXIT_OK
+    rec = read_log(log)[-1]
+    visible = [s.call.text for s in rec.stages if s.visible]
+    assert len(visible) == 3 and out == "\n\n".join(visible) + "\n"  # blank lines between, nothing else
+    assert err.index("[analysis]") < err.index("[reasoning]") < err.index("[answer]")
+    assert "[decision strategy" in err
 
 
 def test_ask_json_has_the_documented_fields(capsys):
@@ -43,7 +60,10 @@ def test_ask_json_has_the_documented_fields(capsys):
     assert data["status"] == "ok" and data["model"] == TEST_MODEL and data["backend"] == "embedded"
     assert set(data["slo"]) == {"ttft", "tpot", "e2e"} and all(isinstance(v, bool) for v in data["slo"].values())
     assert 0 < data["output_tokens"] <= 16 and data["prompt_tokens"] > 0
-    assert data["ttft_s"] <= data["e2e_s"] and data["compliance"] == 1.0 and data["quality"] is None
+    assert data["ttft_s"] <= data["e2e_s"] and data["quality"] is None
+    # the JSON object is the sink: its figure is that of its own text against the run (recomputed here)
+    assert data["sink"]["sink"] == "json" and data["sink"]["content_chars"] == len("".join(data["text"].split()))
+    assert data["compliance"] == data["sink"]["model_chars"] / data["sink"]["content_chars"]
     assert data["token_count_source"].startswith("llama.cpp tokenizer")
     [stage] = data["stages"]
     assert stage["name"] == "answer" and stage["visible"] and stage["text"] == data["text"]
@@ -54,7 +74,9 @@ def test_ask_staged_with_review_json(capsys):
                            "--preset", "staged", "--review", "--json")
     assert code == EXIT_OK
     data = json.loads(out)
-    assert data["preset"] == "staged" and data["compliance"] == 1.0
+    assert data["preset"] == "staged" and data["sink"]["stages"].keys() == {"analysis", "reasoning", "answer"}
+    assert data["decision_compliance"] == (data["decisions"]["strategy"]["status"] == "decided"
+                                           ) * 0.5 + (data["decisions"]["quality"]["status"] == "decided") * 0.5
     assert [s["name"] for s in data["stages"] if not s["name"].endswith(".retry")] == [
         "strategy", "analysis", "reasoning", "answer", "review"]
     assert data["decisions"]["strategy"]["status"] in ("decided", "undecided")
@@ -67,7 +89,7 @@ def test_ask_staged_with_review_json(capsys):
     (["ask", "   "], "empty"),
     (["ask", "hi", "--model", "nope"], "known: gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m"),
     (["ask", "hi", "--backend", "carrier-pigeon"], "known: embedded, ollama"),
-    (["ask", "hi", "--preset", "turbo"], "known: direct, staged, cascade"),
+    (["ask", "hi", "--preset", "turbo"], "known: direct, staged, staged:analysis-first, cascade"),
     (["ask", "x " * 5000, "--model", TEST_MODEL], "the context of smollm2-135m is 4096"),
 ])
 def test_bad_input_exits_2_with_the_fix(capsys, argv, needle):

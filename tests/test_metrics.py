@@ -8,7 +8,8 @@ import json
 import pytest
 
 from llmfirst_kit import metrics as m
-from llmfirst_kit.records import (CallRecord, RunLog, RunRecord, StageRecord, Visible, read_log,
+from llmfirst_kit.compliance import Transcript, decision_compliance, prompt_echo_chars, sink_compliance
+from llmfirst_kit.records import (CallRecord, RunLog, RunRecord, StageRecord, read_log,
                                   write_log)
 
 S = 1_000_000_000  # ns per second
@@ -155,7 +156,6 @@ def two_stage_run() -> RunRecord:
         end_ns=T0 + 1300 * MS, status="ok",
         stages=[StageRecord("route", False, route, wait_ns=10 * MS),
                 StageRecord("answer", True, answer, wait_ns=350 * MS)],
-        shown=[Visible("answer", "Paris is the capital of France.", "answer-1")],
     )
 
 
@@ -202,34 +202,73 @@ def test_kit_overhead_falls_back_to_last_chunk_without_end_ns():
     assert m.kit_overhead_s(run) == pytest.approx(0.030)
 
 
-def test_compliance_everything_from_the_model():
+def _shown(*segments: tuple[str | None, str], chrome: str = "") -> Transcript:
+    t = Transcript("test")
+    for stage, text in segments:
+        t.content(stage, text)
+    t.chrome(chrome)
+    return t
+
+
+def test_sink_compliance_everything_from_the_model():
     run = two_stage_run()
-    run.shown = [Visible("answer", "Paris is", "answer-1"), Visible("answer", " the capital", "answer-1")]
-    assert m.compliance(run) == 1.0
+    report = sink_compliance(run, _shown(("answer", "Paris is"), ("answer", " the capital"), chrome="[answer] 0.3 s"))
+    # whitespace is layout; chrome is counted apart, never as content
+    assert report.content_chars == 17 and report.model_chars == 17 and report.compliance == 1.0
+    assert report.chrome_chars == len("[answer]0.3s")
 
 
-def test_compliance_canned_sentence_without_call():
+def test_sink_compliance_canned_sentence_before_the_answer():
     run = two_stage_run()
-    canned = "Analysis is starting..."  # 23 characters written by code, not by a model
-    run.shown = [Visible("status", canned, None), Visible("answer", "Paris is the capital of France.", "answer-1")]
-    assert m.compliance(run) == pytest.approx(31 / (23 + 31))
+    report = sink_compliance(run, _shown(("answer", "Analysis is starting... "), ("answer", "Paris is the capital of France.")))
+    # 21 non-space characters written by the sink, 26 by the model: aligned in order, the sink's cannot match
+    assert (report.content_chars, report.model_chars, report.kit_chars) == (47, 26, 21)
+    assert report.compliance == pytest.approx(26 / 47)
 
 
-def test_compliance_text_not_produced_by_the_named_call():
+def test_sink_compliance_text_the_call_never_wrote_or_a_stage_that_never_ran():
     run = two_stage_run()
-    # claims to come from the answer call, but the call never wrote it
-    run.shown = [Visible("answer", "Paris is the capital of France.", "answer-1"),
-                 Visible("answer", "Berlin!", "answer-1")]
-    assert m.compliance(run) == pytest.approx(31 / 38)
-    # a call id that no stage has
-    run.shown = [Visible("answer", "Paris", "no-such-call")]
-    assert m.compliance(run) == 0.0
+    report = sink_compliance(run, _shown(("answer", "Paris is the capital of France."), ("answer", " Berlin!")))
+    assert report.compliance == pytest.approx(26 / 33)
+    assert sink_compliance(run, _shown(("status", "Paris"))).compliance == 0.0  # no stage "status" ran
+    # the route stage's text shown as the answer's: by position, not "a substring somewhere"
+    assert sink_compliance(run, _shown(("answer", "chat"))).compliance == 0.0
 
 
-def test_compliance_none_when_nothing_shown():
+def test_sink_compliance_none_when_nothing_shown_and_layout_is_whitespace_only():
     run = two_stage_run()
-    run.shown = []
-    assert m.compliance(run) is None
+    assert sink_compliance(run, Transcript("empty")).compliance is None
+    t = Transcript("t")
+    t.layout("\n\n")
+    with pytest.raises(ValueError, match="whitespace only"):
+        t.layout("-- analysis --")
+
+
+def test_prompt_echo_counts_as_kit_text():
+    run = two_stage_run()
+    kit = "You are one stage of a pipeline that answers a user's query. Follow your task."
+    run.kit_prompts = [kit]
+    echo = "I am one stage of a pipeline that answers a user's query, so:"
+    run.stages[1].call.text = echo + " Paris."
+    # "one stage of a pipeline that answers a user's query" (10 words >= ECHO_WORDS) is the kit's
+    echoed = len("".join("one stage of a pipeline that answers a user's query".split()))
+    assert m.run_metrics(run)["prompt_echo_chars"] == prompt_echo_chars(run) == echoed
+    total = len("".join((echo + " Paris.").split()))
+    assert m.run_metrics(run)["compliance"] == pytest.approx((total - echoed) / total)
+    report = sink_compliance(run, _shown(("answer", run.stages[1].call.text)))
+    assert report.prompt_echo_chars == echoed and report.compliance == pytest.approx((total - echoed) / total)
+    run.stages[1].call.text = "A pipeline answers a query in stages."  # shares words, not a run of 8
+    assert prompt_echo_chars(run) == 0
+
+
+def test_decision_compliance():
+    run = two_stage_run()
+    assert decision_compliance(run) is None  # no decisions
+    run.decisions = {"strategy": {"value": {"strategy": "simple"}, "used": {"strategy": "simple"}, "status": "decided"},
+                     "quality": {"value": None, "used": None, "status": "undecided", "source": "kit default"},
+                     "rewritten_query": {"value": "q", "status": "decided", "structured": False}}
+    assert decision_compliance(run) == 0.5  # the rewrite is free text, not a decision among options
+    assert m.run_metrics(run)["decision_compliance"] == 0.5
 
 
 def test_run_metrics():
@@ -243,7 +282,7 @@ def test_run_metrics():
     assert row["model_calls"] == 2
     assert row["output_tokens"] == 6
     assert row["kit_overhead_s"] == pytest.approx(0.040)
-    assert row["compliance"] == 1.0
+    assert row["compliance"] == 1.0 and row["prompt_echo_chars"] == 0  # no kit prompts: nothing to echo
     assert row["quality"] == 0.85
     assert row["slo"] == {"ttft": True, "tpot": False, "e2e": True}
 
@@ -274,7 +313,7 @@ def test_runs_frame_columns():
     assert list(df.columns) == [
         "run_id", "preset", "query", "status", "warmup", "model", "repeat",
         "user_ttft_s", "e2e_s", "answer_tpot_s", "model_calls", "output_tokens", "kit_overhead_s",
-        "compliance", "quality", "slo_ttft", "slo_tpot", "slo_e2e",
+        "compliance", "prompt_echo_chars", "decision_compliance", "quality", "slo_ttft", "slo_tpot", "slo_e2e",
     ]
     assert df.loc[0, "user_ttft_s"] == pytest.approx(0.600)
     assert df.loc[0, "repeat"] == 3
@@ -322,7 +361,7 @@ def test_runlog_round_trip(tmp_path):
     log.append(run)
     back = read_log(log.path)
     assert back == [rec, run]
-    assert isinstance(back[1].stages[0], StageRecord) and isinstance(back[1].shown[0], Visible)
+    assert isinstance(back[1].stages[0], StageRecord)
     assert list(log) == [rec, run]
 
 

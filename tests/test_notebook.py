@@ -62,6 +62,18 @@ def assert_panels_match_record(view: LiveView, rec) -> None:
         assert html.escape(text) in view.widget_html(call_id)
 
 
+async def test_text_the_view_renders_beyond_the_models_lowers_its_compliance(backend):
+    view = LiveView(show=False)
+    rec = await view.run(make(backend), "Name a primary color.")
+    before = view.compliance()
+    # the fault under test: a panel that renders a sentence of the kit's own (as the paper's "분석 중: ..." sketch)
+    [w] = view.stages_box.children
+    w.value = w.value.replace("<div style='white-space:pre-wrap'>", "<div style='white-space:pre-wrap'>분석 중: ")
+    after = view.compliance()
+    assert after.kit_chars == before.kit_chars + len("분석중:") and after.compliance < before.compliance
+    assert after.compliance < 1.0
+
+
 # --------------------------------------------------------------------------------------- batching
 
 
@@ -76,7 +88,11 @@ async def test_view_batches_updates_and_ends_with_the_record_text(backend, comm_
     assert view.messages <= 20 * seconds(rec) + EXTRA_MESSAGES, (view.messages, seconds(rec))
     assert_panels_match_record(view, rec)
     # the final header carries the run metrics
-    assert view.status == "ok" and "user TTFT" in view.header.value and "compliance 1.00" in view.header.value
+    assert view.status == "ok" and "user TTFT" in view.header.value
+    # the header's compliance is the view's own: its rendered panel text against the record
+    own = view.compliance()
+    assert f"compliance {own.compliance:.2f}" in view.header.value
+    assert own.content_chars == len("".join(rec.stages[0].call.text.split())) and own.chrome_chars > 0
     assert "TTFT" in view.widget_html(rec.stages[0].call.call_id)
 
 
@@ -99,9 +115,26 @@ async def test_staged_run_shows_every_call_and_the_decisions(backend):
     assert_panels_match_record(view, rec)  # including a retry of the strategy, if the model needed one
     assert [d.name for d in view.decisions] == ["strategy"]
     decision = rec.decisions["strategy"]
-    assert f"decision <b>strategy</b> ({decision['status']}" in view.header.value
-    assert html.escape(str(decision["value"]["strategy"])) in view.header.value
+    if decision["status"] == "decided":
+        assert "decision <b>strategy</b> (by the model" in view.header.value
+    else:  # shown as undecided, with the value used marked as the kit's default
+        assert "decision <b>strategy</b>: <span style='color:#c80'>undecided</span>" in view.header.value
+        assert "the kit&#x27;s default is used" in view.header.value or "the kit's default is used" in view.header.value
+    assert html.escape(str(decision["used"]["strategy"])) in view.header.value
     assert "internal" in view.widget_html(rec.stages[0].call.call_id)  # the strategy stage is not shown
+
+
+async def test_an_undecided_decision_is_shown_as_undecided_with_the_kits_default(backend):
+    from dataclasses import replace
+
+    pipe = make(backend, "staged", max_tokens=16)
+    pipe.stages[0] = replace(pipe.stages[0], max_tokens=8)  # the strategy JSON is cut short, twice: undecided
+    view = LiveView(show=False)
+    rec = await view.run(pipe, "Why do cats purr?")
+    assert rec.decisions["strategy"]["status"] == "undecided"
+    assert "<span style='color:#c80'>undecided</span>" in view.header.value
+    assert f"strategy = <b>{pipe.default_strategy['strategy']}</b>" in view.header.value
+    assert "decisions by the model 0.00" in view.header.value
 
 
 async def test_view_as_a_plain_sink(backend):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import copy
+import io
 from dataclasses import replace
 
 import fastjsonschema
@@ -12,9 +12,10 @@ import pytest
 from llmfirst_kit.backends.embedded import EmbeddedBackend
 from llmfirst_kit.errors import ContextOverflow, InvalidInput, UnknownModel
 from llmfirst_kit.events import Decision, Error, RunEnd, StageEnd, StageStart, Token
-from llmfirst_kit.metrics import compliance, kit_overhead_s, run_metrics, user_ttft_s
+from llmfirst_kit.compliance import Transcript, decision_compliance, sink_compliance
+from llmfirst_kit.metrics import kit_overhead_s, run_metrics, user_ttft_s
 from llmfirst_kit.pipeline import PRESETS, STRATEGY_SCHEMA, Pipeline, Stage, preset, with_model
-from llmfirst_kit.records import Visible
+from llmfirst_kit.sinks.console import ConsoleSink
 
 from conftest import TEST_MODEL
 
@@ -38,30 +39,74 @@ async def collect(pipe: Pipeline, query: str = QUERY):
     ("staged", {"rewrite": True, "review": True}),
     ("cascade", {}),
 ])
-async def test_every_preset_is_fully_model_written(backend, name, options):
-    rec, events = await collect(make(name, backend, **options))
+async def test_every_preset_shown_on_a_terminal_is_the_models_text(backend, name, options):
+    out, err = io.StringIO(), io.StringIO()
+    sink = ConsoleSink(out, err, labels=True)
+    rec = await make(name, backend, **options).run(QUERY, on_event=sink.handle)
+    sink.close()
     assert rec.status == "ok", rec.error
-    assert compliance(rec) == 1.0
     visible = [s for s in rec.stages if s.visible]
     assert visible and all(s.call.text for s in visible)
-    # every shown string is exactly what its call streamed
-    calls = {s.call.call_id: s.call for s in rec.stages}
-    for shown in rec.shown:
-        assert shown.text == calls[shown.call_id].text
-    assert isinstance(events[-1], RunEnd) and events[-1].record is rec
-    assert events[-1].metrics["compliance"] == 1.0
+    # what reached stdout is each visible stage's text, whole and in order (one stream at a time, even for
+    # the cascade's two concurrent streams), with only whitespace between: the sink added no word of its own
+    assert out.getvalue().split() == " ".join(s.call.text for s in visible).split()
+    assert sink.transcript.content_text() == "".join(s.call.text for s in visible)
+    report = sink_compliance(rec, sink.transcript)
+    if len(visible) == 1:  # the figure from stdout as captured, apart from the sink's own transcript, is the same
+        captured = Transcript("stdout")
+        captured.content(visible[0].name, out.getvalue())
+        assert sink_compliance(rec, captured).compliance == report.compliance
+    assert report.content_chars == len("".join(out.getvalue().split()))
+    assert report.compliance == (report.content_chars - report.prompt_echo_chars) / report.content_chars
+    assert f"[{visible[0].name}]" in err.getvalue() and f"[{visible[0].name}]" not in out.getvalue()
 
 
-async def test_compliance_catches_kit_written_text(backend):
-    rec, _ = await collect(make("direct", backend))
-    canned = copy.deepcopy(rec)
-    canned.shown.insert(0, Visible(stage="answer", text="분석을 시작합니다...", call_id=None))
-    assert compliance(canned) < 1.0
-    forged = copy.deepcopy(rec)  # a string claiming to come from a call that never produced it
-    forged.shown.append(Visible(stage="answer", text=" Analysis complete.", call_id=rec.stages[0].call.call_id))
-    assert compliance(forged) < 1.0
-    expected = len(rec.shown[0].text) / (len(rec.shown[0].text) + len(" Analysis complete."))
-    assert compliance(forged) == pytest.approx(expected)
+class ChattySink(ConsoleSink):
+    """A sink that writes a status sentence of its own into the content, as the paper's sketch does. This is
+    the fault under test: a real sink of the kit never does it."""
+
+    def handle(self, ev):
+        if isinstance(ev, StageStart) and ev.visible:
+            self._content(ev.stage, "분석 중: ")
+        super().handle(ev)
+
+
+async def test_a_sink_that_adds_its_own_words_scores_below_one(backend):
+    sink = ChattySink(io.StringIO(), io.StringIO())
+    rec = await make("direct", backend).run(QUERY, on_event=sink.handle)
+    report = sink_compliance(rec, sink.transcript)
+    written = len("".join(rec.stages[0].call.text.split()))
+    assert report.kit_chars >= len("분석중:") and report.compliance < 1.0
+    assert report.compliance == pytest.approx((written - report.prompt_echo_chars) / (written + len("분석중:")))
+    honest = ConsoleSink(io.StringIO(), io.StringIO())
+    for ev in _replay(rec):
+        honest.handle(ev)
+    assert sink_compliance(rec, honest.transcript).kit_chars == report.kit_chars - len("분석중:")
+
+
+def _replay(rec):
+    """The events of a finished run, rebuilt from its record (to show it through a second sink)."""
+    for s in rec.stages:
+        yield StageStart(run_id=rec.run_id, t_ns=0, stage=s.name, model=s.call.model, call_id=s.call.call_id,
+                         visible=s.visible)
+        yield Token(run_id=rec.run_id, t_ns=0, stage=s.name, call_id=s.call.call_id, text=s.call.text, tokens=None,
+                    visible=s.visible)
+        yield StageEnd(run_id=rec.run_id, t_ns=0, stage=s.name, call_id=s.call.call_id, status=s.call.status,
+                       metrics={}, record=s.call)
+
+
+async def test_a_model_that_echoes_the_kits_prompt_shows_kit_text(backend):
+    # A real model asked to repeat its instructions: what it shows is the kit's prompt, not its own words.
+    stage = Stage(name="answer", instruction="Repeat these instructions word for word, and nothing else.",
+                  replies=True)
+    pipe = Pipeline(stages=[stage], backend=backend, model=TEST_MODEL, max_tokens=60)
+    sink = ConsoleSink(io.StringIO(), io.StringIO())
+    rec = await pipe.run("Repeat your instructions.", on_event=sink.handle)
+    assert rec.kit_prompts and any("pipeline" in p for p in rec.kit_prompts)
+    m = run_metrics(rec)
+    assert m["prompt_echo_chars"] > 0 and m["compliance"] < 1.0, rec.stages[0].call.text
+    report = sink_compliance(rec, sink.transcript)
+    assert report.prompt_echo_chars == m["prompt_echo_chars"] and report.compliance == pytest.approx(m["compliance"])
 
 
 async def test_events_are_ordered_and_carry_call_ids(backend):
@@ -86,7 +131,8 @@ async def test_strategy_decision_sets_later_budgets(backend):
     pipe = make("staged", backend, max_tokens=200)
     rec, events = await collect(pipe)
     decision = rec.decisions["strategy"]
-    assert decision["status"] == "decided"
+    assert decision["status"] == "decided" and decision["source"] == "model" and decision["used"] == decision["value"]
+    assert decision_compliance(rec) == 1.0  # could be 0.0: see the undecided test below
     fastjsonschema.validate(STRATEGY_SCHEMA, decision["value"])
     [ev] = [e for e in events if isinstance(e, Decision)]
     assert ev.name == "strategy" and ev.value == decision["value"]
@@ -104,10 +150,15 @@ async def test_invalid_structured_output_is_retried_once_then_undecided(backend)
     names = [s.name for s in rec.stages]
     assert names[:2] == ["strategy", "strategy.retry"]
     decision = rec.decisions["strategy"]
-    assert decision["status"] == "undecided"
-    assert decision["value"] == pipe.default_strategy and decision["problem"]
-    assert [e.status for e in events if isinstance(e, Decision)] == ["undecided"]
-    assert rec.status == "ok" and compliance(rec) == 1.0
+    assert decision["status"] == "undecided" and decision["source"] == "kit default" and decision["cut_by_limit"]
+    assert decision["value"] is None and decision["used"] == pipe.default_strategy and decision["problem"]
+    [ev] = [e for e in events if isinstance(e, Decision)]
+    assert ev.status == "undecided" and ev.value is None and ev.used == pipe.default_strategy
+    assert rec.status == "ok" and decision_compliance(rec) == 0.0 and run_metrics(rec)["decision_compliance"] == 0.0
+    err = io.StringIO()
+    sink = ConsoleSink(io.StringIO(), err)
+    sink.handle(ev)
+    assert "undecided" in err.getvalue() and "the kit's default is used" in err.getvalue()
 
 
 async def test_rewrite_keeps_both_queries(backend):
@@ -137,7 +188,7 @@ async def test_custom_pipeline_as_data(backend):
     pipe = Pipeline(stages=stages, backend=backend, model=TEST_MODEL, max_tokens=24)
     rec, _ = await collect(pipe)
     assert [s.name for s in rec.stages] == ["facts", "reply"]
-    assert [v.stage for v in rec.shown] == ["reply"]
+    assert [s.name for s in rec.stages if s.visible] == ["reply"]
     assert kit_overhead_s(rec) >= 0 and user_ttft_s(rec) > 0
 
 
@@ -164,7 +215,7 @@ async def test_cancel_keeps_partial_record(backend, loaded):
     assert loaded.tokens_decoded - before <= 1  # decoding stopped
     rec = run.record
     assert rec.status == "cancelled" and rec.stages[0].call.status == "cancelled"
-    assert rec.stages[0].call.text and rec.shown[0].text == rec.stages[0].call.text
+    assert rec.stages[0].call.text
 
 
 async def test_error_in_a_later_stage_keeps_earlier_text(loaded):
@@ -178,7 +229,7 @@ async def test_error_in_a_later_stage_keeps_earlier_text(loaded):
     errors = [e for e in events if isinstance(e, Error)]
     assert len(errors) == 1 and errors[0].code == ContextOverflow.code and errors[0].stage == "second"
     assert "256" in errors[0].message
-    assert rec.status == "error" and rec.shown[0].text == rec.stages[0].call.text != ""
+    assert rec.status == "error" and rec.stages[0].call.text != ""
     assert isinstance(events[-1], RunEnd) and events[-1].status == "error"
 
 

@@ -2,12 +2,15 @@
 
 LLM first, concretely:
 
-- every string a user sees is a model's output, recorded with the id of the call that produced it
-  (``RunRecord.shown``), so ``metrics.compliance`` can check it;
+- every string a user sees is a model's output: each stage's text is recorded with the call that produced
+  it, and each sink keeps a transcript of what it showed, checked against those calls
+  (:mod:`llmfirst_kit.compliance`); the kit-written prompt texts sent are recorded too
+  (``RunRecord.kit_prompts``), so a model that echoes them shows kit text;
 - nothing looks at the query to decide anything: the strategy is the model's structured output, and
   code only acts on that output (the token budget of later stages);
 - if structured output is invalid the model is asked once more; if it fails again the decision is
-  recorded as ``undecided`` and the configured default is used, never an invented value;
+  recorded as ``undecided`` (value None) and the run goes on with the configured default, marked as the
+  kit's (``used``, ``source="kit default"``), never shown as the model's;
 - there is no canned text anywhere: an error is an :class:`~llmfirst_kit.events.Error` event with a
   code, and the text already streamed is kept.
 
@@ -31,7 +34,7 @@ from ..engine import cpu_model
 from ..errors import InvalidInput
 from ..events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
 from ..metrics import DEFAULT_SLO, SLO, call_metrics, run_metrics
-from ..records import RunLog, RunRecord, StageRecord, Visible, new_id
+from ..records import RunLog, RunRecord, StageRecord, new_id
 from .presets import DEFAULT_STRATEGY, PRESETS, SYSTEM_PROMPT, Stage, parse_preset, preset
 
 # ----------------------------------------------------------------------------------------- pipeline
@@ -217,12 +220,19 @@ class Run:
             sections.append(f"## {_label(name)} (data to evaluate, between the markers)\n"
                             f"<<<BEGIN {name.upper()}>>>\n{self.outputs[name]}\n<<<END {name.upper()}>>>")
         task = f"{stage.instruction}{note}"
+        self._kit_wrote(SYSTEM_PROMPT, task)
         if query is None:
             user = "\n\n".join([*sections, f"## Task\n{task}"])
             return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        notes = ["Notes from earlier stages (for you; the user does not see them):", *sections] if sections else []
+        notes = [NOTES_HEADER, *sections] if sections else []
         system = "\n\n".join([SYSTEM_PROMPT, f"Your task: {task}", *notes])
         return [{"role": "system", "content": system}, {"role": "user", "content": self.outputs[query]}]
+
+    def _kit_wrote(self, *texts: str) -> None:
+        """Note kit-written prompt text sent in this run: a model that echoes it shows kit text."""
+        for text in texts:
+            if text not in self.record.kit_prompts:
+                self.record.kit_prompts.append(text)
 
     def _budget(self, stage: Stage) -> int:
         """Max tokens of a stage: its share of the model's token_budget decision when it has one, else its
@@ -230,7 +240,7 @@ class Run:
         its length, and a cut-short JSON would be wasted."""
         pipe = self.pipeline
         if stage.budget_share is not None and "strategy" in self.record.decisions:
-            budget = self.record.decisions["strategy"]["value"]["token_budget"]
+            budget = self.record.decisions["strategy"]["used"]["token_budget"]
             return max(16, min(pipe.max_tokens, round(budget * stage.budget_share)))
         if stage.schema is not None and stage.max_tokens:
             return stage.max_tokens
@@ -241,17 +251,23 @@ class Run:
         if stage.schema is None:
             self.outputs[stage.name] = text
             if stage.name == "rewrite":
-                self.record.decisions["rewritten_query"] = {"value": text, "status": "decided", "call_id": call_id}
+                self.record.decisions["rewritten_query"] = {"value": text, "status": "decided", "call_id": call_id,
+                                                            "structured": False}
             return
         value, problem = parse_structured(text, stage.schema)
+        cut = self.record.stages[-1].call.finish_reason == "length"  # the token limit, not the model, ended it
         if problem is not None:  # ask the model once more, telling it what was wrong
             note = f"\nYour previous reply was not valid ({problem}). Reply again with JSON only."
             text, call_id = await self._call(stage, emit, f"{stage.name}.retry", note=note)
             value, problem = parse_structured(text, stage.schema)
+            cut = cut or self.record.stages[-1].call.finish_reason == "length"
         status = "decided" if problem is None else "undecided"
-        if problem is not None:
-            value = dict(self.pipeline.default_strategy) if stage.decision == "strategy" else None
-        decision = {"value": value, "status": status, "call_id": call_id, "problem": problem}
+        # undecided: the model made no decision; the run goes on with the configured default, marked as the kit's
+        used = value if problem is None else (dict(self.pipeline.default_strategy) if stage.decision == "strategy"
+                                              else None)
+        decision = {"value": value if problem is None else None, "used": used, "status": status,
+                    "source": "model" if problem is None else "kit default", "call_id": call_id, "problem": problem,
+                    "cut_by_limit": cut}
         if stage.decision == "quality":
             self.record.quality = {"score": value["score"] if value else None,
                                    "improvements": value["improvements"] if value else [],
@@ -260,7 +276,8 @@ class Run:
         self.record.decisions[stage.decision or stage.name] = decision
         self.outputs[stage.name] = text
         emit(Decision(run_id=self.record.run_id, t_ns=time.perf_counter_ns(), stage=stage.name,
-                      name=stage.decision or stage.name, value=value, status=status, call_id=call_id))
+                      name=stage.decision or stage.name, value=decision["value"], status=status, call_id=call_id,
+                      used=used, source=decision["source"]))
 
     async def _call(self, stage: Stage, emit: Callable[[Event], None], record_name: str,
                     note: str = "") -> tuple[str, str]:
@@ -273,17 +290,11 @@ class Run:
         crec.warmup = rec.warmup
         srec = StageRecord(name=record_name, visible=stage.visible, call=crec)
         rec.stages.append(srec)
-        shown = None
-        if stage.visible:
-            shown = Visible(stage=stage.name, text="", call_id=crec.call_id)
-            rec.shown.append(shown)
         emit(StageStart(run_id=rec.run_id, t_ns=time.perf_counter_ns(), stage=stage.name,
                         model=request.model or pipe.backend.resolve_model(None), call_id=crec.call_id,
                         visible=stage.visible))
         try:
             async for chunk in call:
-                if shown is not None:
-                    shown.text += chunk.text
                 emit(Token(run_id=rec.run_id, t_ns=chunk.t_ns, stage=stage.name, call_id=crec.call_id,
                            text=chunk.text, tokens=chunk.tokens, visible=stage.visible))
         finally:
@@ -295,6 +306,9 @@ class Run:
                           call_id=crec.call_id, status=crec.status, metrics=call_metrics(crec, pipe.slo),
                           record=crec))
         return crec.text, crec.call_id
+
+
+NOTES_HEADER = "Notes from earlier stages (for you; the user does not see them):"
 
 
 def _label(name: str) -> str:
