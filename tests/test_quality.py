@@ -19,9 +19,9 @@ from llmfirst_kit.errors import UnknownModel
 from llmfirst_kit.models import REGISTRY, resolve
 from llmfirst_kit.models.quantize import quantize
 from llmfirst_kit.models.variants import QUANT_TYPES, find_variant, split_name, variant_name
-from llmfirst_kit.study import PROJECT_ROOT
+from llmfirst_kit.data import QUERIES, TEXTS
 
-TEXT = PROJECT_ROOT / "data" / "text" / "harbour_en.txt"
+TEXT = TEXTS["en"]
 THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))
 BASE = "smollm2-135m"
 
@@ -77,7 +77,7 @@ def test_a_study_cell_measures_every_file_against_the_shipped_one(variant, tmp_p
 
     params = study.validate_parameters({
         **study.notebook_defaults(), "models": [BASE], "quantizations": ["shipped", "Q4_0"],
-        "queries_file": str(PROJECT_ROOT / "data" / "queries" / "queries.jsonl"), "perplexity_text": str(TEXT),
+        "queries_file": str(QUERIES), "perplexity_text": str(TEXT),
         "perplexity_tokens": 24, "n_threads": THREADS, "output_dir": str(tmp_path)})
     rows = study.measure_cell_quality(params)
     assert [(r["model"], r["quantization"], r["shipped"]) for r in rows] == [(BASE, "Q4_1", True),

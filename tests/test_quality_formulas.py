@@ -12,7 +12,8 @@ from llmfirst_kit.quality import facts
 from llmfirst_kit.quality.gate import KINDS, GatePair, RealAnswer, gate_result, pair_correct, planted_pairs, prompt_echoes
 from llmfirst_kit.quality.retention import (bootstrap_ci, first_position_rate, order_disagreement, query_score,
                                             retention, win_or_tie_share)
-from llmfirst_kit.study import PROJECT_ROOT, load_queries
+from llmfirst_kit.data import QUERIES
+from llmfirst_kit.study import load_queries
 
 
 def test_query_score_counts_wins_and_ties_over_decided_judgments():
@@ -131,11 +132,11 @@ def test_key_fact_recall():
 
 
 def test_queries_have_twins_and_facts_in_both_languages():
-    queries = load_queries(PROJECT_ROOT / "data" / "queries" / "queries.jsonl")
+    queries = load_queries(QUERIES)
     by_id = {q.id: q for q in queries}
     assert len(queries) >= 60 and {q.lang for q in queries} == {"en", "ko"}
     for q in queries:
         assert q.twin in by_id and by_id[q.twin].twin == q.id and by_id[q.twin].lang != q.lang, q.id
         assert q.facts and all(f["en"] and f["ko"] and f["any"] for f in q.facts), q.id
-    raw = [json.loads(line) for line in (PROJECT_ROOT / "data" / "queries" / "queries.jsonl").read_text().splitlines()]
+    raw = [json.loads(line) for line in QUERIES.read_text().splitlines()]
     assert set(raw[0]) == {"id", "lang", "category", "query", "twin", "facts"}

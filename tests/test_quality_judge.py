@@ -18,7 +18,8 @@ import pytest
 from llmfirst_kit.backends import get_backend
 from llmfirst_kit.pipeline import Pipeline
 from llmfirst_kit.quality import PairwiseJudge, RealAnswer, planted_pairs, retention, run_gate
-from llmfirst_kit.study import PROJECT_ROOT, load_queries
+from llmfirst_kit.data import QUERIES
+from llmfirst_kit.study import load_queries
 
 REFERENCE = "qwen2.5-coder-1.5b"
 SMALL = "smollm2-135m"
@@ -34,7 +35,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def queries():
-    return load_queries(PROJECT_ROOT / "data" / "queries" / "queries.jsonl", ids=QUERY_IDS)
+    return load_queries(QUERIES, ids=QUERY_IDS)
 
 
 async def _answers(backend, model: str, queries, max_tokens: int) -> dict[str, tuple[str, str]]:

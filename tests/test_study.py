@@ -1,6 +1,6 @@
-"""The study runner end to end: real papermill executions of notebooks/study.ipynb on the real embedded
-SmolLM2-135M (max_tokens 16, two queries, one decode thread), the runner killed and resumed, a failing
-cell, invalid parameters, and the report.
+"""The study runner end to end: real papermill executions of the cell notebook (llmfirst_kit/assets/study.ipynb)
+on the real embedded SmolLM2-135M (max_tokens 16, two queries, one decode thread), the runner killed and
+resumed, a failing cell, invalid parameters, and the report.
 
 Kept fast: one shared tiny study (one good cell, one cell with an unknown model) serves the end-to-end,
 failure and report tests; the resume test runs its own three-cell grid in a subprocess.
@@ -19,7 +19,7 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from llmfirst_kit import metrics
+from llmfirst_kit import data, metrics
 
 from llmfirst_kit import study
 from llmfirst_kit.errors import InvalidInput
@@ -28,8 +28,8 @@ from llmfirst_kit.records import RunRecord, read_log
 from llmfirst_kit.study import params
 
 ROOT = study.PROJECT_ROOT
-QUERIES = str(ROOT / "data" / "queries" / "queries.jsonl")
-TEXT = str(ROOT / "data" / "text" / "harbour_en.txt")
+QUERIES = str(data.QUERIES)
+TEXT = str(data.TEXTS["en"])
 THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))
 
 TINY = {
@@ -265,6 +265,24 @@ def test_example_and_smoke_studies_expand():
     assert langs == {"en", "ko"}
     smoke = study.load_study(ROOT / "studies" / "smoke.yaml")
     assert len(study.expand_grid(smoke)) == 2
+
+
+def test_the_files_the_kit_reads_are_package_data():
+    """The notebooks, queries and texts the kit reads at run time live in the package and are declared as
+    package data, so a wheel (a Dask worker's install) carries them; the study files rely on that default."""
+    import fnmatch
+    import tomllib
+
+    assets = Path(data.__file__).parent / "assets"
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for path in (study.STUDY_NOTEBOOK, study.SUMMARY_NOTEBOOK, data.QUERIES, *data.TEXTS.values()):
+        assert path.is_file() and path.parent.is_relative_to(assets), path
+        name = path.relative_to(assets).as_posix()
+        assert any(fnmatch.fnmatch(name, g) for g in globs["llmfirst_kit.assets"]), name
+    spec = study.load_study({"models": ["smollm2-135m"], "presets": ["direct"]})
+    assert Path(spec.notebook) == study.STUDY_NOTEBOOK
+    assert Path(spec.parameters["queries_file"]) == data.QUERIES
+    assert Path(spec.parameters["perplexity_text"]) == data.TEXTS["en"]
 
 
 def test_median_ci_and_mbu():

@@ -27,13 +27,13 @@ import pandas as pd
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
 
-from llmfirst_kit import cli, study
+from llmfirst_kit import cli, data, study
 from llmfirst_kit.errors import InvalidInput
 from llmfirst_kit.records import RunRecord, read_log
 
 ROOT = study.PROJECT_ROOT
-QUERIES = str(ROOT / "data" / "queries" / "queries.jsonl")
-TEXT = str(ROOT / "data" / "text" / "harbour_en.txt")
+QUERIES = str(data.QUERIES)
+TEXT = str(data.TEXTS["en"])
 THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))
 
 # three cells: shipped, Q8_0 (a variant the worker builds into its own cache) and Q9 (an unknown type:

@@ -16,13 +16,14 @@ import pandas as pd
 import pytest
 
 from llmfirst_kit import study
-from llmfirst_kit.study import PROJECT_ROOT, quality
+from llmfirst_kit.data import QUERIES
+from llmfirst_kit.study import quality
 
 THREADS = int(os.environ.get("LLMFIRST_TEST_THREADS", "1"))
 SMALL, BASE = "smollm2-135m", "qwen2.5-coder-0.5b"
 SPEC = {
     "name": "quality", "backend": "embedded", "models": [SMALL, BASE], "quantizations": ["shipped"],
-    "presets": ["direct"], "queries_file": str(PROJECT_ROOT / "data" / "queries" / "queries.jsonl"),
+    "presets": ["direct"], "queries_file": str(QUERIES),
     "query_ids": ["en-s01", "ko-s01"], "repeats": 1, "warmup_runs": 0, "max_tokens": 48, "judge_model": "",
     "n_threads": THREADS, "perplexity_text": "",
     # the 0.5B direct cell of the grid is the baseline (same settings); SmolLM2 is answered by the quality judge

@@ -64,7 +64,8 @@ class FileQuality:
 def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise InvalidInput(f"text file {str(path)!r} does not exist; pass a UTF-8 text file (see data/text/)")
+        raise InvalidInput(f"text file {str(path)!r} does not exist; pass a UTF-8 text file (see "
+                           f"llmfirst_kit/assets/text/)")
     text = path.read_text(encoding="utf-8").strip()
     if not text:
         raise InvalidInput(f"text file {str(path)!r} is empty")

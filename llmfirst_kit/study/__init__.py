@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from .cell import JUDGE_STAGES, latency_view, make_backend, measure_cell_quality, run_cell
 from .executors import EXECUTORS, CellResult, Executor, get_executor
-from .notebooks import (KERNEL_NAME, PROJECT_ROOT, STUDY_NOTEBOOK, SUMMARY_NOTEBOOK, Execution, check_kernel,
-                        execute_notebook, notebook_defaults)
+from ..data import STUDY_NOTEBOOK, SUMMARY_NOTEBOOK
+from .notebooks import KERNEL_NAME, PROJECT_ROOT, Execution, check_kernel, execute_notebook, notebook_defaults
 from .params import (CACHE_MODES, CELL_PARAMETERS, CellParams, Param, accepted_parameters, notebook_parameters,
                      short_error, validate_parameters)
 from .provenance import capture_environment

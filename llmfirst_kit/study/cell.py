@@ -1,9 +1,9 @@
-"""What runs inside one grid cell (``notebooks/study.ipynb``): :func:`run_cell` runs the queries x repeats
-(warm-up runs first, marked) and appends every :class:`~llmfirst_kit.records.RunRecord` to
-``records.jsonl`` through :class:`~llmfirst_kit.records.RunLog`; :func:`measure_cell_quality` writes
-perplexity / KL of embedded variants to ``quality.json``. An optional per-answer 0-100 review
-(``judge_model``: the pipeline's own ``review`` stage) is part of the record but left out of the latency
-figures (:func:`latency_view`).
+"""What runs inside one grid cell (the cell notebook, ``llmfirst_kit/assets/study.ipynb``): :func:`run_cell`
+runs the queries x repeats (warm-up runs first, marked) and appends every
+:class:`~llmfirst_kit.records.RunRecord` to ``records.jsonl`` through :class:`~llmfirst_kit.records.RunLog`;
+:func:`measure_cell_quality` writes perplexity / KL of local model files to ``quality.json``. An optional
+per-answer 0-100 review (``judge_model``: the pipeline's own ``review`` stage) is part of the record but left
+out of the latency figures (:func:`latency_view`).
 """
 
 from __future__ import annotations
@@ -14,24 +14,23 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ..backends import get_backend
+from ..backends import backend_options, capabilities, get_backend
 from ..metrics import SLO, run_metrics
 from ..pipeline import Pipeline
 from ..records import RunLog, RunRecord
 from .params import CellParams
-from .quantization import model_id, quantization_label
+from .quantization import local_files, model_id, quantization_label
 from .store import QUALITY, RECORDS, StudyError, write_json
 
 JUDGE_STAGES = ("review", "review.retry")
 
 
 def make_backend(p: CellParams):
-    if p.backend == "embedded":
-        return get_backend("embedded", model=p.models[0], n_ctx=p.n_ctx, n_threads=p.n_threads or None)
-    if p.backend == "openai":
-        return get_backend("openai", model=p.models[0], base_url=p.openai_base_url or None,
-                           response_format_style=p.openai_response_format)
-    return get_backend("ollama", model=p.models[0], host=p.ollama_host or None)
+    """The cell's backend, given the parameters it takes (``n_ctx`` / ``n_threads`` go to embedded,
+    ``ollama_host`` to ollama, ``openai_base_url`` / ``openai_response_format`` to openai)."""
+    return get_backend(p.backend, **backend_options(
+        p.backend, model=p.models[0], n_ctx=p.n_ctx, n_threads=p.n_threads or None, host=p.ollama_host or None,
+        base_url=p.openai_base_url or None, response_format_style=p.openai_response_format))
 
 
 def _line(rec: RunRecord, slo: SLO) -> str:
@@ -63,7 +62,9 @@ async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) 
             for quant in p.quantizations:
                 mid = model_id(p.backend, model, quant)
                 qname, shipped = quantization_label(p.backend, model, quant)
-                if p.judge_model and p.backend == "embedded":  # load the judge now, not inside a measured run
+                # an in-process backend pays a model load inside the call that first needs it: load the
+                # judge now, not inside a measured run
+                if p.judge_model and capabilities(p.backend).in_process:
                     await asyncio.to_thread(backend.load, p.judge_model)
                 for preset in p.presets:
                     name, _, variant = preset.partition(":")
@@ -105,8 +106,9 @@ async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) 
 def measure_cell_quality(p: CellParams) -> list[dict[str, Any]]:
     """Perplexity of each embedded model file of the cell on ``perplexity_text``, and its KL divergence
     against the model's shipped file (the shipped file against itself gives 0). Written to
-    ``output_dir/quality.json``. Nothing for Ollama (the server exposes no logits) or without a text."""
-    if not p.perplexity_text or p.backend != "embedded":
+    ``output_dir/quality.json``. Nothing for a server backend (no model file here, no logits) or without a
+    text."""
+    if not p.perplexity_text or not local_files(p.backend):
         return []
     from ..models import fidelity as quality
 

@@ -1,6 +1,7 @@
-"""The notebooks of a study and how they are executed: the cell notebook (``notebooks/study.ipynb``, one
-execution per grid cell) and the summary notebook (``notebooks/study_summary.ipynb``, the report), the
-Jupyter kernel they run on, the cell notebook's parameter defaults, and one papermill execution.
+"""The notebooks of a study and how they are executed: the cell notebook (``study.ipynb``, one execution
+per grid cell) and the summary notebook (``study_summary.ipynb``, the report) -- package data in
+``llmfirst_kit/assets/`` (:mod:`llmfirst_kit.data`) --, the Jupyter kernel they run on, the cell notebook's
+parameter defaults, and one papermill execution.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..data import STUDY_NOTEBOOK
 from ..errors import InvalidInput
 from .store import EXECUTED, StudyError
 
 KERNEL_NAME = "llmfirst-kit"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-STUDY_NOTEBOOK = PROJECT_ROOT / "notebooks" / "study.ipynb"
-SUMMARY_NOTEBOOK = PROJECT_ROOT / "notebooks" / "study_summary.ipynb"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the source checkout (studies/, tests/); not in a wheel
 
 
 def check_kernel() -> None:

@@ -1,7 +1,7 @@
-"""The parameters of one grid cell (one execution of ``notebooks/study.ipynb``): the schema
-(:data:`CELL_PARAMETERS`, kept in step with the notebook's ``parameters`` cell by a test), their checks
-before any model call (:func:`validate_parameters`, :func:`notebook_parameters`), and the error format
-that lists what is accepted.
+"""The parameters of one grid cell (one execution of the cell notebook, ``llmfirst_kit/assets/study.ipynb``):
+the schema (:data:`CELL_PARAMETERS`, kept in step with the notebook's ``parameters`` cell by a test), their
+checks before any model call (:func:`validate_parameters`, :func:`notebook_parameters`), and the error
+format that lists what is accepted.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..backends import BACKENDS
+from ..backends import BACKENDS, capabilities
 from ..errors import InvalidInput, KitError
 from ..metrics import SLO
 from ..pipeline import PRESETS
-from .quantization import SHIPPED, is_known_quantization, model_id, quant_types
+from .quantization import SHIPPED, is_known_quantization, local_files, model_id, quant_types
 from .queries import Query, load_queries
 
 CACHE_MODES = ("auto", "reuse", "cold")
@@ -27,7 +27,7 @@ class Param:
     help: str
 
 
-# The parameters of notebooks/study.ipynb (its `parameters` cell holds the defaults; a test keeps the two
+# The parameters of assets/study.ipynb (its `parameters` cell holds the defaults; a test keeps the two
 # in step). One execution = one grid cell: the runner passes one-element lists; by hand, any lists work.
 CELL_PARAMETERS: dict[str, Param] = {
     "backend": Param(str, f"one of: {', '.join(BACKENDS)}"),
@@ -36,7 +36,7 @@ CELL_PARAMETERS: dict[str, Param] = {
     "quantizations": Param(list, "embedded: 'shipped' or a type built by `llmfirst models quantize` (Q8_0, Q4_0, "
                                  "...); ollama: a tag suffix (model-<q>, e.g. q8_0) or 'default'"),
     "presets": Param(list, f"pipeline presets: {', '.join(PRESETS)} (staged:analysis-first too)"),
-    "queries_file": Param(str, "JSONL (or CSV) with id, lang, category, query"),
+    "queries_file": Param(str, "JSONL (or CSV) with id, lang, category, query (default: the kit's 72 queries)"),
     "query_ids": Param(list, "query ids to run, in this order ([] = the first query_limit queries)"),
     "query_limit": Param(int, "without query_ids: run the first N queries (0 = all)"),
     "repeats": Param(int, "measured runs of each query"),
@@ -127,7 +127,7 @@ class CellParams:
     def effective_cache(self) -> str:
         if self.cache != "auto":
             return self.cache
-        return "cold" if self.backend == "embedded" else "reuse"
+        return "cold" if capabilities(self.backend).cold_cache else "reuse"
 
 
 def check_names_and_types(values: Mapping[str, Any], *, extra: Mapping[str, Param] | None = None,
@@ -184,7 +184,7 @@ def validate_parameters(values: Mapping[str, Any]) -> CellParams:
             problems.append(f"{name} must be > 0, got {v[name]}")
     if v["cache"] not in CACHE_MODES:
         problems.append(f"cache {v['cache']!r} is unknown; accepted: {', '.join(CACHE_MODES)}")
-    elif v["cache"] == "cold" and v["backend"] != "embedded":
+    elif v["cache"] == "cold" and not (v["backend"] in BACKENDS and capabilities(v["backend"]).cold_cache):
         problems.append(f"cache 'cold' is not possible with {v['backend']} (no per-request switch); use 'auto' or "
                         f"'reuse'")
     from ..backends.openai import RESPONSE_FORMAT_STYLES
@@ -201,13 +201,13 @@ def validate_parameters(values: Mapping[str, Any]) -> CellParams:
         queries = load_queries(v["queries_file"], ids=v["query_ids"], limit=v["query_limit"])
     except InvalidInput as exc:
         problems.append(str(exc))
-    if v["backend"] == "embedded":
-        problems += _embedded_model_problems(v)
+    if local_files(v["backend"]):
+        problems += _model_file_problems(v)
     raise_invalid(problems, accepted_parameters())
     return CellParams(**v, queries=queries)
 
 
-def _embedded_model_problems(v: Mapping[str, Any]) -> list[str]:
+def _model_file_problems(v: Mapping[str, Any]) -> list[str]:
     """Every model file the cell needs exists (registry, built variant or path): no model is loaded."""
     from ..models import resolve
 
@@ -217,7 +217,7 @@ def _embedded_model_problems(v: Mapping[str, Any]) -> list[str]:
     names += [(v["judge_model"], SHIPPED)] if v["judge_model"] else []
     for model, quant in dict.fromkeys(names):
         try:
-            resolve(model_id("embedded", model, quant))
+            resolve(model_id(v["backend"], model, quant))
         except KitError as exc:
             problems.append(str(exc))
     return list(dict.fromkeys(problems))

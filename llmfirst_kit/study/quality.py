@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ..backends import DEFAULT_BACKEND
 from ..errors import KitError
 from ..quality.facts import key_fact_recall, mean_recall
 from ..quality.gate import GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, gate_result, planted_pairs
@@ -93,10 +94,10 @@ class JudgeChoice:
 def judge_for(cell: Mapping[str, Any], spec: Mapping[str, Any]) -> JudgeChoice:
     """The judge of a configuration: the quality judge, or the second judge when the configuration's own model
     (same backend, same file) is the quality judge."""
-    judge, jb = spec.get("quality_judge") or "", spec.get("quality_judge_backend") or "embedded"
+    judge, jb = spec.get("quality_judge") or "", spec.get("quality_judge_backend") or DEFAULT_BACKEND
     if not judge:
         return JudgeChoice(None, jb, "no quality_judge")
-    backend = cell.get("backend") or spec["parameters"].get("backend", "embedded")
+    backend = cell.get("backend") or spec["parameters"].get("backend", DEFAULT_BACKEND)
     mine = safe_model_id(backend, cell["model"], cell["quantization"])
     if backend == jb and mine is not None and mine == safe_model_id(jb, judge, SHIPPED):
         second = spec.get("second_judge") or ""
@@ -111,12 +112,11 @@ def _make_judge(model: str, backend_name: str, spec: Mapping[str, Any]) -> Pairw
     from ..backends import backend_options, get_backend
 
     p = spec["parameters"]
-    options = backend_options(backend_name, host=p.get("ollama_host") or None, base_url=p.get("openai_base_url") or None,
-                              n_threads=p.get("n_threads") or None,
+    options = backend_options(backend_name, model=model, host=p.get("ollama_host") or None,
+                              base_url=p.get("openai_base_url") or None, n_threads=p.get("n_threads") or None,
+                              n_ctx=max(int(p.get("n_ctx") or 4096), 4096),  # room for two answers and a verdict
                               response_format_style=p.get("openai_response_format") or None)
-    if backend_name == "embedded":
-        options["n_ctx"] = max(int(p.get("n_ctx") or 4096), 4096)
-    backend = get_backend(backend_name, model=model, **options)
+    backend = get_backend(backend_name, **options)
     judge = PairwiseJudge(backend, model, max_tokens=int(spec.get("judge_max_tokens") or 160),
                           seed=int(p.get("seed") or 0))
     judge.check()

@@ -1,6 +1,6 @@
 """A model at a quantization, as a grid cell names it: the name its backend gets (:func:`model_id`), the
-label for tables (:func:`quantization_label`), the quantization types the embedded backend knows, and
-building the embedded variants a grid needs (:func:`prepare_variants`; by the runner, or by a Dask worker
+label for tables (:func:`quantization_label`), the quantization types known for local model files, and
+building the variants a grid needs (:func:`prepare_variants`; by the runner, or by a Dask worker
 whose cache lacks them).
 """
 
@@ -9,16 +9,24 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping
 
+from ..backends import BACKENDS, DEFAULT_BACKEND, capabilities
 from ..errors import KitError
 
 SHIPPED = "shipped"
 
 
+def local_files(backend: str) -> bool:
+    """Whether ``backend``'s models are files on this machine (registry names, ``NAME@TYPE`` variants, .gguf
+    paths: sha256, quantizing, perplexity / KL). An unknown backend: no (the cell's validation names it)."""
+    return backend in BACKENDS and capabilities(backend).local_model_files
+
+
 def model_id(backend: str, model: str, quantization: str) -> str:
-    """The name the backend gets for a model at a quantization: embedded ``model@Q8_0`` (the shipped
-    quantization keeps the plain name), Ollama ``model-q8_0`` (``default`` keeps the plain tag)."""
+    """The name the backend gets for a model at a quantization: a backend of local model files (embedded)
+    ``model@Q8_0`` (the shipped quantization keeps the plain name), a server (Ollama) ``model-q8_0``
+    (``default`` keeps the plain tag)."""
     q = quantization.strip()
-    if backend == "embedded":
+    if local_files(backend):
         if q.lower() == SHIPPED or model.endswith(".gguf") or os.sep in model:
             return model
         from ..models.variants import variant_name
@@ -38,7 +46,7 @@ def safe_model_id(backend: str, model: str, quantization: str) -> str | None:
 def quantization_label(backend: str, model: str, quantization: str) -> tuple[str, bool]:
     """(the quantization's name, whether it is the shipped / default one) for tables."""
     q = quantization.strip()
-    if backend == "embedded":
+    if local_files(backend):
         from ..models import REGISTRY
 
         spec = REGISTRY.get(model)
@@ -60,11 +68,11 @@ def is_known_quantization(q: str) -> bool:
 
 
 def prepare_variants(parameters: Mapping[str, Any], echo: Callable[[str], Any]) -> dict[tuple[str, str], str]:
-    """Build the embedded quantized variants that cells with these parameters need into this machine's
+    """Build the quantized variants (of local model files) that cells with these parameters need into this machine's
     cache (once; cached). The runner calls it for the whole grid, a Dask worker for its cell (its cache
     may lack them). Returns build errors by (model, quantization); those cells fail with that error."""
     errors: dict[tuple[str, str], str] = {}
-    if parameters.get("backend", "embedded") != "embedded":
+    if not local_files(parameters.get("backend", DEFAULT_BACKEND)):
         return errors
     from ..models import REGISTRY
     from ..models.quantize import quantize

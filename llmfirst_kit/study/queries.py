@@ -31,7 +31,8 @@ def load_queries(path: str | Path, *, ids: Iterable[str] = (), limit: int = 0) -
     optional). ``ids`` selects and orders them; without ids, ``limit`` keeps the first N (0: all)."""
     path = Path(path)
     if not path.is_file():
-        raise InvalidInput(f"queries file {str(path)!r} does not exist; pass a JSONL or CSV file (see data/queries/)")
+        raise InvalidInput(f"queries file {str(path)!r} does not exist; pass a JSONL or CSV file (see "
+                           f"llmfirst_kit/assets/queries/)")
     rows: list[dict[str, Any]] = []
     if path.suffix.lower() == ".csv":
         import csv

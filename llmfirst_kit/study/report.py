@@ -1,7 +1,7 @@
 """The report (:func:`build_report`, ``llmfirst study report DIR``): :func:`~.summary.summary_table` into
-``summary.csv``, then ``notebooks/study_summary.ipynb`` executed and converted to a self-contained
-``report.html`` (inputs hidden, plotly.js embedded: it opens offline); :func:`show` displays a figure in
-that notebook.
+``summary.csv``, then the summary notebook (``llmfirst_kit/assets/study_summary.ipynb``) executed and
+converted to a self-contained ``report.html`` (inputs hidden, plotly.js embedded: it opens offline);
+:func:`show` displays a figure in that notebook.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .._fs import atomic_write
-from .notebooks import KERNEL_NAME, SUMMARY_NOTEBOOK, check_kernel
+from ..data import SUMMARY_NOTEBOOK
+from .notebooks import KERNEL_NAME, check_kernel
 from .store import SUMMARY_CSV, load_results
 from .summary import summary_table
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..backends import BACKENDS
+from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..errors import InvalidInput
 from ..pipeline import PRESETS
 from .notebooks import STUDY_NOTEBOOK, notebook_defaults
@@ -24,7 +24,7 @@ from .quantization import SHIPPED
 RUNNER_KEYS: dict[str, Param] = {
     "name": Param(str, "the study's name (default: the file name)"),
     "output_dir": Param(str, "the study directory (relative to the study file)"),
-    "notebook": Param(str, "the cell notebook (default notebooks/study.ipynb)"),
+    "notebook": Param(str, "the cell notebook (default the kit's own, llmfirst_kit/assets/study.ipynb)"),
     "baseline_model": Param(str, "the baseline system every configuration is judged against: this model ... (default "
                                  "qwen2.5-coder-1.5b; '' = no baseline, no quality verdicts)"),
     "baseline_backend": Param(str, "... on this backend (default embedded) ..."),
@@ -57,12 +57,12 @@ class QualitySettings:
     """The baseline system, its judge and the judge gate (study-level keys of the same names)."""
 
     baseline_model: str = REFERENCE_MODEL
-    baseline_backend: str = "embedded"
+    baseline_backend: str = DEFAULT_BACKEND
     baseline_preset: str = "direct"
     baseline_quantization: str = SHIPPED
     baseline_max_tokens: int = 512
     quality_judge: str = REFERENCE_MODEL
-    quality_judge_backend: str = "embedded"
+    quality_judge_backend: str = DEFAULT_BACKEND
     second_judge: str = ""
     judge_max_tokens: int = 160
     gate_answers: int = 8
@@ -215,7 +215,7 @@ def expand_grid(spec: StudySpec) -> list[GridCell]:
                           "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name, "cell": cid,
                           "perplexity_text": p.get("perplexity_text", "") if i == 0 else ""}
                 cells.append(GridCell(id=cid, model=model, quantization=quant, preset=preset, parameters=params,
-                                      backend=p.get("backend", "embedded")))
+                                      backend=p.get("backend", DEFAULT_BACKEND)))
     baseline = baseline_cell(spec, cells)
     if baseline is not None and baseline not in cells:
         cells.insert(0, baseline)  # first: its answers are what every other cell is judged against

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..backends import DEFAULT_BACKEND
 from ..metrics import SLO, call_metrics, mbu, median_ci, percentiles, runs_frame
 from .cell import latency_view
 from .params import short_error
@@ -73,7 +74,7 @@ def summary_table(results: StudyResults):
     quality = quality_columns(results)
     rows = []
     for cell in results.cells:
-        backend = cell.get("backend") or spec["parameters"].get("backend", "embedded")
+        backend = cell.get("backend") or spec["parameters"].get("backend", DEFAULT_BACKEND)
         qname, shipped = quantization_label(backend, cell["model"], cell["quantization"])
         mid = safe_model_id(backend, cell["model"], cell["quantization"])
         runs = groups.get(cell["id"])
