@@ -55,6 +55,7 @@ class CallRecord:
     cold_load: bool = False
     server: dict[str, Any] = field(default_factory=dict)  # server-side timings in ns, as the server gave them
     model_info: dict[str, Any] = field(default_factory=dict)
+    choice: dict[str, Any] | None = None  # a choice call: options, their probabilities, the one chosen
     run_id: str | None = None  # the pipeline run this call belongs to (None: a call on its own)
     warmup: bool = False
 

@@ -14,7 +14,7 @@ from llmfirst_kit.errors import ContextOverflow, InvalidInput, UnknownModel
 from llmfirst_kit.events import Decision, Error, RunEnd, StageEnd, StageStart, Token
 from llmfirst_kit.compliance import Transcript, decision_compliance, sink_compliance
 from llmfirst_kit.metrics import kit_overhead_s, run_metrics, user_ttft_s
-from llmfirst_kit.pipeline import PRESETS, STRATEGY_SCHEMA, Pipeline, Stage, preset, with_model
+from llmfirst_kit.pipeline import PRESETS, STRATEGIES, STRATEGY_SCHEMA, Pipeline, Stage, preset, with_model
 from llmfirst_kit.sinks.console import ConsoleSink
 
 from conftest import TEST_MODEL
@@ -97,11 +97,12 @@ def _replay(rec):
 
 async def test_a_model_that_echoes_the_kits_prompt_shows_kit_text(backend):
     # A real model asked to repeat its instructions: what it shows is the kit's prompt, not its own words.
-    stage = Stage(name="answer", instruction="Repeat these instructions word for word, and nothing else.",
-                  replies=True)
+    stage = Stage(name="answer", replies=True, instruction=(
+        'Reply with exactly this sentence: "You are one stage of a pipeline that answers a user\'s query. '
+        'Follow your task."'))
     pipe = Pipeline(stages=[stage], backend=backend, model=TEST_MODEL, max_tokens=60)
     sink = ConsoleSink(io.StringIO(), io.StringIO())
-    rec = await pipe.run("Repeat your instructions.", on_event=sink.handle)
+    rec = await pipe.run("Go.", on_event=sink.handle)
     assert rec.kit_prompts and any("pipeline" in p for p in rec.kit_prompts)
     m = run_metrics(rec)
     assert m["prompt_echo_chars"] > 0 and m["compliance"] < 1.0, rec.stages[0].call.text
@@ -124,37 +125,54 @@ async def test_events_are_ordered_and_carry_call_ids(backend):
     assert not open_calls
     stamps = [ev.t_ns for ev in events]
     assert stamps == sorted(stamps)  # one sequential pipeline: monotonic
-    assert [ev.stage for ev in events if isinstance(ev, StageStart)] == ["strategy", "analysis", "reasoning", "answer"]
+    plan = rec.decisions["strategy"]["plan"]
+    assert [ev.stage for ev in events if isinstance(ev, StageStart)] == ["strategy", *plan["runs"]]
 
 
-async def test_strategy_decision_sets_later_budgets(backend):
+async def test_strategy_is_a_choice_in_one_forward_pass_and_shapes_the_run(backend):
     pipe = make("staged", backend, max_tokens=200)
     rec, events = await collect(pipe)
     decision = rec.decisions["strategy"]
     assert decision["status"] == "decided" and decision["source"] == "model" and decision["used"] == decision["value"]
-    assert decision_compliance(rec) == 1.0  # could be 0.0: see the undecided test below
+    assert decision["method"] == "next-token choice" and decision_compliance(rec) == 1.0  # 0.0: see below
+    probs = decision["probabilities"]
+    assert set(probs) == set(STRATEGIES) and sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+    chosen = decision["value"]["strategy"]
+    assert chosen == max(probs, key=probs.get) and 0 < decision["mass"] <= 1
     fastjsonschema.validate(STRATEGY_SCHEMA, decision["value"])
+    strategy_call = rec.stages[0].call
+    assert strategy_call.output_tokens == 1 and strategy_call.choice["chosen"] == chosen  # no decoding
     [ev] = [e for e in events if isinstance(e, Decision)]
     assert ev.name == "strategy" and ev.value == decision["value"]
-    budget = decision["value"]["token_budget"]
-    by_name = {s.name: s.call for s in rec.stages}
-    assert by_name["answer"].params["max_tokens"] == max(16, min(200, round(budget * 1.0)))
-    assert by_name["analysis"].params["max_tokens"] == max(16, min(200, round(budget * 0.5)))
+    # the plan follows the choice: a stage runs only for the strategies it runs for, with that strategy's budget
+    later = {s.name: s for s in pipe.stages[1:]}
+    plan = decision["plan"]
+    assert plan["runs"] == [n for n, s in later.items() if not s.runs_for or chosen in s.runs_for]
+    assert [s.name for s in rec.stages[1:]] == plan["runs"] and plan["skipped"] == [n for n in later if n not in plan["runs"]]
+    for s in rec.stages[1:]:
+        budget = min(dict(later[s.name].budgets)[chosen], 200)
+        assert s.call.params["max_tokens"] == plan["budgets"][s.name] == budget
+        # and the stage was told its budget, in words, in its instruction
+        assert any(f"at most about {round(budget * 0.6)} words" in p for p in rec.kit_prompts), s.name
 
 
 async def test_invalid_structured_output_is_retried_once_then_undecided(backend):
-    # An 8-token cap cuts the strategy JSON short: real, invalid model output, twice.
+    # The strategy asked for as structured output (as on a backend without next-token choices), with a 2-token
+    # cap that cuts the JSON short: real, invalid model output, twice.
     pipe = make("staged", backend)
-    pipe.stages[0] = replace(pipe.stages[0], max_tokens=8)
+    pipe.stages[0] = replace(pipe.stages[0], choices=(), max_tokens=2)
     rec, events = await collect(pipe)
     names = [s.name for s in rec.stages]
     assert names[:2] == ["strategy", "strategy.retry"]
     decision = rec.decisions["strategy"]
     assert decision["status"] == "undecided" and decision["source"] == "kit default" and decision["cut_by_limit"]
     assert decision["value"] is None and decision["used"] == pipe.default_strategy and decision["problem"]
+    assert decision["method"] == "structured output"
     [ev] = [e for e in events if isinstance(e, Decision)]
     assert ev.status == "undecided" and ev.value is None and ev.used == pipe.default_strategy
     assert rec.status == "ok" and decision_compliance(rec) == 0.0 and run_metrics(rec)["decision_compliance"] == 0.0
+    # the run goes on with the kit's default strategy, and its plan: analytical = analysis, then the answer
+    assert decision["plan"]["runs"] == ["analysis", "answer"] == names[2:]
     err = io.StringIO()
     sink = ConsoleSink(io.StringIO(), err)
     sink.handle(ev)

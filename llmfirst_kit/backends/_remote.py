@@ -133,6 +133,9 @@ class RemoteBackend(Backend):
     def check_request(self, request: CallRequest) -> None:
         if request.cache == "cold":
             raise InvalidInput(self.cold_cache_refusal)
+        if request.choices:
+            raise InvalidInput(f"the {self.name} backend cannot read a choice from next-token probabilities; ask "
+                               f"for the choice as structured output instead (json_schema with an enum)")
 
     @abstractmethod
     async def open_stream(self, prepared: Any, record: CallRecord) -> Any:

@@ -39,6 +39,9 @@ class CallRequest:
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
     json_schema: dict[str, Any] | None = None  # structured output: the answer must match this schema
+    # a choice among a few options, read from the next-token probabilities after one prefill (no decoding);
+    # the call's text is the most probable option; backends with capabilities.next_token_choice only
+    choices: list[str] | None = None
     cache: str = "reuse"  # reuse: keep the matching prompt prefix in the KV cache; cold: evaluate all
     num_ctx: int | None = None
 
@@ -52,12 +55,19 @@ class CallRequest:
             raise InvalidInput(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.cache not in ("reuse", "cold"):
             raise InvalidInput(f"cache must be 'reuse' or 'cold', got {self.cache!r}")
+        if self.choices is not None:
+            if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices) or not all(
+                    isinstance(c, str) and c.strip() for c in self.choices):
+                raise InvalidInput(f"choices must be two or more different non-empty strings, got {self.choices!r}")
+            if self.json_schema is not None:
+                raise InvalidInput("a call is either a choice (choices) or structured output (json_schema), not both")
 
     def params(self) -> dict[str, Any]:
         return {
             "max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed,
             "top_k": self.top_k, "top_p": self.top_p, "stop": list(self.stop), "cache": self.cache,
             "structured": self.json_schema is not None, "num_ctx": self.num_ctx,
+            **({"choices": list(self.choices)} if self.choices else {}),
         }
 
 

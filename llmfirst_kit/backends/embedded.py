@@ -208,6 +208,7 @@ class Prepared:
     request: CallRequest
     grammar: Any
     cold_load: bool
+    choice_tokens: list[int] | None = None  # a choice call: the first token of each option
 
 
 _DONE = object()
@@ -253,7 +254,7 @@ class EmbeddedBackend(Backend):
         loaded = await asyncio.to_thread(self.load, model, n_ctx)
         cold = (str(loaded.resolved.path), loaded.n_ctx, loaded.n_threads) not in key_before
         tokens = await asyncio.to_thread(loaded.format_prompt, request.messages)
-        need = len(tokens) + request.max_tokens
+        need = len(tokens) + (1 if request.choices else request.max_tokens)
         if need > loaded.n_ctx:
             raise ContextOverflow(
                 f"the prompt is {len(tokens)} tokens and max_tokens is {request.max_tokens}: {need} tokens, but "
@@ -263,8 +264,10 @@ class EmbeddedBackend(Backend):
         grammar = None
         if request.json_schema is not None:
             grammar = await asyncio.to_thread(schema_grammar, request.json_schema, loaded)
+        choice_tokens = first_tokens(loaded, request.choices) if request.choices else None
         return Prepared(model_name=loaded.resolved.name, loaded=loaded, prompt_tokens=tokens,
-                        stop=list(request.stop), request=request, grammar=grammar, cold_load=cold)
+                        stop=list(request.stop), request=request, grammar=grammar, cold_load=cold,
+                        choice_tokens=choice_tokens)
 
     async def generate(self, prepared: Prepared, record: CallRecord) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
@@ -300,12 +303,43 @@ class EmbeddedBackend(Backend):
                     record.finish_reason = item["finish_reason"]
                     record.token_count_source = "llama.cpp tokenizer (exact)"
                     record.server = {"queue_ns": item["queue_ns"], "prompt_eval_tokens": item["prompt_eval_tokens"]}
+                    if "choice" in item:
+                        record.choice = item["choice"]
+                        record.token_count_source = "a choice: one forward pass, no decoding"
                 elif isinstance(item, BaseException):
                     raise item
                 elif item is _DONE:
                     return
         finally:
             cancelled.set()  # no-op after a normal end; otherwise the worker stops at its next token
+
+
+def first_tokens(loaded: LoadedModel, options: list[str]) -> list[int]:
+    """The first token of each option as the reply would begin with it; options must differ in it (the
+    choice is read from the probabilities of these tokens only)."""
+    ids = [loaded.llm.tokenize(o.encode(), add_bos=False, special=False)[0] for o in options]
+    if len(set(ids)) != len(ids):
+        same = [o for o, i in zip(options, ids) if ids.count(i) > 1]
+        raise InvalidInput(f"choices {same} begin with the same token for {loaded.resolved.name}; a choice is read "
+                           f"from the first token only, so use options that begin differently")
+    return ids
+
+
+def _choose(llm: Any, prepared: Prepared) -> dict[str, Any]:
+    """After the whole prompt was evaluated: the options' first-token probabilities (softmax over the full
+    vocabulary; ``mass`` is their total, i.e. how much the model wanted one of them at all)."""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float64)
+    top = logits.max()
+    log_z = top + np.log(np.exp(logits - top).sum())
+    p = np.exp(logits[prepared.choice_tokens] - log_z)
+    options = list(prepared.request.choices or [])
+    mass = float(p.sum())
+    probs = (p / mass).tolist() if mass > 0 else [1 / len(options)] * len(options)
+    best = int(np.argmax(p))
+    return {"options": options, "probabilities": [round(x, 6) for x in probs], "chosen": options[best],
+            "mass": round(mass, 6)}
 
 
 _GRAMMARS: dict[tuple[str, str], Any] = {}  # (schema JSON, model file) -> checked LlamaGrammar
@@ -417,6 +451,15 @@ def _decode(prepared: Prepared, put: Callable[[Any], None], cancelled: threading
             put(Chunk(text=text, t_ns=time.perf_counter_ns(), tokens=n))
 
         if not _prefill(llm, prepared.prompt_tokens[:-1], cancelled):
+            put(_DONE)
+            return
+        if prepared.choice_tokens is not None:  # one forward pass: the last prompt token gives the logits
+            llm.eval(prepared.prompt_tokens[-1:])
+            choice = _choose(llm, prepared)
+            emit(choice["chosen"], 1)
+            put({"prompt_tokens": len(prepared.prompt_tokens), "output_tokens": 1, "finish_reason": "stop",
+                 "queue_ns": queue_ns, "prompt_eval_tokens": len(prepared.prompt_tokens) - cached_prefix,
+                 "choice": choice})
             put(_DONE)
             return
         gen = llm.generate(

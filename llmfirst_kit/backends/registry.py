@@ -32,6 +32,7 @@ class Capabilities:
     in_process: bool  # decodes in this process: shares its cores; a model load is paid by a call here
     server_timings: bool  # the server reports its own timings (load, prompt eval, decode) per call
     context_per_call: bool  # the context size (num_ctx) can be set per call
+    next_token_choice: bool  # a choice among options from next-token probabilities, one prefill, no decoding
 
 
 class _Options(BaseModel):
@@ -82,15 +83,15 @@ class BackendSpec:
 REGISTRY: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("embedded", "llmfirst_kit.backends.embedded:EmbeddedBackend", EmbeddedOptions,
                 Capabilities(structured_output=True, cold_cache=True, local_model_files=True, in_process=True,
-                             server_timings=False, context_per_call=True),
+                             server_timings=False, context_per_call=True, next_token_choice=True),
                 "llama-cpp-python in this process (the default; no server)"),
     BackendSpec("ollama", "llmfirst_kit.backends.ollama:OllamaBackend", OllamaOptions,
                 Capabilities(structured_output=True, cold_cache=False, local_model_files=False, in_process=False,
-                             server_timings=True, context_per_call=True),
+                             server_timings=True, context_per_call=True, next_token_choice=False),
                 "an Ollama server (`ollama serve`, or the kit's own `llmfirst serve`)"),
     BackendSpec("openai", "llmfirst_kit.backends.openai:OpenAIBackend", OpenAIOptions,
                 Capabilities(structured_output=True, cold_cache=False, local_model_files=False, in_process=False,
-                             server_timings=False, context_per_call=False),
+                             server_timings=False, context_per_call=False, next_token_choice=False),
                 "any OpenAI-compatible server (vLLM, SGLang, llama-server, llama-cpp-python's server)"),
 )}
 

@@ -17,15 +17,13 @@ from ..errors import InvalidInput
 
 # ------------------------------------------------------------------------------------------ schemas
 
+STRATEGIES = ("simple", "analytical", "comprehensive")
+
+# the strategy as structured output, for backends that cannot read a choice from next-token probabilities
 STRATEGY_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {
-        "strategy": {"type": "string", "enum": ["simple", "analytical", "comprehensive"]},
-        "token_budget": {"type": "integer", "minimum": 16, "maximum": 1024},
-        # no maxLength: a schema limit would cut the model's words mid-sentence; the task asks for brevity
-        "reason": {"type": "string"},
-    },
-    "required": ["strategy", "token_budget", "reason"],
+    "properties": {"strategy": {"type": "string", "enum": list(STRATEGIES)}},
+    "required": ["strategy"],
 }
 
 REVIEW_SCHEMA: dict[str, Any] = {
@@ -37,7 +35,7 @@ REVIEW_SCHEMA: dict[str, Any] = {
     "required": ["score", "improvements"],
 }
 
-DEFAULT_STRATEGY = {"strategy": "analytical", "token_budget": 256, "reason": None}
+DEFAULT_STRATEGY = {"strategy": "analytical"}  # used, marked as the kit's, when the model made no decision
 
 SYSTEM_PROMPT = (
     "You are one stage of a pipeline that answers a user's query. Follow your task. "
@@ -52,10 +50,17 @@ class Stage:
     """One model call of a pipeline.
 
     ``sees`` names the earlier outputs the stage is shown: ``"query"`` (the user's query) or the name of
-    an earlier stage. ``decision`` names what a structured stage decides (``"strategy"`` sets the budget
-    of later stages; ``"quality"`` is the judge's review). ``budget_share`` takes the stage's max tokens
-    from the strategy decision's ``token_budget``; ``None`` uses the pipeline's ``max_tokens``.
+    an earlier stage (a stage that did not run is left out). ``decision`` names what a structured stage
+    decides (``"strategy"`` shapes the run; ``"quality"`` is the judge's review). ``choices``: the decision
+    is one of these options, read from the model's next-token probabilities after one prefill where the
+    backend can (``capabilities.next_token_choice``), else as structured output (``schema``).
+
+    The strategy decision shapes the later stages: ``runs_for`` lists the strategies for which a stage runs
+    (empty: always) and ``budgets`` its max tokens per strategy; otherwise ``max_tokens``, else the
+    pipeline's. Every free-text stage is told its budget in its instruction, so that it ends by itself.
     ``overlap`` starts the stage without waiting for it, so the next stage runs at the same time.
+    ``query_first`` lays the prompt out as system prompt, the user's query, then the task: stages laid out so
+    share their prompt prefix, which the KV cache keeps (the decision's prefill is mostly the answer's).
     """
 
     name: str
@@ -65,22 +70,23 @@ class Stage:
     visible: bool = True
     schema: dict[str, Any] | None = None
     decision: str | None = None
-    budget_share: float | None = None
+    choices: tuple[str, ...] = ()
+    runs_for: tuple[str, ...] = ()
+    budgets: tuple[tuple[str, int], ...] = ()
     max_tokens: int | None = None
     overlap: bool = False
     data: tuple[str, ...] = ()  # outputs passed as delimited data to judge, never as instructions
     replies: bool = False  # the stage replies to the user: the query is the user turn, the rest is context
+    query_first: bool = False
 
 
 def strategy_stage() -> Stage:
     return Stage(
-        name="strategy", visible=False, schema=STRATEGY_SCHEMA, decision="strategy", max_tokens=120,
-        instruction=(
-            "Decide how to process this query. Choose strategy 'simple' (a short factual reply), "
-            "'analytical' (a reasoned explanation) or 'comprehensive' (a long, structured treatment); "
-            "give the number of tokens the final answer needs (token_budget) and a reason of at most 20 words. "
-            "Reply with JSON only."
-        ),
+        name="strategy", visible=False, schema=STRATEGY_SCHEMA, decision="strategy", choices=STRATEGIES,
+        max_tokens=24, query_first=True,
+        instruction=("Decide how the query above should be answered: simple (a short factual reply), analytical "
+                     "(a reasoned explanation) or comprehensive (a long, structured treatment). Reply with one "
+                     "word: simple, analytical or comprehensive."),
     )
 
 
@@ -121,18 +127,23 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
     if name == "direct":
         stages = [Stage(name="answer", instruction=ANSWER_INSTRUCTION, sees=q, replies=True)]
     elif name == "staged":
+        # the model's strategy chooses the stages and their budgets (code only acts on that choice)
         stages = [
             strategy_stage(),
-            Stage(name="analysis", sees=q, budget_share=0.5, max_tokens=128,
+            Stage(name="analysis", sees=q, runs_for=("analytical", "comprehensive"), query_first=True,
+                  budgets=(("analytical", 64), ("comprehensive", 96)), max_tokens=96,
                   instruction="Briefly analyse the user's intent and likely expertise level. Do not answer yet."),
-            Stage(name="reasoning", sees=(*q, "analysis"), budget_share=0.5,
+            Stage(name="reasoning", sees=(*q, "analysis"), runs_for=("comprehensive",), query_first=True,
+                  budgets=(("comprehensive", 128),), max_tokens=128,
                   instruction=("Reason about how best to answer, given the analysis: what matters, what to "
                                "include, what to avoid. Do not write the answer yet.")),
-            Stage(name="answer", sees=(*q, "analysis", "reasoning"), budget_share=1.0, replies=True,
-                  instruction=ANSWER_INSTRUCTION + " Use the notes from the analysis and reasoning stages."),
+            Stage(name="answer", sees=(*q, "analysis", "reasoning"), replies=True, query_first=True,
+                  budgets=(("simple", 128), ("analytical", 256), ("comprehensive", 512)),
+                  instruction=ANSWER_INSTRUCTION + " Use the notes from the earlier stages, if any, where they are "
+                                                   "right; the facts you state must be correct."),
         ]
-        if analysis_first:
-            stages[0], stages[1] = stages[1], replace(stages[0], sees=(*q, "analysis"))
+        if analysis_first:  # the analysis runs before the decision, whatever it will be; the decision sees it
+            stages[0], stages[1] = replace(stages[1], runs_for=(), budgets=()), replace(stages[0], sees=(*q, "analysis"))
     elif name == "cascade":
         stages = [
             Stage(name="opening", sees=("query",), model=fast_model or "smollm2-135m", overlap=True, max_tokens=48,
@@ -187,5 +198,5 @@ def with_model(stages: list[Stage], name: str, model: str) -> list[Stage]:
 
 
 __all__ = ["ANSWER_INSTRUCTION", "DEFAULT_STRATEGY", "PRESETS", "PRESET_NAMES", "PresetName", "REVIEW_SCHEMA",
-           "STRATEGY_SCHEMA", "SYSTEM_PROMPT", "Stage", "parse_preset", "preset", "review_stage", "rewrite_stage",
+           "STRATEGIES", "STRATEGY_SCHEMA", "SYSTEM_PROMPT", "Stage", "parse_preset", "preset", "review_stage", "rewrite_stage",
            "strategy_stage", "with_model"]

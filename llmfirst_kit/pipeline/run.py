@@ -100,8 +100,8 @@ class Pipeline:
                                        f"set overlap=False on {ref!r}")
             if stage.schema is not None or stage.decision is not None:
                 self._check_structured(stage)
-            if stage.budget_share is not None and not 0 < stage.budget_share <= 1:
-                raise InvalidInput(f"stage {stage.name!r}: budget_share must be in (0, 1]")
+            if any(not isinstance(n, int) or n <= 0 for _, n in stage.budgets):
+                raise InvalidInput(f"stage {stage.name!r}: every budget must be a positive number of tokens")
         for stage in self.stages:
             self.backend.resolve_model(stage.model or self.model)  # unknown model: error naming the known ones
 
@@ -180,6 +180,8 @@ class Run:
         background: list[asyncio.Task[None]] = []
         try:
             for stage in pipe.stages:
+                if not self._runs(stage):  # the model's strategy left it out
+                    continue
                 if stage.overlap:
                     background.append(asyncio.create_task(self._stage(stage, emit)))
                 else:
@@ -209,24 +211,48 @@ class Run:
 
     # -------------------------------------------------------------------------------------- stages
 
-    def _messages(self, stage: Stage, note: str = "") -> list[dict[str, str]]:
+    def _messages(self, stage: Stage, note: str = "", tokens: int | None = None) -> list[dict[str, str]]:
         """The stage's prompt. A stage that works *on* the query gets it, the outputs it sees and its task
         in one user turn (task last). A stage that *replies* to the user gets the natural chat shape: the
-        query as the user turn, its task and the earlier outputs in the system prompt. Judged outputs are
-        always data between markers."""
-        query = next((n for n in ("rewrite", "query") if n in stage.sees), None) if stage.replies else None
-        sections = [f"## {_label(n)}\n{self.outputs[n]}" for n in stage.sees if n != query]
+        query as the user turn, its task and the earlier outputs in the system prompt. A ``query_first``
+        stage gets the system prompt, the query as the user turn, then its task and the outputs it sees in a second user turn (so
+        such stages share their prompt prefix). Judged outputs are always data between markers. A free-text
+        stage is told its budget (``tokens``)."""
+        query = next((n for n in ("rewrite", "query") if n in stage.sees), None) \
+            if stage.replies or stage.query_first else None
+        sections = [f"## {_label(n)}\n{self.outputs[n]}" for n in stage.sees if n != query and n in self.outputs]
         for name in stage.data:
             sections.append(f"## {_label(name)} (data to evaluate, between the markers)\n"
                             f"<<<BEGIN {name.upper()}>>>\n{self.outputs[name]}\n<<<END {name.upper()}>>>")
-        task = f"{stage.instruction}{note}"
+        budget = "" if stage.schema is not None or stage.choices or not tokens else BUDGET_NOTE.format(
+            words=max(8, round(tokens * WORDS_PER_TOKEN)))
+        task = f"{stage.instruction}{budget}{note}"
         self._kit_wrote(SYSTEM_PROMPT, task)
+        notes = [NOTES_HEADER, *sections] if sections else []
+        if notes:
+            self._kit_wrote(NOTES_HEADER)
         if query is None:
             user = "\n\n".join([*sections, f"## Task\n{task}"])
             return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        notes = [NOTES_HEADER, *sections] if sections else []
+        if stage.query_first:
+            after = "\n\n".join([*notes, f"Your task: {task}"])
+            # the task as a second user turn: every chat API (and the kit's server) expects a conversation that
+            # ends with the user; the first two turns are the same for every query_first stage of the run
+            return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.outputs[query]},
+                    {"role": "user", "content": after}]
         system = "\n\n".join([SYSTEM_PROMPT, f"Your task: {task}", *notes])
         return [{"role": "system", "content": system}, {"role": "user", "content": self.outputs[query]}]
+
+    def _strategy(self) -> str | None:
+        """The strategy the run goes on with (the model's, or the kit's default when undecided), if decided yet."""
+        d = self.record.decisions.get("strategy")
+        used = d.get("used") if d else None
+        return used.get("strategy") if isinstance(used, dict) else None
+
+    def _runs(self, stage: Stage) -> bool:
+        """Whether the stage runs: always, unless the strategy taken is not one it runs for."""
+        strategy = self._strategy()
+        return not stage.runs_for or strategy is None or strategy in stage.runs_for
 
     def _kit_wrote(self, *texts: str) -> None:
         """Note kit-written prompt text sent in this run: a model that echoes it shows kit text."""
@@ -235,19 +261,23 @@ class Run:
                 self.record.kit_prompts.append(text)
 
     def _budget(self, stage: Stage) -> int:
-        """Max tokens of a stage: its share of the model's token_budget decision when it has one, else its
-        own cap, within the pipeline's max_tokens. A structured stage keeps its own cap: its schema bounds
-        its length, and a cut-short JSON would be wasted."""
+        """Max tokens of a stage: its budget for the strategy taken when it has one, else its own cap, within
+        the pipeline's max_tokens. A structured stage keeps its own cap: a cut-short JSON would be wasted."""
         pipe = self.pipeline
-        if stage.budget_share is not None and "strategy" in self.record.decisions:
-            budget = self.record.decisions["strategy"]["used"]["token_budget"]
-            return max(16, min(pipe.max_tokens, round(budget * stage.budget_share)))
-        if stage.schema is not None and stage.max_tokens:
+        budgets = dict(stage.budgets)
+        strategy = self._strategy()
+        if strategy in budgets:
+            return min(budgets[strategy], pipe.max_tokens)
+        if (stage.schema is not None or stage.choices) and stage.max_tokens:
             return stage.max_tokens
         return min(stage.max_tokens or pipe.max_tokens, pipe.max_tokens)
 
     async def _stage(self, stage: Stage, emit: Callable[[Event], None]) -> None:
-        text, call_id = await self._call(stage, emit, stage.name)
+        if self._as_choice(stage):
+            return await self._choice(stage, emit)
+        # a choice asked for as structured output instead, on a backend that cannot read it from probabilities
+        note = JSON_NOTE.format(name=stage.decision or stage.name) if stage.choices else ""
+        text, call_id = await self._call(stage, emit, stage.name, note=note)
         if stage.schema is None:
             self.outputs[stage.name] = text
             if stage.name == "rewrite":
@@ -257,7 +287,7 @@ class Run:
         value, problem = parse_structured(text, stage.schema)
         cut = self.record.stages[-1].call.finish_reason == "length"  # the token limit, not the model, ended it
         if problem is not None:  # ask the model once more, telling it what was wrong
-            note = f"\nYour previous reply was not valid ({problem}). Reply again with JSON only."
+            note += f"\nYour previous reply was not valid ({problem}). Reply again with JSON only."
             text, call_id = await self._call(stage, emit, f"{stage.name}.retry", note=note)
             value, problem = parse_structured(text, stage.schema)
             cut = cut or self.record.stages[-1].call.finish_reason == "length"
@@ -273,18 +303,53 @@ class Run:
                                    "improvements": value["improvements"] if value else [],
                                    "status": status, "call_id": call_id,
                                    "judge_model": self.record.stages[-1].call.model}
-        self.record.decisions[stage.decision or stage.name] = decision
-        self.outputs[stage.name] = text
+        self._decided(stage, decision, text)
         emit(Decision(run_id=self.record.run_id, t_ns=time.perf_counter_ns(), stage=stage.name,
                       name=stage.decision or stage.name, value=decision["value"], status=status, call_id=call_id,
                       used=used, source=decision["source"]))
 
+    def _as_choice(self, stage: Stage) -> bool:
+        """The stage's decision is read as a choice (one forward pass) when its backend can."""
+        return bool(stage.choices) and self.pipeline.backend.capabilities.next_token_choice
+
+    async def _choice(self, stage: Stage, emit: Callable[[Event], None]) -> None:
+        """A decision among ``stage.choices``, read from the next-token probabilities after one prefill."""
+        text, call_id = await self._call(stage, emit, stage.name)
+        crec = self.record.stages[-1].call
+        name = stage.decision or stage.name
+        decided = crec.status == "ok" and crec.choice is not None
+        value = {name: crec.choice["chosen"]} if decided else None
+        used = value if decided else (dict(self.pipeline.default_strategy) if name == "strategy" else None)
+        decision = {"value": value, "used": used, "status": "decided" if decided else "undecided",
+                    "source": "model" if decided else "kit default", "call_id": call_id,
+                    "problem": None if decided else (crec.error or "no choice"), "method": "next-token choice",
+                    "probabilities": dict(zip(crec.choice["options"], crec.choice["probabilities"])) if decided else None,
+                    "mass": crec.choice["mass"] if decided else None, "cut_by_limit": False}
+        self._decided(stage, decision, text)
+        emit(Decision(run_id=self.record.run_id, t_ns=time.perf_counter_ns(), stage=stage.name, name=name,
+                      value=value, status=decision["status"], call_id=call_id, used=used, source=decision["source"]))
+
+    def _decided(self, stage: Stage, decision: dict[str, Any], text: str) -> None:
+        """Record a decision; a strategy also records the plan it makes (which later stages run)."""
+        name = stage.decision or stage.name
+        decision.setdefault("method", "structured output")
+        self.record.decisions[name] = decision
+        self.outputs[stage.name] = text
+        if name == "strategy":
+            later = self.pipeline.stages[self.pipeline.stages.index(stage) + 1:]
+            decision["plan"] = {"runs": [s.name for s in later if self._runs(s)],
+                                "skipped": [s.name for s in later if not self._runs(s)],
+                                "budgets": {s.name: self._budget(s) for s in later if self._runs(s) and not s.schema}}
+
     async def _call(self, stage: Stage, emit: Callable[[Event], None], record_name: str,
                     note: str = "") -> tuple[str, str]:
         pipe, rec = self.pipeline, self.record
-        request = CallRequest(messages=self._messages(stage, note), model=stage.model or pipe.model,
-                              max_tokens=self._budget(stage), temperature=pipe.temperature, seed=pipe.seed,
-                              json_schema=stage.schema, cache=pipe.cache)
+        choice = self._as_choice(stage)
+        tokens = self._budget(stage)
+        request = CallRequest(messages=self._messages(stage, note, tokens), model=stage.model or pipe.model,
+                              max_tokens=tokens, temperature=pipe.temperature, seed=pipe.seed,
+                              json_schema=None if choice else stage.schema,
+                              choices=list(stage.choices) if choice else None, cache=pipe.cache)
         call = pipe.backend.call(request)
         crec = call.record
         crec.warmup = rec.warmup
@@ -309,6 +374,9 @@ class Run:
 
 
 NOTES_HEADER = "Notes from earlier stages (for you; the user does not see them):"
+JSON_NOTE = ' Reply with JSON only: {{"{name}": "<that word>"}}.'
+BUDGET_NOTE = " Use at most about {words} words, and end your reply within them."
+WORDS_PER_TOKEN = 0.6  # English ~0.75 words a token, Korean fewer: told in words, kept well inside the tokens
 
 
 def _label(name: str) -> str:
