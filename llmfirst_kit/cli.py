@@ -179,7 +179,9 @@ def _summary(rec: RunRecord, pipe: Pipeline, transcript: Transcript | None = Non
         "kit_overhead_s": rm["kit_overhead_s"], "compliance": None, "sink": None,
         "prompt_echo_chars": rm["prompt_echo_chars"], "decision_compliance": rm["decision_compliance"],
         "decisions": {k: {"value": v.get("value"), "status": v["status"], "used": v.get("used", v.get("value")),
-                          "source": v.get("source", "model")} for k, v in rec.decisions.items()},
+                          "source": v.get("source", "model"),
+                          **{f: v[f] for f in ("method", "probabilities", "plan") if v.get(f) is not None}}
+                      for k, v in rec.decisions.items()},
         "quality": rm["quality"], "query": rec.query,
         "stages": [
             {"name": s.name, "model": s.call.model, "text": s.call.text, "visible": s.visible,

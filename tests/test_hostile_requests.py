@@ -37,7 +37,7 @@ from llmfirst_kit.backends.ollama import OllamaBackend
 from llmfirst_kit.backends.openai import OpenAIBackend
 from llmfirst_kit.backends.schema_guard import MAX_SCHEMA_REPETITIONS
 from llmfirst_kit.errors import BackendError, BackendUnavailable
-from llmfirst_kit.server import ServerConfig, ServerThread
+from llmfirst_kit.serve import ServerConfig, ServerThread
 
 TIMEOUT_S = 240.0
 QUESTION = [{"role": "user", "content": "What is 2+2? Reply in JSON."}]

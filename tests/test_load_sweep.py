@@ -16,8 +16,8 @@ from llmfirst_kit import charts
 from llmfirst_kit.backends.ollama import OllamaBackend
 from llmfirst_kit.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from llmfirst_kit.errors import BackendUnavailable, InvalidInput, UnknownModel
-from llmfirst_kit.load_sweep import parse_concurrency, sweep
-from llmfirst_kit.server import ServerConfig, ServerThread
+from llmfirst_kit.bench.load_sweep import parse_concurrency, sweep
+from llmfirst_kit.serve import ServerConfig, ServerThread
 
 QUERIES = ["What is 2+2?", "Name a color.", "Say hello."]
 
@@ -117,7 +117,7 @@ def test_cli_bench_load_on_the_kit_server_writes_json_and_chart(capsys, tmp_path
 
 
 async def test_serve_kit_through_its_openai_api(loaded):
-    from llmfirst_kit.load_sweep import load_target
+    from llmfirst_kit.bench.load_sweep import load_target
 
     async with load_target("openai", serve_kit=True, model=TEST_MODEL, n_threads=loaded.n_threads) as target:
         result = await sweep(target, concurrency=[2], requests=2, max_tokens=4, queries=QUERIES)

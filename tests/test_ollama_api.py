@@ -32,7 +32,7 @@ from llmfirst_kit.backends.base import CallRequest
 from llmfirst_kit.backends.ollama import OllamaBackend
 from llmfirst_kit.errors import UnknownModel
 from llmfirst_kit.pipeline import Pipeline
-from llmfirst_kit.server import ServerConfig, ServerThread, create_app
+from llmfirst_kit.serve import ServerConfig, ServerThread, create_app
 
 TEST_MODEL = "smollm2-135m"
 LONG = "Write a long story about a dragon."
@@ -231,7 +231,7 @@ async def test_kit_ollama_backend_end_to_end(server):
         assert rec.prompt_tokens > 0 and rec.server["eval_duration"] >= 0 and rec.cold_load is False
         pipe = Pipeline.from_preset("direct", backend=backend, model=TEST_MODEL, max_tokens=8)
         run = await pipe.run(SHORT)
-        assert run.status == "ok" and run.shown[0].text.strip()
+        assert run.status == "ok" and [s.call.text for s in run.stages if s.visible][0].strip()
         with pytest.raises(UnknownModel, match="ollama pull"):
             await backend.call(CallRequest(messages=[{"role": "user", "content": SHORT}], model="nope")).collect()
     finally:

@@ -18,17 +18,15 @@ from websockets.exceptions import InvalidStatus
 
 from conftest import wait_until_idle
 
-from llmfirst_kit.server import (
+from llmfirst_kit.bench.ws_load import bench_serve, bench_serve_async, format_bench
+from llmfirst_kit.serve import (
     Outbox,
     Outgoing,
     ServerConfig,
     ServerThread,
     TokenRequired,
-    bench_serve,
-    bench_serve_async,
     check_bind,
     check_run_messages,
-    format_bench,
     is_loopback,
     serve,
 )
@@ -166,7 +164,8 @@ MALFORMED = [
     (json.dumps({"query": SHORT, "colour": "red"}), "unknown_field", "takes: type, query"),
     (json.dumps({"query": SHORT, "model": "gpt-9"}), "unknown_model", "known: "),
     (json.dumps({"query": SHORT, "model": "/etc/passwd"}), "unknown_model", "known: "),
-    (json.dumps({"query": SHORT, "preset": "fancy"}), "invalid_input", "known: direct, staged, cascade"),
+    (json.dumps({"query": SHORT, "preset": "fancy"}), "invalid_input",
+     "known: direct, staged, staged:analysis-first, cascade"),
     (json.dumps({"query": SHORT, "backend": "nope"}), "invalid_input", "known: embedded, ollama"),
     (json.dumps({"query": "x" * 8001}), "query_too_long", "at most 8000"),
     (json.dumps({"query": SHORT, "max_tokens": "many"}), "invalid_field", "max_tokens must be an integer"),
@@ -267,7 +266,7 @@ class StalledClient:
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_its_run_cancelled(loaded):
-    from llmfirst_kit.server import Connection, ServerState
+    from llmfirst_kit.serve import Connection, ServerState
 
     state = ServerState(ServerConfig(default_model=TEST_MODEL, n_threads=loaded.n_threads, send_buffer_bytes=600))
     ws = StalledClient(run_message(LONG, max_tokens=200))

@@ -2,7 +2,8 @@
 
 For each concurrency level, ``requests`` calls are issued with at most that many in flight (a pool of
 workers pulling from one queue, like vLLM ``bench serve --max-concurrency``). Each call is one plain chat
-completion of a query from ``data/queries/`` -- the serving engine is measured here, not the pipeline.
+completion of a packaged study query (``llmfirst_kit/assets/queries/``) -- the serving engine is measured
+here, not the pipeline.
 Per level: TTFT / TPOT / E2E p50/p95/p99 over the calls that finished, overall output tokens/s, errors
 (formulas in :func:`llmfirst_kit.metrics.load_level_metrics`).
 
@@ -21,15 +22,15 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from .backends import Backend, CallRequest, backend_options, get_backend
-from .errors import BackendUnavailable, InvalidInput, UnknownModel
-from .metrics import DEFAULT_SLO, SLO, load_level_metrics, slo_dict
-from .records import CallRecord
+from ..backends import Backend, CallRequest, backend_options, get_backend
+from ..data import QUERIES
+from ..errors import BackendUnavailable, InvalidInput, UnknownModel
+from ..metrics import DEFAULT_SLO, SLO, load_level_metrics, slo_dict
+from ..records import CallRecord
 
-QUERIES_FILE = Path(__file__).resolve().parent.parent / "data" / "queries" / "queries.jsonl"
+QUERIES_FILE = QUERIES
 MIN_CALLS_BEFORE_STOPPING = 4  # the error rate of one or two calls says little
 
 
@@ -58,7 +59,7 @@ def parse_concurrency(text: str) -> list[int]:
 
 
 def sweep_queries(limit: int = 0) -> list[str]:
-    from .study import load_queries
+    from ..study.queries import load_queries
 
     return [q.query for q in load_queries(QUERIES_FILE, limit=limit)]
 
@@ -164,8 +165,8 @@ async def load_target(backend: str = "embedded", *, host: str | None = None, bas
     port and reached through its OpenAI-compatible API (``backend="openai"``) or else its Ollama-compatible
     one."""
     if serve_kit:
-        from .models import DEFAULT_MODEL
-        from .server import ServerConfig, ServerThread
+        from ..models import DEFAULT_MODEL
+        from ..serve import ServerConfig, ServerThread
 
         name = model or DEFAULT_MODEL
         with ServerThread(config=ServerConfig(default_model=name, n_threads=n_threads)) as srv:

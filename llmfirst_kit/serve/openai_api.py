@@ -17,27 +17,26 @@ What a client gets:
 - errors as OpenAI shapes them, ``{"error": {"message", "type", "code"}}``: 404 for an unknown model, 400
   for a bad body, naming the fix. The server's token, if any, is the API key (``Authorization: Bearer``).
 
-The call itself is the Ollama routes' (:func:`llmfirst_kit.ollama_api.planned_call`, the same checks, the same
+The call itself is the Ollama routes' (:mod:`llmfirst_kit.serve.calls`: the same plan and checks, the same
 cancellation when the client goes away); only the request and response shapes differ.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import KitError
-from .models import known_names
-from .ollama_api import (ApiError, CallResponse, Options, Plan, _Body, _config, _openapi_body, chat_messages,
-                         parse_body, planned_call, read_body, registry_model, status_of)
-from .records import CallRecord
+from ..errors import KitError
+from ..models import known_names
+from ..records import CallRecord
+from .calls import (ERROR_DESCRIPTIONS, SSE, SSE_EVENTS, ApiError, CallResponse, Options, Plan, StrictBody,
+                    chat_messages, openapi_body, planned_call, read_json_body, status_of)
+from .security import registry_model
 
-SSE = "text/event-stream"
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # OpenAI's; top_k 0: off (no such OpenAI option)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "invalid_request_error", 503: "server_error"}
@@ -79,7 +78,7 @@ class ResponseFormat(BaseModel):
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="llama-cpp-python's json_object form")
 
 
-class ChatCompletionBody(_Body):
+class ChatCompletionBody(StrictBody):
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
@@ -128,12 +127,11 @@ def format_of(fmt: ResponseFormat | None) -> str | dict[str, Any] | None:
 
 
 def options_of(body: ChatCompletionBody) -> Options:
+    """The call's sampling options (absent ones take :data:`DEFAULTS` when the call is planned)."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     limit = body.max_completion_tokens or body.max_tokens
-    return Options(num_predict=-1 if limit is None else limit,
-                   temperature=DEFAULTS["temperature"] if body.temperature is None else body.temperature,
-                   top_p=DEFAULTS["top_p"] if body.top_p is None else body.top_p,
-                   top_k=DEFAULTS["top_k"] if body.top_k is None else body.top_k, seed=body.seed, stop=stop)
+    return Options(num_predict=-1 if limit is None else limit, temperature=body.temperature, top_p=body.top_p,
+                   top_k=body.top_k, seed=body.seed, stop=stop)
 
 
 # ------------------------------------------------------------------------ response shapes (for the docs)
@@ -191,9 +189,8 @@ BODY_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionBody,)
 
 
 def _doc_responses(ok: type[BaseModel], *, stream: bool = False) -> dict[int | str, Any]:
-    errors = {400: "bad request body", 401: "token missing or wrong", 403: "origin or host not allowed",
-              404: "unknown model", 413: "body too large", 500: "backend failure", 503: "backend unavailable"}
-    out: dict[int | str, Any] = {code: {"model": ErrorBody, "description": d} for code, d in errors.items()}
+    out: dict[int | str, Any] = {code: {"model": ErrorBody, "description": d}
+                                 for code, d in ERROR_DESCRIPTIONS.items()}
     out[200] = {"model": ok}
     if stream:  # server-sent events, each `data: {chat.completion.chunk as JSON}`, the last `data: [DONE]`
         out[200]["content"] = {SSE: {"schema": {
@@ -210,51 +207,42 @@ def usage_of(rec: CallRecord) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class CompletionResponse(CallResponse):
-    """One model call as a ``chat.completion`` or as server-sent ``chat.completion.chunk`` events."""
+class CompletionAnswer:
+    """A call's answer as a ``chat.completion``, or as server-sent ``chat.completion.chunk`` events: the
+    first with the assistant's role, the last with the ``finish_reason``, then the usage if asked for."""
 
-    def __init__(self, call: Any, *, model: str, stream: bool, include_usage: bool, received_ns: int):
-        super().__init__(call, lambda text: {}, stream=stream, received_ns=received_ns)
-        self.media_type = SSE if stream else "application/json"
+    framing = SSE_EVENTS
+
+    def __init__(self, call_id: str, *, model: str, include_usage: bool):
         self.model = model
         self.include_usage = include_usage
-        self.id = f"chatcmpl-{call.record.call_id}"
+        self.id = f"chatcmpl-{call_id}"
         self.created = int(time.time())
-
-    def error(self, status: int, message: str) -> dict[str, Any]:
-        return error_body(status, message)
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
-    async def _stream(self, send: Callable, chunks: AsyncIterator[Any], first: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", SSE.encode()), (b"cache-control", b"no-cache")]})
-        try:
-            if first is not None:
-                await _send_event(send, self._chunk({"role": "assistant", "content": first.text}))
-                async for chunk in chunks:
-                    await _send_event(send, self._chunk({"content": chunk.text}))
-            rec = self.call.record
-            await _send_event(send, self._chunk({}, rec.finish_reason))
-            if self.include_usage:
-                await _send_event(send, {**self._chunk({}), "choices": [], "usage": usage_of(rec)})
-        except KitError as exc:  # mid-stream: an error event, as vLLM sends; the text already sent stays sent
-            await _send_event(send, error_body(status_of(exc), str(exc)))
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+    def chunk(self, text: str, first: bool) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": text} if first else {"content": text})
 
-    def whole_body(self) -> dict[str, Any]:
-        rec = self.call.record
+    def tail(self, rec: CallRecord) -> list[dict[str, Any]]:
+        out = [self._chunk({}, rec.finish_reason)]
+        if self.include_usage:
+            out.append({**self._chunk({}), "choices": [], "usage": usage_of(rec)})
+        return out
+
+    def stream_error(self, exc: KitError) -> dict[str, Any]:
+        return error_body(status_of(exc), str(exc))  # mid-stream: an error event, as vLLM sends
+
+    def whole(self, rec: CallRecord) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": rec.text},
                              "finish_reason": rec.finish_reason}],
                 "usage": usage_of(rec)}
 
-
-async def _send_event(send: Callable, obj: dict[str, Any]) -> None:
-    body = f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-    await send({"type": "http.response.body", "body": body, "more_body": True})
+    def error(self, status: int, message: str) -> dict[str, Any]:
+        return error_body(status, message)
 
 
 # ----------------------------------------------------------------------------------------- routes
@@ -269,13 +257,14 @@ async def models() -> JSONResponse:
 
 
 @router.post("/chat/completions", responses=_doc_responses(ChatCompletion, stream=True),
-             openapi_extra=_openapi_body(ChatCompletionBody), summary="Answer a conversation (OpenAI shape)")
+             openapi_extra=openapi_body(ChatCompletionBody), summary="Answer a conversation (OpenAI shape)")
 async def chat_completions(request: Request) -> Response:
-    received = time.perf_counter_ns()
-    body = parse_body(await read_body(request, _config(request).max_body_bytes), ChatCompletionBody)
+    body = await read_json_body(request, ChatCompletionBody)
     model = registry_model(body.model)
     refuse_unsupported(body)
-    plan = Plan(model, chat_messages(body), options_of(body), format_of(body.response_format), body.stream)
+    plan = Plan(model, chat_messages(body), options_of(body), format_of(body.response_format), body.stream,
+                DEFAULTS)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return CompletionResponse(await planned_call(request, plan), model=body.model, stream=body.stream,
-                              include_usage=include_usage, received_ns=received)
+    call = await planned_call(request, plan)
+    answer = CompletionAnswer(call.record.call_id, model=body.model, include_usage=include_usage)
+    return CallResponse(call, answer, stream=body.stream)

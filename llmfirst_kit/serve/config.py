@@ -1,0 +1,101 @@
+"""The server's settings: one pydantic-settings model, read from keyword arguments and ``LLMFIRST_*``
+environment variables (a keyword argument wins over the environment).
+
+Every field has an environment variable, ``LLMFIRST_`` + the field name in capitals: ``LLMFIRST_TOKEN``,
+``LLMFIRST_MAX_QUEUE`` (both read before this model existed, and still), ``LLMFIRST_N_THREADS``,
+``LLMFIRST_IDLE_TIMEOUT_S`` (``none``: never)... Lists take commas: ``LLMFIRST_ALLOWED_BACKENDS=embedded,ollama``.
+A value that does not fit is refused with :class:`~llmfirst_kit.errors.InvalidInput` naming the variable (or
+argument) and what the field accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ..errors import InvalidInput
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+ENV_PREFIX = "LLMFIRST_"
+TOKEN_ENV = ENV_PREFIX + "TOKEN"
+
+Names = Annotated[tuple[str, ...], NoDecode]  # from the environment: comma-separated (or a JSON list)
+
+
+class ServerConfig(BaseSettings):
+    """What an operator can set. The defaults suit one researcher's machine."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_parse_none_str="none")
+
+    token: str | None = Field(None, repr=False,
+                              description="required off loopback; checked on every request when set")
+    default_model: str | None = Field(
+        None, description="embedded model for a run that names none, a registry name (unset: the kit's default)")
+    allowed_origins: Names = Field((), description='browser origins besides loopback pages, e.g. "https://lab.example"')
+    check_host: bool = Field(True, description="answer only loopback Host names, true or false (set off when "
+                                               "listening elsewhere with a token)")
+    max_message_bytes: int = Field(64 * 1024, description="bytes of one WebSocket message, an integer")
+    max_query_chars: int = Field(8000, description="characters of a WebSocket query, an integer")
+    max_tokens_limit: int = Field(4096, description="largest max_tokens a WebSocket run may ask for, an integer")
+    max_predict: int | None = Field(
+        None, description="cap on the tokens of any one model call (HTTP and WebSocket), an integer (unset: none)")
+    max_pending_runs: int = Field(8, description="runs waiting or running on one connection, an integer")
+    max_connections: int = Field(64, description="WebSocket connections at once, an integer")
+    send_buffer_bytes: int = Field(1 << 20, description="per client, an integer; past it the client is dropped "
+                                                        "(close code 1008)")
+    max_body_bytes: int = Field(4 << 20, description="bytes of one HTTP request body, an integer")
+    max_num_ctx: int = Field(8192, description="largest context an Ollama client may ask for (num_ctx), an integer")
+    preload: Names = Field((), description="embedded models to load at start-up, registry names (comma-separated)")
+    n_threads: int | None = Field(None, description="decoding threads of the embedded models, an integer "
+                                                    "(unset: all cores)")
+    max_queue: int | None = Field(None, ge=0, description="calls that may wait per model, a whole number (e.g. 64; "
+                                                          "unset: 64); one more is refused with 503")
+    # backends a WebSocket run may pick: ollama and openai spend the operator's server or key (OPENAI_API_KEY)
+    allowed_backends: Names = Field(("embedded",), description="backends a WebSocket run may pick "
+                                                               "(comma-separated, e.g. embedded,ollama)")
+    idle_timeout_s: float | None = Field(300.0, description="seconds before a WebSocket with no message and no run "
+                                                            "is closed, a number (none: never)")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidInput(describe_settings_error(exc, values)) from None
+
+    @field_validator("allowed_origins", "preload", "allowed_backends", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def describe_settings_error(exc: ValidationError, given: dict[str, Any]) -> str:
+    """A settings error as lines naming where the value came from (argument or environment variable) and
+    what the field accepts."""
+    fields = ServerConfig.model_fields
+    parts = []
+    for err in exc.errors()[:3]:
+        name = str(err["loc"][0]) if err["loc"] else ""
+        if name not in fields:
+            parts.append(f"unknown setting {name!r}; ServerConfig takes: {', '.join(fields)}")
+            continue
+        env = env_name(name)
+        if name not in given and env in os.environ:
+            source = f"{env}={os.environ[env]!r}"
+        else:
+            source = f"{name}={err.get('input')!r}"
+        parts.append(f"{source} is not accepted ({err['msg']}); {name}: {fields[name].description}")
+    return "server settings: " + "; ".join(parts)
