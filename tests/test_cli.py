@@ -43,10 +43,11 @@ def test_ask_staged_keeps_each_stage_apart_on_stdout(capsys, tmp_path):
                              "--preset", "staged", "--log", str(log))
     assert code == EXIT_OK
     rec = read_log(log)[-1]
-    visible = [s.call.text for s in rec.stages if s.visible]
-    assert len(visible) == 3 and out == "\n\n".join(visible) + "\n"  # blank lines between, nothing else
-    assert err.index("[analysis]") < err.index("[reasoning]") < err.index("[answer]")
-    assert "[decision strategy" in err
+    visible = [s for s in rec.stages if s.visible]
+    assert [s.name for s in visible] == rec.decisions["strategy"]["plan"]["runs"]  # the model's plan
+    assert out == "\n\n".join(s.call.text for s in visible) + "\n"  # blank lines between, nothing else
+    labels = [err.index(f"[{s.name}]") for s in visible]
+    assert labels == sorted(labels) and "[decision strategy" in err
 
 
 def test_ask_json_has_the_documented_fields(capsys):
@@ -74,11 +75,12 @@ def test_ask_staged_with_review_json(capsys):
                            "--preset", "staged", "--review", "--json")
     assert code == EXIT_OK
     data = json.loads(out)
-    assert data["preset"] == "staged" and data["sink"]["stages"].keys() == {"analysis", "reasoning", "answer"}
+    plan = data["decisions"]["strategy"]["plan"]["runs"]
+    assert data["preset"] == "staged" and data["sink"]["stages"].keys() == {n for n in plan if n != "review"}
     assert data["decision_compliance"] == (data["decisions"]["strategy"]["status"] == "decided"
                                            ) * 0.5 + (data["decisions"]["quality"]["status"] == "decided") * 0.5
-    assert [s["name"] for s in data["stages"] if not s["name"].endswith(".retry")] == [
-        "strategy", "analysis", "reasoning", "answer", "review"]
+    assert [s["name"] for s in data["stages"] if not s["name"].endswith(".retry")] == ["strategy", *plan]
+    assert plan[-2:] == ["answer", "review"] and data["decisions"]["strategy"]["method"] == "next-token choice"
     assert data["decisions"]["strategy"]["status"] in ("decided", "undecided")
     assert data["quality"] is None or 0 <= data["quality"] <= 100
     for s in data["stages"]:
