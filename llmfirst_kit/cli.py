@@ -20,7 +20,8 @@ from .metrics import call_metrics, run_metrics
 from . import engine
 from .models import DEFAULT_MODEL, known_names, status
 from .pipeline import PRESETS, Pipeline
-from .records import RunLog, RunRecord
+from .records import RunRecord
+from .sinks.jsonl import RunLog
 from .sinks.console import ConsoleSink
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
@@ -304,9 +305,9 @@ async def bench_cmd(args: argparse.Namespace) -> int:
     elif args.bench == "overhead":
         result = await overhead(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
     elif args.bench == "view":
-        from .notebook import benchmark_view_async
+        from .bench.view import view_overhead
 
-        result = await benchmark_view_async(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
+        result = await view_overhead(model=args.model, runs=args.runs, max_tokens=args.max_tokens)
     elif args.bench == "load":
         from .bench.load_sweep import format_sweep, load_target, parse_concurrency, sweep
 
@@ -317,7 +318,7 @@ async def bench_cmd(args: argparse.Namespace) -> int:
                                  max_tokens=args.max_tokens, max_error_rate=args.max_error_rate,
                                  time_limit_s=args.time_limit)
         if args.html:
-            from .charts import load_sweep, save_html
+            from .sinks.charts import load_sweep, save_html
 
             result["chart"] = str(save_html(load_sweep(result), args.html))
         print(json.dumps(result, ensure_ascii=False) if args.json else format_sweep(result))

@@ -1,4 +1,4 @@
-"""Every chart of llmfirst_kit.charts on real run records (SmolLM2-135M, short answers, judged)."""
+"""Every chart of llmfirst_kit.sinks.charts on real run records (SmolLM2-135M, short answers, judged)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llmfirst_kit import charts
+from llmfirst_kit.sinks import charts
 from llmfirst_kit.metrics import DEFAULT_SLO, NS, e2e_s, runs_frame, ttft_s, user_ttft_s
 from llmfirst_kit.pipeline import Pipeline
 

@@ -8,7 +8,8 @@ import pytest
 
 from llmfirst_kit.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from llmfirst_kit.compliance import Transcript, sink_compliance
-from llmfirst_kit.records import CallRecord, RunRecord, read_log
+from llmfirst_kit.records import CallRecord, RunRecord
+from llmfirst_kit.sinks.jsonl import read_log
 
 from conftest import TEST_MODEL
 

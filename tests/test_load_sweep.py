@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from conftest import TEST_MODEL, wait_until_idle
-from llmfirst_kit import charts
+from llmfirst_kit.sinks import charts
 from llmfirst_kit.backends.ollama import OllamaBackend
 from llmfirst_kit.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from llmfirst_kit.errors import BackendUnavailable, InvalidInput, UnknownModel

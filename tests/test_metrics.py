@@ -9,8 +9,8 @@ import pytest
 
 from llmfirst_kit import metrics as m
 from llmfirst_kit.compliance import Transcript, decision_compliance, prompt_echo_chars, sink_compliance
-from llmfirst_kit.records import (CallRecord, RunLog, RunRecord, StageRecord, read_log,
-                                  write_log)
+from llmfirst_kit.records import CallRecord, RunRecord, StageRecord
+from llmfirst_kit.sinks.jsonl import RunLog, read_log, write_log
 
 S = 1_000_000_000  # ns per second
 MS = 1_000_000
@@ -390,7 +390,7 @@ def test_runlog_torn_last_line_is_skipped(tmp_path):
 
 
 def test_runlog_corrupt_line_is_reported_not_skipped(tmp_path):
-    from llmfirst_kit.records import CorruptLog
+    from llmfirst_kit.sinks.jsonl import CorruptLog
 
     path = tmp_path / "log.jsonl"
     write_log(path, [call(call_id="a")])

@@ -1,4 +1,4 @@
-"""The live view (llmfirst_kit.notebook) on the real SmolLM2-135M model: batching, Stop, headless runs,
+"""The live view (llmfirst_kit.sinks.live_view) on the real SmolLM2-135M model: batching, Stop, headless runs,
 sync helpers.
 
 Frontend messages are counted at the comm layer: outside a kernel ipywidgets uses ``comm.DummyComm``,
@@ -24,7 +24,8 @@ import nbformat
 import pytest
 
 from llmfirst_kit.metrics import NS
-from llmfirst_kit.notebook import LiveView, benchmark_view_async
+from llmfirst_kit.bench.view import view_overhead
+from llmfirst_kit.sinks.live_view import LiveView
 from llmfirst_kit.pipeline import Pipeline, Stage
 
 from conftest import TEST_MODEL
@@ -191,7 +192,7 @@ def run_script(code: str, timeout: float = 300) -> str:
 
 def test_run_sync_in_a_plain_script():
     out = run_script(f"""
-        from llmfirst_kit.notebook import LiveView
+        from llmfirst_kit.sinks.live_view import LiveView
         from llmfirst_kit.pipeline import Pipeline
         from llmfirst_kit.sync import run_sync
         pipe = Pipeline.from_preset("direct", model="{TEST_MODEL}", max_tokens=8)
@@ -225,7 +226,7 @@ def test_importing_the_kit_does_not_patch_asyncio():
         import asyncio, asyncio.events, sys
         before = (asyncio.run, asyncio.Task, asyncio.Future, asyncio.get_event_loop, asyncio.all_tasks,
                   type(asyncio.new_event_loop()).run_until_complete)
-        import llmfirst_kit, llmfirst_kit.sync, llmfirst_kit.pipeline, llmfirst_kit.notebook, llmfirst_kit.charts
+        import llmfirst_kit, llmfirst_kit.sync, llmfirst_kit.pipeline, llmfirst_kit.sinks.live_view, llmfirst_kit.sinks.charts
         after = (asyncio.run, asyncio.Task, asyncio.Future, asyncio.get_event_loop, asyncio.all_tasks,
                  type(asyncio.new_event_loop()).run_until_complete)
         print(all(a is b for a, b in zip(before, after)), hasattr(asyncio, "_nest_patched"),
@@ -236,7 +237,7 @@ def test_importing_the_kit_does_not_patch_asyncio():
 
 async def test_benchmark_reports_ratio_and_message_rate():
     """Shape only: the goals (ratio >= 0.98, <= 20 messages/s) are the benchmark's to report."""
-    result = await benchmark_view_async(model=TEST_MODEL, runs=1, max_tokens=16)
+    result = await view_overhead(model=TEST_MODEL, runs=1, max_tokens=16)
     assert result["same_output"] and result["output_tokens"] == [16]
     assert result["throughput_ratio"] > 0 and 0 < result["messages_per_s"]
     assert set(result) >= {"throughput_ratio", "messages_per_s", "ok", "goals"}
@@ -261,7 +262,7 @@ def test_headless_notebook_keeps_final_text_and_metrics(kernel_name):
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell(textwrap.dedent(f"""
-            from llmfirst_kit.notebook import LiveView
+            from llmfirst_kit.sinks.live_view import LiveView
             from llmfirst_kit.pipeline import Pipeline
             pipe = Pipeline.from_preset("direct", model="{TEST_MODEL}", max_tokens=24)
             record = await LiveView().run(pipe, "Why is the sky blue?")
@@ -290,7 +291,7 @@ def test_stop_click_is_handled_while_a_cell_awaits_the_run(kernel_name):
     km, kc = start_new_kernel(kernel_name=kernel_name)
     try:
         kc.execute_interactive(textwrap.dedent(f"""
-            from llmfirst_kit.notebook import LiveView
+            from llmfirst_kit.sinks.live_view import LiveView
             from llmfirst_kit.pipeline import Pipeline, Stage
             pipe = Pipeline.from_preset("direct", model="{TEST_MODEL}", max_tokens=400)
             pipe.stages = [Stage(name="answer", instruction="Write a very long essay about the sea.")]

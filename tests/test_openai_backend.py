@@ -426,7 +426,8 @@ def test_a_study_cell_runs_against_the_openai_server(server, monkeypatch, tmp_pa
     server's models."""
     from llmfirst_kit import study
     from llmfirst_kit.data import QUERIES
-    from llmfirst_kit.records import RunRecord, read_log
+    from llmfirst_kit.records import RunRecord
+    from llmfirst_kit.sinks.jsonl import read_log
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # inherited by the notebook's kernel
     grid = {"name": "openai", "backend": "openai", "openai_base_url": server.base_url,

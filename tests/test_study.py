@@ -24,7 +24,8 @@ from llmfirst_kit import data, metrics
 from llmfirst_kit import study
 from llmfirst_kit.errors import InvalidInput
 from llmfirst_kit.models import REGISTRY
-from llmfirst_kit.records import RunRecord, read_log
+from llmfirst_kit.records import RunRecord
+from llmfirst_kit.sinks.jsonl import read_log
 from llmfirst_kit.study import params
 
 ROOT = study.PROJECT_ROOT

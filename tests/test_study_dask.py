@@ -29,7 +29,8 @@ from distributed import Client, LocalCluster, get_task_stream
 
 from llmfirst_kit import cli, data, study
 from llmfirst_kit.errors import InvalidInput
-from llmfirst_kit.records import RunRecord, read_log
+from llmfirst_kit.records import RunRecord
+from llmfirst_kit.sinks.jsonl import read_log
 
 ROOT = study.PROJECT_ROOT
 QUERIES = str(data.QUERIES)

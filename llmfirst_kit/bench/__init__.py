@@ -18,7 +18,7 @@ _EXPORTS = {
     "bench_serve": "ws_load", "bench_serve_async": "ws_load", "format_bench": "ws_load",
     "LoadLevel": "load_sweep", "format_sweep": "load_sweep", "load_target": "load_sweep",
     "parse_concurrency": "load_sweep", "sweep": "load_sweep", "sweep_queries": "load_sweep",
-    "target_of": "load_sweep",
+    "target_of": "load_sweep", "view_overhead": "view",
 }
 
 

@@ -34,7 +34,8 @@ from ..engine import cpu_model
 from ..errors import InvalidInput
 from ..events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
 from ..metrics import DEFAULT_SLO, SLO, call_metrics, run_metrics
-from ..records import RunLog, RunRecord, StageRecord, new_id
+from ..records import RunRecord, StageRecord, new_id
+from ..sinks.jsonl import RunLog
 from .presets import DEFAULT_STRATEGY, PRESETS, SYSTEM_PROMPT, Stage, parse_preset, preset
 
 # ----------------------------------------------------------------------------------------- pipeline

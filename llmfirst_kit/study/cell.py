@@ -1,6 +1,6 @@
 """What runs inside one grid cell (the cell notebook, ``llmfirst_kit/assets/study.ipynb``): :func:`run_cell`
 runs the queries x repeats (warm-up runs first, marked) and appends every
-:class:`~llmfirst_kit.records.RunRecord` to ``records.jsonl`` through :class:`~llmfirst_kit.records.RunLog`;
+:class:`~llmfirst_kit.records.RunRecord` to ``records.jsonl`` through :class:`~llmfirst_kit.sinks.jsonl.RunLog`;
 :func:`measure_cell_quality` writes perplexity / KL of local model files to ``quality.json``. An optional
 per-answer 0-100 review (``judge_model``: the pipeline's own ``review`` stage) is part of the record but left
 out of the latency figures (:func:`latency_view`).
@@ -17,7 +17,8 @@ from typing import Any, Callable
 from ..backends import backend_options, capabilities, get_backend
 from ..metrics import SLO, run_metrics
 from ..pipeline import Pipeline
-from ..records import RunLog, RunRecord
+from ..records import RunRecord
+from ..sinks.jsonl import RunLog
 from .params import CellParams
 from .quantization import local_files, model_id, quantization_label
 from .store import QUALITY, RECORDS, StudyError, write_json

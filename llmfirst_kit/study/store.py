@@ -24,7 +24,8 @@ from typing import Any, Iterator
 from .._fs import atomic_write, utc_now
 from ..errors import InvalidInput, KitError
 from ..metrics import SLO
-from ..records import RunRecord, read_log
+from ..records import RunRecord
+from ..sinks.jsonl import read_log
 
 RECORDS = "records.jsonl"
 QUALITY = "quality.json"

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .metrics import DEFAULT_SLO, NS, SLO, e2e_s, runs_frame, slo_dict, ttft_s, user_ttft_s
-from .records import RunRecord
+from ..metrics import DEFAULT_SLO, NS, SLO, e2e_s, runs_frame, slo_dict, ttft_s, user_ttft_s
+from ..records import RunRecord
 
 if TYPE_CHECKING:
     import pandas as pd

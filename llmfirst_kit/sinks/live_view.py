@@ -1,4 +1,5 @@
-"""A live, staged view of a pipeline run for Jupyter (ipywidgets), and a benchmark of what it costs.
+"""A live, staged view of a pipeline run for Jupyter (ipywidgets); what it costs: ``llmfirst bench view``
+(:mod:`llmfirst_kit.bench.view`).
 
 The view is a sink: it only consumes the pipeline's events. Every time it shows comes from the events'
 ``t_ns`` (taken by the pipeline before any sink runs) or from the records, never from a clock of its own,
@@ -35,18 +36,16 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ipywidgets as widgets
 
-from .compliance import SinkCompliance, Transcript, sink_compliance
-from .events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
-from .metrics import DEFAULT_SLO, NS, SLO, call_metrics, calls_frame, decode_tps, run_metrics, ttft_s
-from .records import CallRecord, RunRecord
-from .sync import run_sync
+from ..compliance import SinkCompliance, Transcript, sink_compliance
+from ..events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
+from ..metrics import DEFAULT_SLO, NS, SLO, call_metrics, calls_frame, decode_tps, run_metrics, ttft_s
+from ..records import CallRecord, RunRecord
 
 # Every frontend message (a widget value change, a new panel's comms) costs one interval of the budget:
 # at most ~16 messages a second, so that even a short run stays under 20 a second with its final burst.
@@ -453,72 +452,4 @@ async def live(pipeline: Any, query: str, **run_options: Any) -> RunRecord:
     return await LiveView().run(pipeline, query, **run_options)
 
 
-# ---------------------------------------------------------------------------------------- benchmark
-
-BENCH_QUERY = "Write a long story about a dragon who learns to fly."
-
-
-async def benchmark_view_async(model: str = "smollm2-135m", query: str = BENCH_QUERY, runs: int = 3,
-                               max_tokens: int = 256, flush_interval_s: float = FLUSH_INTERVAL_S) -> dict[str, Any]:
-    """See :func:`benchmark_view`."""
-    from .pipeline import Pipeline
-
-    pipe = Pipeline.from_preset("direct", model=model, max_tokens=max_tokens, temperature=0.0, seed=0)
-
-    async def plain() -> RunRecord:
-        return await pipe.run(query)
-
-    async def viewed() -> tuple[RunRecord, LiveView]:
-        view = LiveView(flush_interval_s=flush_interval_s, show=False)
-        return await view.run(pipe, query), view
-
-    await plain()  # warm-up: loads the model, fills the prompt cache; not counted
-    without: list[RunRecord] = []
-    with_view: list[tuple[RunRecord, LiveView]] = []
-    for i in range(runs):  # interleaved, alternating which goes first, so drift hits both alike
-        if i % 2 == 0:
-            without.append(await plain())
-            with_view.append(await viewed())
-        else:
-            with_view.append(await viewed())
-            without.append(await plain())
-
-    def tps(rec: RunRecord) -> float:
-        return decode_tps(rec.stages[-1].call) or 0.0
-
-    tps_without = [tps(r) for r in without]
-    tps_with = [tps(r) for r, _ in with_view]
-    rates = [v.messages / ((r.end_ns - r.start_ns) / NS) for r, v in with_view]
-    texts = {r.stages[-1].call.text for r in without} | {r.stages[-1].call.text for r, _ in with_view}
-    ratio = statistics.median(tps_with) / statistics.median(tps_without)
-    messages_per_s = sum(v.messages for _, v in with_view) / sum((r.end_ns - r.start_ns) / NS
-                                                                   for r, _ in with_view)
-    return {
-        "throughput_ratio": ratio,
-        "messages_per_s": messages_per_s,
-        "messages_per_s_max": max(rates),
-        "tokens_per_s_with_view": tps_with,
-        "tokens_per_s_without_view": tps_without,
-        "messages": [v.messages for _, v in with_view],
-        "output_tokens": [r.stages[-1].call.output_tokens for r in without],
-        "same_output": len(texts) == 1,
-        "model": model, "runs": runs, "max_tokens": max_tokens, "flush_interval_s": flush_interval_s,
-        "goals": {"throughput_ratio": 0.98, "messages_per_s": 20.0},
-        "ok": ratio >= 0.98 and messages_per_s <= 20.0,
-    }
-
-
-def benchmark_view(model: str = "smollm2-135m", query: str = BENCH_QUERY, runs: int = 3, max_tokens: int = 256,
-                   flush_interval_s: float = FLUSH_INTERVAL_S) -> dict[str, Any]:
-    """Stream the same greedy run with and without a :class:`LiveView` attached (no frontend: widget
-    state is serialised but not sent), interleaved, after one warm-up run.
-
-    Returns ``throughput_ratio`` (median decode tokens/s of the answer with the view / without),
-    ``messages_per_s`` (frontend messages the view caused per second of run), the raw per-run figures,
-    ``same_output`` (the greedy runs produced the same text) and ``ok`` against the goals
-    (ratio >= 0.98, <= 20 messages/s). Works from scripts and from a running loop (``run_sync``).
-    """
-    return run_sync(benchmark_view_async(model, query, runs, max_tokens, flush_interval_s))
-
-
-__all__ = ["LiveView", "live", "stages_frame", "benchmark_view", "benchmark_view_async", "FLUSH_INTERVAL_S"]
+__all__ = ["FLUSH_INTERVAL_S", "LiveView", "live", "stages_frame"]
