@@ -96,11 +96,15 @@ async def test_run_streams_ordered_messages_without_canned_text(server):
     assert start["max_tokens"] == 8 and all(isinstance(m["t_ns"], int) for m in messages)
     # control messages carry ids, names and figures only: no sentence written by the server
     assert strings_in(start) <= {"start", run_id, "first", "direct", "embedded", TEST_MODEL, "answer"}
-    assert strings_in(end) <= {"complete", run_id, "first", "ok"}
-    assert end["status"] == "ok" and end["compliance"] == 1.0
+    assert strings_in(end) <= {"complete", run_id, "first", "ok", "websocket"}
+    assert end["status"] == "ok"
     assert end["metrics"]["user_ttft_s"] > 0 and end["metrics"]["output_tokens"] > 0
     content = "".join(m["content"] for m in messages if m["type"] == "chunk")
     assert content.strip() and len(content) == messages[-2]["output_chars"]
+    # the complete message's compliance is this WebSocket's own: it counted exactly what this client received
+    sink = end["sink"]
+    assert sink["sink"] == "websocket" and sink["content_chars"] == len("".join(content.split()))
+    assert end["compliance"] == sink["model_chars"] / sink["content_chars"] and sink["chrome_chars"] == 0
 
 
 async def test_queries_on_one_connection_run_in_order(server):

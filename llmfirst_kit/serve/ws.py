@@ -33,6 +33,7 @@ from ..metrics import call_metrics, run_metrics
 from ..pipeline import Pipeline, Run
 from .security import registry_model
 from .state import ServerState
+from ..compliance import Transcript, sink_compliance
 from .ws_protocol import (CancelRequest, Outgoing, ProtocolError, RunRequest, complete_message, event_message,
                           parse_message)
 
@@ -83,6 +84,13 @@ class Job:
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
     open_calls: set[str] = field(default_factory=set)  # stage_start sent, stage_end not yet
+    # what this sink sent as the models' words: the content of the shown stages' chunk messages
+    transcript: Transcript = field(default_factory=lambda: Transcript("websocket"))
+
+    def sink_fields(self) -> dict[str, Any]:
+        """The ``complete`` message's compliance: this WebSocket's own figure, from what it sent."""
+        report = sink_compliance(self.run.record, self.transcript)
+        return {"compliance": report.compliance, "sink": report.to_dict()}
 
     @property
     def run_id(self) -> str:
@@ -240,8 +248,14 @@ class Connection:
                 job.open_calls.add(message.fields["call_id"])
             elif message.type == "stage_end":
                 job.open_calls.discard(message.fields["call_id"])
+            elif message.type == "chunk":
+                if message.fields["visible"]:
+                    job.transcript.content(message.fields["stage"], message.fields["content"])
+                else:
+                    job.transcript.chrome(message.fields["content"])
             elif message.type == "complete":
                 message.fields["ref"] = job.ref
+                message.fields.update(job.sink_fields())
             self._put(message)
 
     def _start_message(self, job: Job) -> Outgoing:
@@ -263,8 +277,9 @@ class Connection:
                     "finish_reason": crec.finish_reason, "output_chars": len(crec.text),
                     "metrics": call_metrics(crec, slo)}))
         job.open_calls.clear()
-        self._put(complete_message(job.run_id, time.perf_counter_ns(), rec.status,
-                                   run_metrics(rec, slo), job.ref))
+        message = complete_message(job.run_id, time.perf_counter_ns(), rec.status, run_metrics(rec, slo), job.ref)
+        message.fields.update(job.sink_fields())
+        self._put(message)
 
     def _internal_error(self, job: Job, exc: BaseException) -> None:
         log.error("run %s failed inside the server", job.run_id, exc_info=exc)

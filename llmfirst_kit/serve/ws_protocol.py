@@ -21,7 +21,8 @@ check that nothing was lost, duplicated or reordered) and ``t_ns`` (the server's
 - ``error``: ``code`` (machine-readable) and ``detail`` (names the fix). With ``run_id`` null it refuses a
   message (bad JSON, unknown field, unknown model or preset, query too long...), and the connection stays
   open; within a run it is followed by that run's ``complete``;
-- ``complete``: status (ok | cancelled | error), the run's metrics and compliance.
+- ``complete``: status (ok | cancelled | error), the run's metrics, and ``compliance`` / ``sink``: this
+  WebSocket's own figure, from the chunk contents it sent of the shown stages (``compliance.sink_compliance``).
 
 No message carries text the server wrote for a person to read: every word of content is a model's.
 """
@@ -253,7 +254,8 @@ def event_message(event: Event) -> Outgoing:
             "metrics": event.metrics})
     if isinstance(event, Decision):
         return Outgoing("decision", run_id, t, {"stage": event.stage, "name": event.name, "value": event.value,
-                                                "status": event.status, "call_id": event.call_id})
+                                                "status": event.status, "call_id": event.call_id,
+                                                "used": event.used, "source": event.source})
     if isinstance(event, Error):
         return Outgoing("error", run_id, t, {"stage": event.stage, "code": event.code, "detail": event.message})
     if isinstance(event, RunEnd):
