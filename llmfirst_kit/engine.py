@@ -217,32 +217,6 @@ def run_probe(*, use_extra_bufts: bool, model: str = PROBE_MODEL, tokens: int = 
     return {"status": "ok", **result, "wall_s": round(wall, 3)}
 
 
-def compare(*, model: str = "qwen2.5-coder-0.5b", runs: int = 3, tokens: int = 128,
-            n_threads: int | None = None) -> dict[str, Any]:
-    """Decode speed with extra buffers on and off, side by side: ``runs`` interleaved pairs, each run a
-    fresh child process (a configuration that crashes this machine crashes only its child). Ratios are
-    what to compare; absolute tokens/s differ between machines of one kind."""
-    chosen = choice()
-    samples: dict[str, list[float]] = {"on": [], "off": []}
-    crashed: dict[str, str] = {}
-    for _ in range(runs):
-        for side in ("on", "off"):
-            if side in crashed:
-                continue
-            out = run_probe(use_extra_bufts=side == "on", model=model, tokens=tokens, n_threads=n_threads)
-            if out["status"] == "ok" and out.get("decode_tok_s"):
-                samples[side].append(out["decode_tok_s"])
-            else:
-                crashed[side] = out.get("signal") or out.get("detail", out["status"])
-    med = {k: sorted(v)[len(v) // 2] if v else None for k, v in samples.items()}
-    return {"model": model, "tokens": tokens, "runs": runs, "threads": n_threads or default_threads(),
-            "cpu_model": chosen.cpu_model, "chosen": chosen.config, "probe_wall_s": chosen.probe.get("wall_s"),
-            "decode_tok_s_extra_bufts_on": samples["on"], "decode_tok_s_extra_bufts_off": samples["off"],
-            "median_on": med["on"], "median_off": med["off"],
-            "ratio_on_over_off": round(med["on"] / med["off"], 3) if med["on"] and med["off"] else None,
-            "failed": crashed}
-
-
 # --------------------------------------------------------------------------------------- construction
 
 _CONSTRUCT_LOCK = threading.Lock()
