@@ -49,8 +49,13 @@ async def test_every_preset_shown_on_a_terminal_is_the_models_text(backend, name
     assert visible and all(s.call.text for s in visible)
     # what reached stdout is each visible stage's text, whole and in order (one stream at a time, even for
     # the cascade's two concurrent streams), with only whitespace between: the sink added no word of its own
-    assert out.getvalue().split() == " ".join(s.call.text for s in visible).split()
-    assert sink.transcript.content_text() == "".join(s.call.text for s in visible)
+    texts = {s.name: s.call.text for s in visible}
+    shown = sink.transcript.stages()  # in the order they were shown, each once: never interleaved
+    assert sorted(shown) == sorted(texts)
+    runs = [seg.stage for seg in sink.transcript.segments if seg.channel == "content"]
+    assert [st for i, st in enumerate(runs) if i == 0 or runs[i - 1] != st] == shown  # each stage's text contiguous
+    assert out.getvalue().split() == " ".join(texts[st] for st in shown).split()
+    assert sink.transcript.content_text() == "".join(texts[st] for st in shown)
     report = sink_compliance(rec, sink.transcript)
     if len(visible) == 1:  # the figure from stdout as captured, apart from the sink's own transcript, is the same
         captured = Transcript("stdout")

@@ -6,7 +6,8 @@
   text, each decision (an undecided one says so and names the kit's default it runs with), errors and the
   metrics line.
 - **One stream at a time**: when stages stream at once (the cascade's opening and its answer), the first one
-  to start streams live and the others are held back and shown, in the order they started, when it ends -- so
+  whose text arrives streams live and the others are held back and shown, in the order their text began, when
+  it ends -- so
   two streams never interleave mid-word. Nothing is lost: held text is flushed at the end in any case.
 
 ``llmfirst ask ... > answer.txt`` keeps only what the models wrote. The sink's :class:`~llmfirst_kit.compliance.Transcript`
@@ -20,7 +21,7 @@ import sys
 from typing import Any, TextIO
 
 from ..compliance import Transcript
-from ..events import Decision, Error, Event, StageEnd, StageStart, Token
+from ..events import Decision, Error, Event, StageEnd, Token
 
 STAGE_GAP = "\n\n"  # between two visible stages' texts on stdout (whitespace: layout, not counted as text)
 
@@ -64,7 +65,7 @@ class ConsoleSink:
             self._content(stage, text)
 
     def _next(self) -> None:
-        """The active stage ended: show the held stages in the order they started."""
+        """The active stage ended: show the held stages in the order their text began."""
         self._active = None
         while self._waiting:
             stage = self._waiting.pop(0)
@@ -74,18 +75,17 @@ class ConsoleSink:
             self._active = None
 
     def handle(self, ev: Event) -> None:
-        if isinstance(ev, StageStart) and ev.visible:
-            if self._active is None:
-                self._begin(ev.stage)
-            else:
-                self._waiting.append(ev.stage)
-                self._held.setdefault(ev.stage, [])
-        elif isinstance(ev, Token):
+        if isinstance(ev, Token):
             if not ev.visible:
                 self._chrome(ev.text)
+            elif self._active is None:
+                self._begin(ev.stage)  # the first shown stage to stream goes live
+                self._content(ev.stage, ev.text)
             elif ev.stage == self._active:
                 self._content(ev.stage, ev.text)
             else:
+                if ev.stage not in self._waiting:
+                    self._waiting.append(ev.stage)
                 self._held.setdefault(ev.stage, []).append(ev.text)
         elif isinstance(ev, StageEnd) and ev.stage in (self._active, *self._waiting):
             self._ended.add(ev.stage)
