@@ -319,3 +319,17 @@ def test_preset_names_are_parsed_in_one_place_and_a_wrong_variant_is_refused():
     for wrong in ("direct:analysis-first", "staged:fast", "Staged", "cascade:", ""):
         with pytest.raises(InvalidInput, match="known: direct, staged, staged:analysis-first, cascade"):
             parse_preset(wrong)
+
+
+def test_the_public_api_is_importable_from_the_package():
+    import llmfirst_kit
+    from llmfirst_kit import CallRequest, Pipeline, RunRecord, Stage, events, get_backend, run_sync
+    from llmfirst_kit.backends import CallRequest as CR, get_backend as gb
+    from llmfirst_kit.records import RunRecord as RR
+    from llmfirst_kit.sync import run_sync as rs
+
+    assert (Pipeline, Stage, CallRequest, get_backend, RunRecord, run_sync) == (
+        llmfirst_kit.pipeline.Pipeline, llmfirst_kit.pipeline.Stage, CR, gb, RR, rs)
+    assert events.Token is llmfirst_kit.events.Token and set(llmfirst_kit.__all__) >= {"Pipeline", "events"}
+    with pytest.raises(AttributeError, match="no attribute 'Pipleine'"):
+        llmfirst_kit.Pipleine
