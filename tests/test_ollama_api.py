@@ -94,6 +94,25 @@ async def test_generate_streamed(client):
     assert len([p for p in chunks if p.response]) <= final.eval_count <= 16
 
 
+def test_each_answer_reports_its_own_compliance_from_what_its_bodies_carried(server):
+    """The HTTP sink: the last object of an answer carries ``llmfirst`` (an extra key clients ignore), its
+    figure from the content it put in its bodies -- counted here from the raw NDJSON lines as received."""
+    body = {"model": TEST_MODEL, "messages": [{"role": "user", "content": SHORT}], "options": {"num_predict": 12}}
+    with httpx.stream("POST", f"{server.url}/api/chat", json=body, timeout=TIMEOUT_S) as r:
+        lines = [json.loads(line) for line in r.iter_lines() if line.strip()]
+    content = "".join(o["message"]["content"] for o in lines)
+    figures = lines[-1]["llmfirst"]
+    assert figures["sink"]["sink"] == "http" and figures["sink"]["content_chars"] == len("".join(content.split()))
+    assert figures["compliance"] == figures["sink"]["model_chars"] / figures["sink"]["content_chars"]
+    whole = httpx.post(f"{server.url}/api/chat", json={**body, "stream": False}, timeout=TIMEOUT_S).json()
+    assert whole["llmfirst"]["sink"]["content_chars"] == len("".join(whole["message"]["content"].split()))
+    sse = httpx.post(f"{server.url}/v1/chat/completions", timeout=TIMEOUT_S, json={
+        "model": TEST_MODEL, "messages": body["messages"], "max_tokens": 12, "stream": True}).text
+    events = [json.loads(e[len("data: "):]) for e in sse.split("\n\n") if e.startswith("data: {")]
+    streamed = "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []))
+    assert events[-1]["llmfirst"]["sink"]["content_chars"] == len("".join(streamed.split()))
+
+
 async def test_generate_not_streamed_stops_at_num_predict(client):
     result = await client.generate(TEST_MODEL, LONG, options={"num_predict": 5, "temperature": 0})
     assert result.response.strip() and result.done_reason == "length" and result.eval_count == 5

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..backends.base import CallRequest, ModelCall
 from ..backends.embedded import DEFAULT_N_CTX, EmbeddedBackend, grammar_problem
 from ..errors import BackendUnavailable, ContextOverflow, InvalidInput, KitError, QueueFull, UnknownModel
-from ..records import CallRecord
+from ..compliance import Transcript, sink_compliance
+from ..records import CallRecord, RunRecord, StageRecord
 from .config import ServerConfig
 
 NDJSON = "application/x-ndjson"
@@ -294,6 +295,16 @@ class CallResponse(Response):
         self.call = call
         self.shape = shape
         self.stream = stream
+        self.transcript = Transcript("http")  # the model text this response put in its bodies, as sent
+
+    def _sink_figures(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """``obj`` (the last object of the answer) with this response's own compliance under ``llmfirst``: its
+        bodies' content against the call's output (an extra key; clients of both APIs ignore keys they do not
+        know). The client wrote the prompt, so nothing the model repeats of it is the kit's."""
+        run = RunRecord(run_id=self.call.record.call_id, preset="api", query="",
+                        stages=[StageRecord("answer", True, self.call.record)])
+        report = sink_compliance(run, self.transcript)
+        return {**obj, "llmfirst": {"compliance": report.compliance, "sink": report.to_dict()}}
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         produce = asyncio.create_task(self._produce(send))
@@ -330,10 +341,14 @@ class CallResponse(Response):
                     "headers": [(b"content-type", framing.media_type.encode()), *framing.headers]})
         try:
             if first is not None:
+                self.transcript.content("answer", first.text)
                 await _send_frame(send, framing.frame(self.shape.chunk(first.text, True)))
                 async for chunk in chunks:
+                    self.transcript.content("answer", chunk.text)
                     await _send_frame(send, framing.frame(self.shape.chunk(chunk.text, False)))
             tail = self.shape.tail(self.call.record)
+            if tail:
+                tail[-1] = self._sink_figures(tail[-1])
         except KitError as exc:  # mid-stream: an error object; the text already sent stays sent
             tail = [self.shape.stream_error(exc)]
         frames = [framing.frame(obj) for obj in tail] + ([framing.terminator] if framing.terminator else [])
@@ -349,7 +364,8 @@ class CallResponse(Response):
         except KitError as exc:
             await send_json(send, status_of(exc), self.shape.error(status_of(exc), str(exc)))
             return
-        await send_json(send, 200, self.shape.whole(self.call.record))
+        self.transcript.content("answer", self.call.record.text)  # the whole answer goes in the one body
+        await send_json(send, 200, self._sink_figures(self.shape.whole(self.call.record)))
 
 
 async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
