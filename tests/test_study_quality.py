@@ -118,3 +118,17 @@ def test_e2e_percentiles_use_complete_answers_only(quality_study):
         assert row["e2e_s_p50"] == pytest.approx(complete["e2e_s"].median())
     status = json.loads((out / study.STUDY_FILE).read_text())
     assert status["baseline_cell"] == BASE_CELL
+
+
+def test_summary_rates_report_the_prompt_echo_rate_and_decision_compliance():
+    import pandas as pd
+
+    from llmfirst_kit.study.summary import _run_rates
+
+    ok = pd.DataFrame({"slo_ttft": [True] * 4, "slo_e2e": [True] * 4, "slo_tpot": [True] * 4,
+                       "strategy": ["simple", None, "simple", "analytical"], "category": ["simple"] * 4,
+                       "compliance": [1.0, 0.5, 1.0, 1.0], "prompt_echo_chars": [0, 40, 0, 0],
+                       "decision_compliance": [1.0, 0.0, 1.0, None]})
+    rates = _run_rates(ok, "staged")
+    assert rates["prompt_echo_rate"] == 0.25 and rates["compliance_mean"] == 0.875
+    assert rates["decision_compliance_mean"] == pytest.approx(2 / 3) and rates["strategy_decided_rate"] == 0.75

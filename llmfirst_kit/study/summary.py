@@ -130,17 +130,26 @@ def _latency_columns(ok) -> dict[str, Any]:
 def _run_rates(ok, preset: str) -> dict[str, Any]:
     """Share of runs meeting every SLO (an undefined TPOT -- a one-token answer -- is not a miss), share of
     staged runs whose strategy was decided and agreement of the decision with the query's label, mean
-    LLM-first compliance."""
+    LLM-first compliance, the prompt-echo rate (share of runs whose shown text echoes a kit prompt) and the
+    mean decision compliance (runs with decisions)."""
     if ok is None or ok.empty:
         return {"slo_pass_rate": None, "strategy_decided_rate": None, "strategy_agreement": None,
-                "compliance_mean": None}
+                "compliance_mean": None, "prompt_echo_rate": None, "decision_compliance_mean": None}
     passed = (ok["slo_ttft"] == True) & (ok["slo_e2e"] == True) & (ok["slo_tpot"] != False)  # noqa: E712
     decided = ok[ok["strategy"].notna()]
     agree = (decided["strategy"] == decided["category"]).mean() if len(decided) and "category" in decided else None
     return {"slo_pass_rate": float(passed.mean()),
             "strategy_decided_rate": len(decided) / len(ok) if preset.startswith("staged") else None,
             "strategy_agreement": None if agree is None else float(agree),
-            "compliance_mean": float(ok["compliance"].astype(float).mean())}
+            "compliance_mean": float(ok["compliance"].astype(float).mean()),
+            "prompt_echo_rate": float((ok["prompt_echo_chars"].fillna(0) > 0).mean())
+            if "prompt_echo_chars" in ok else None,
+            "decision_compliance_mean": _mean(ok["decision_compliance"]) if "decision_compliance" in ok else None}
+
+
+def _mean(column) -> float | None:
+    values = column.dropna().astype(float)
+    return float(values.mean()) if len(values) else None
 
 
 def _verdict(row: Mapping[str, Any], slo: SLO, quality_target: float) -> dict[str, Any]:
