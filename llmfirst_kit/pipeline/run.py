@@ -294,8 +294,7 @@ class Run:
             cut = cut or self.record.stages[-1].call.finish_reason == "length"
         status = "decided" if problem is None else "undecided"
         # undecided: the model made no decision; the run goes on with the configured default, marked as the kit's
-        used = value if problem is None else (dict(self.pipeline.default_strategy) if stage.decision == "strategy"
-                                              else None)
+        used = value if problem is None else self._default(stage.decision or "")
         decision = {"value": value if problem is None else None, "used": used, "status": status,
                     "source": "model" if problem is None else "kit default", "call_id": call_id, "problem": problem,
                     "cut_by_limit": cut}
@@ -320,7 +319,7 @@ class Run:
         name = stage.decision or stage.name
         decided = crec.status == "ok" and crec.choice is not None
         value = {name: crec.choice["chosen"]} if decided else None
-        used = value if decided else (dict(self.pipeline.default_strategy) if name == "strategy" else None)
+        used = value if decided else self._default(name)
         decision = {"value": value, "used": used, "status": "decided" if decided else "undecided",
                     "source": "model" if decided else "kit default", "call_id": call_id,
                     "problem": None if decided else (crec.error or "no choice"), "method": "next-token choice",
@@ -329,6 +328,11 @@ class Run:
         self._decided(stage, decision, text)
         emit(Decision(run_id=self.record.run_id, t_ns=time.perf_counter_ns(), stage=stage.name, name=name,
                       value=value, status=decision["status"], call_id=call_id, used=used, source=decision["source"]))
+
+    def _default(self, name: str) -> Any:
+        """What the run goes on with when the model made no decision ``name``: the configured default strategy
+        (marked as the kit's); other decisions have none."""
+        return dict(self.pipeline.default_strategy) if name == "strategy" else None
 
     def _decided(self, stage: Stage, decision: dict[str, Any], text: str) -> None:
         """Record a decision; a strategy also records the plan it makes (which later stages run)."""
