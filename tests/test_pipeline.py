@@ -20,6 +20,7 @@ from llmfirst_kit.sinks.console import ConsoleSink
 from conftest import TEST_MODEL
 
 QUERY = "Why do cats purr?"
+JUDGE = "qwen2.5-coder-0.5b"  # the reviewer where a review must be valid JSON (the 135M model loops inside strings)
 
 
 def make(name: str, backend, **kw) -> Pipeline:
@@ -201,6 +202,62 @@ async def test_review_by_a_different_judge_model(backend):
     assert run_metrics(rec)["quality"] == rec.quality["score"]
     review = [s for s in rec.stages if s.name == "review"][0]
     assert not review.visible and review.call.model == "qwen2.5-coder-0.5b"
+
+
+def _forced_review(pipe: Pipeline, revise: bool) -> Pipeline:
+    """The judge's review with its ``revise`` field constrained by the grammar to one value: the model still
+    writes the review (real output), only that decision is pinned, so each branch can be tested on demand."""
+    i = next(i for i, s in enumerate(pipe.stages) if s.name == "review")
+    schema = {**pipe.stages[i].schema, "properties": {**pipe.stages[i].schema["properties"],
+                                                      "revise": {"enum": [revise]}}}
+    pipe.stages[i] = replace(pipe.stages[i], schema=schema)
+    return pipe
+
+
+@pytest.mark.parametrize("revise", [True, False])
+async def test_the_judge_decides_whether_the_answer_is_revised(backend, revise):
+    pipe = _forced_review(make("direct+revise", backend, max_tokens=24, judge_model=JUDGE), revise)
+    assert pipe.name == "direct+revise"
+    rec, events = await collect(pipe)
+    names = [s.name for s in rec.stages]
+    quality = rec.decisions["quality"]
+    assert quality["source"] == "model" and quality["value"]["revise"] is revise and rec.quality["revise"] is revise
+    if revise:  # the revision streams, visible, and is the run's answer; it saw the answer and the review
+        assert names == ["answer", "review", "revision"]
+        revision = rec.stages[-1]
+        assert revision.visible and revision.call.status == "ok" and revision.call.text
+        assert any(isinstance(e, Token) and e.stage == "revision" and e.visible for e in events)
+        assert run_metrics(rec)["answer_tpot_s"] is None or revision.call.output_tokens
+    else:
+        assert names == ["answer", "review"]
+    assert rec.status == "ok"
+
+
+async def test_an_undecided_review_revises_nothing(backend):
+    # the review cut to 2 tokens: invalid JSON twice, so no decision of the model's; code never revises on its own
+    pipe = make("direct+revise", backend)
+    i = next(i for i, s in enumerate(pipe.stages) if s.name == "review")
+    pipe.stages[i] = replace(pipe.stages[i], max_tokens=2)
+    rec, _ = await collect(pipe)
+    assert rec.decisions["quality"]["status"] == "undecided"
+    assert [s.name for s in rec.stages] == ["answer", "review", "review.retry"]
+
+
+def test_preset_modifiers_build_the_stages():
+    from llmfirst_kit.pipeline import parse_preset
+
+    assert [s.name for s in preset("staged", revise=True)] == [
+        "strategy", "analysis", "reasoning", "answer", "review", "revision"]
+    revision = preset("staged", revise=True)[-1]
+    assert revision.when == ("quality", "revise") and dict(revision.budgets)["simple"] == 128
+    parsed = parse_preset("staged:analysis-first+rewrite+revise")
+    assert parsed.analysis_first and parsed.rewrite and parsed.revise
+    assert parsed.label == "staged:analysis-first+rewrite+revise"
+    assert parse_preset("direct+revise").label == "direct+revise"
+    for wrong in ("direct+revise+revise", "direct+fast", "direct+"):
+        with pytest.raises(InvalidInput, match=r"optional modifiers \+rewrite, \+revise"):
+            parse_preset(wrong)
+    assert Pipeline.from_preset("direct", rewrite=True).name == "direct+rewrite"
 
 
 async def test_custom_pipeline_as_data(backend):

@@ -24,7 +24,7 @@ import contextlib
 import functools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 import fastjsonschema
@@ -58,16 +58,18 @@ class Pipeline:
     @classmethod
     def from_preset(cls, name: str = "direct", *, backend: str | Backend = "embedded", model: str | None = None,
                     rewrite: bool = False, review: bool = False, judge_model: str | None = None,
-                    fast_model: str | None = None, analysis_first: bool = False, **options: Any) -> "Pipeline":
-        """``name``: any of ``presets.PRESET_NAMES`` (``"staged:analysis-first"`` = ``"staged"`` with
-        ``analysis_first=True``)."""
+                    fast_model: str | None = None, analysis_first: bool = False, revise: bool = False,
+                    **options: Any) -> "Pipeline":
+        """``name``: any of ``presets.PRESET_NAMES`` with optional modifiers (``"staged:analysis-first"`` =
+        ``"staged"`` with ``analysis_first=True``; ``"direct+rewrite+revise"`` = ``"direct"`` with
+        ``rewrite=True, revise=True``). The pipeline's name is the parsed label, the keywords included."""
         parsed = parse_preset(name)
-        analysis_first = (analysis_first or parsed.analysis_first) and parsed.base == "staged"
+        parsed = replace(parsed, analysis_first=(analysis_first or parsed.analysis_first) and parsed.base == "staged",
+                         rewrite=rewrite or parsed.rewrite, revise=revise or parsed.revise)
         be = get_backend(backend) if isinstance(backend, str) else backend
-        stages = preset(parsed.base, rewrite=rewrite, review=review, judge_model=judge_model, fast_model=fast_model,
-                        analysis_first=analysis_first)
-        label = f"{parsed.base}:analysis-first" if analysis_first else parsed.base
-        pipe = cls(stages=stages, name=label, backend=be, model=model, **options)
+        stages = preset(parsed.base, rewrite=parsed.rewrite, review=review, judge_model=judge_model,
+                        fast_model=fast_model, analysis_first=parsed.analysis_first, revise=parsed.revise)
+        pipe = cls(stages=stages, name=parsed.label, backend=be, model=model, **options)
         pipe.validate()
         return pipe
 
@@ -251,9 +253,17 @@ class Run:
         return used.get("strategy") if isinstance(used, dict) else None
 
     def _runs(self, stage: Stage) -> bool:
-        """Whether the stage runs: always, unless the strategy taken is not one it runs for."""
+        """Whether the stage runs: always, unless the strategy taken is not one it runs for, or it runs ``when``
+        a decision says so and the model did not decide that (code acts only on the model's structured output)."""
         strategy = self._strategy()
-        return not stage.runs_for or strategy is None or strategy in stage.runs_for
+        if stage.runs_for and strategy is not None and strategy not in stage.runs_for:
+            return False
+        if stage.when:
+            name, key = stage.when
+            d = self.record.decisions.get(name)
+            return bool(d and d.get("source") == "model" and isinstance(d.get("value"), dict)
+                        and d["value"].get(key) is True)
+        return True
 
     def _kit_wrote(self, *texts: str) -> None:
         """Note kit-written prompt text sent in this run: a model that echoes it shows kit text."""
@@ -301,6 +311,7 @@ class Run:
         if stage.decision == "quality":
             self.record.quality = {"score": value["score"] if value else None,
                                    "improvements": value["improvements"] if value else [],
+                                   "revise": value["revise"] if value else None,
                                    "status": status, "call_id": call_id,
                                    "judge_model": self.record.stages[-1].call.model}
         self._decided(stage, decision, text)
@@ -342,9 +353,11 @@ class Run:
         self.outputs[stage.name] = text
         if name == "strategy":
             later = self.pipeline.stages[self.pipeline.stages.index(stage) + 1:]
-            decision["plan"] = {"runs": [s.name for s in later if self._runs(s)],
-                                "skipped": [s.name for s in later if not self._runs(s)],
-                                "budgets": {s.name: self._budget(s) for s in later if self._runs(s) and not s.schema}}
+            runs = [s for s in later if self._runs(s) or (s.when and self._runs(replace(s, when=())))]
+            decision["plan"] = {"runs": [s.name for s in runs if not s.when],
+                                "if_decided": [s.name for s in runs if s.when],  # e.g. the revision: the judge decides
+                                "skipped": [s.name for s in later if s not in runs],
+                                "budgets": {s.name: self._budget(s) for s in runs if not s.schema}}
 
     async def _call(self, stage: Stage, emit: Callable[[Event], None], record_name: str,
                     note: str = "") -> tuple[str, str]:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ..backends import backend_options, capabilities, get_backend
 from ..metrics import SLO, run_metrics
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, parse_preset
 from ..records import RunRecord
 from ..sinks.jsonl import RunLog
 from .params import CellParams
@@ -68,13 +68,11 @@ async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) 
                 if p.judge_model and capabilities(p.backend).in_process:
                     await asyncio.to_thread(backend.load, p.judge_model)
                 for preset in p.presets:
-                    name, _, variant = preset.partition(":")
                     options = dict(backend=backend, model=mid, max_tokens=p.max_tokens, temperature=p.temperature,
                                    seed=p.seed, cache=p.effective_cache, slo=p.slo,
-                                   analysis_first=variant == "analysis-first")
-                    warm = Pipeline.from_preset(name, **options)
-                    pipe = Pipeline.from_preset(name, review=bool(p.judge_model), judge_model=p.judge_model or None,
-                                                **options)
+                                   judge_model=p.judge_model or None)  # +revise: its reviewer
+                    warm = Pipeline.from_preset(preset, **options)
+                    pipe = Pipeline.from_preset(preset, review=bool(p.judge_model), **options)
                     labels = {"study": p.study_name, "cell": p.cell, "backend": p.backend, "model": model,
                               "quantization": qname, "shipped": shipped, "model_id": mid, "preset": preset,
                               "judge_model": p.judge_model or None, "max_tokens": p.max_tokens,
@@ -130,5 +128,8 @@ def measure_cell_quality(p: CellParams) -> list[dict[str, Any]]:
 
 def latency_view(rec: RunRecord) -> RunRecord:
     """The record without its judge stages: the judge scores the answer after the user has it, so its
-    time is not part of the pipeline's latency (the full record stays on disk)."""
+    time is not part of the pipeline's latency (the full record stays on disk). In a ``+revise`` preset the
+    review is part of the flow (it decides the revision the user waits for) and stays."""
+    if parse_preset(rec.preset).revise:
+        return rec
     return dataclasses.replace(rec, stages=[s for s in rec.stages if s.name not in JUDGE_STAGES])

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from ..backends import BACKENDS, capabilities
 from ..errors import InvalidInput, KitError
 from ..metrics import SLO
-from ..pipeline import PRESETS
+from ..pipeline import PRESET_NAMES, parse_preset
 from .quantization import SHIPPED, is_known_quantization, local_files, model_id, quant_types
 from .queries import Query, load_queries
 
@@ -35,7 +35,8 @@ CELL_PARAMETERS: dict[str, Param] = {
                           "server names"),
     "quantizations": Param(list, "embedded: 'shipped' or a type built by `llmfirst models quantize` (Q8_0, Q4_0, "
                                  "...); ollama: a tag suffix (model-<q>, e.g. q8_0) or 'default'"),
-    "presets": Param(list, f"pipeline presets: {', '.join(PRESETS)} (staged:analysis-first too)"),
+    "presets": Param(list, f"pipeline presets: {', '.join(PRESET_NAMES)}, each with optional +rewrite, +revise "
+                           "(e.g. staged+revise)"),
     "queries_file": Param(str, "JSONL (or CSV) with id, lang, category, query (default: the kit's 72 queries)"),
     "query_ids": Param(list, "query ids to run, in this order ([] = the first query_limit queries)"),
     "query_limit": Param(int, "without query_ids: run the first N queries (0 = all)"),
@@ -170,9 +171,10 @@ def validate_parameters(values: Mapping[str, Any]) -> CellParams:
         if not v[name] or any(not x for x in v[name]):
             problems.append(f"{name} must be a non-empty list of non-empty names")
     for preset in v["presets"]:
-        base, _, variant = preset.partition(":")
-        if base not in PRESETS or variant not in ("", "analysis-first") or (variant and base != "staged"):
-            problems.append(f"preset {preset!r} is unknown; accepted: {', '.join(PRESETS)}, staged:analysis-first")
+        try:
+            parse_preset(preset)
+        except InvalidInput as exc:
+            problems.append(str(exc))
     for name, low in (("query_limit", 0), ("repeats", 1), ("warmup_runs", 0), ("max_tokens", 1), ("n_threads", 0),
                       ("n_ctx", 256), ("perplexity_tokens", 16)):
         if v[name] < low:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..errors import InvalidInput
-from ..pipeline import PRESETS
+from ..pipeline import parse_preset
 from .notebooks import STUDY_NOTEBOOK, notebook_defaults
 from .params import CELL_PARAMETERS, Param, check_names_and_types, raise_invalid, type_name
 from .quantization import SHIPPED
@@ -76,9 +76,10 @@ class QualitySettings:
         for name in ("baseline_backend", "quality_judge_backend"):
             if getattr(self, name) not in BACKENDS:
                 out.append(f"{name} {getattr(self, name)!r} is unknown; accepted: {', '.join(BACKENDS)}")
-        base, _, variant = self.baseline_preset.partition(":")
-        if base not in PRESETS or variant not in ("", "analysis-first"):
-            out.append(f"baseline_preset {self.baseline_preset!r} is unknown; accepted: {', '.join(PRESETS)}")
+        try:
+            parse_preset(self.baseline_preset)
+        except InvalidInput as exc:
+            out.append(f"baseline_preset: {exc}")
         for name, low in (("baseline_max_tokens", 1), ("judge_max_tokens", 16), ("gate_answers", 1),
                           ("bootstrap_samples", 100)):
             if getattr(self, name) < low:
