@@ -132,3 +132,72 @@ def test_summary_rates_report_the_prompt_echo_rate_and_decision_compliance():
     rates = _run_rates(ok, "staged")
     assert rates["prompt_echo_rate"] == 0.25 and rates["compliance_mean"] == 0.875
     assert rates["decision_compliance_mean"] == pytest.approx(2 / 3) and rates["strategy_decided_rate"] == 0.75
+
+
+# ------------------------------------------------------------------------ head to head, revision
+VERSUS_SPEC = {**SPEC, "name": "versus", "models": [BASE], "presets": ["direct", "direct+revise"],
+               "comparisons": ["direct+revise vs direct"], "quality_judge": SMALL, "second_judge": ""}
+
+
+@pytest.fixture(scope="module")
+def versus_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("versus") / "study"
+    result = study.run_study(VERSUS_SPEC, output_dir=out, progress=False, report=True, echo=lambda _: None)
+    return result, out
+
+
+def test_comparisons_are_judged_head_to_head_and_reported(versus_study):
+    from llmfirst_kit.study.comparisons import comparison_rows
+
+    result, out = versus_study
+    assert result.ok, result.describe()
+    res = study.load_results(out)
+    runs = [r for r in res.runs if r.preset == "direct+revise" and not r.warmup]
+    assert runs and all("review" in [s.name for s in r.stages] for r in runs)
+    lines = quality.read_judgments(out)
+    versus = [ln for ln in lines if ln["type"] == "versus"]
+    assert {ln["reference_cell"] for ln in versus} <= {BASE_CELL} and all(ln["judge"] == SMALL for ln in versus)
+    revisions = [ln for ln in lines if ln["type"] == "revision"]
+    assert len(revisions) <= sum(quality.revised(r) and quality.is_complete(r) for r in runs)
+    rows = {row["kind"]: row for row in comparison_rows(res)}
+    head = rows["versus"]
+    assert head["candidate"] == "direct+revise" and head["reference"] == "direct" and head["judge"] == SMALL
+    assert head["e2e_ratio"] is None or head["e2e_ratio"] > 0
+    if head["win_or_tie"] is None:  # no verdict: the report says why
+        assert head["note"] and head["holds"] is None
+    else:
+        assert head["holds"] == (head["ci_low"] >= 0.5)
+    assert 0 <= rows["revision"]["revise_rate"] <= 1 and rows["revision"]["added_s"] > 0
+    assert (out / "comparisons.csv").is_file() and "Head to head" in (out / "report.html").read_text("utf-8")
+    # the run's answer is the revision where one ran, else the answer; the draft stays readable
+    for r in runs:
+        assert quality.answer_call(r).text == [s for s in r.stages if s.name in ("revision", "answer")][-1].call.text
+        assert quality.answer_call(r, ("answer",)) is [s for s in r.stages if s.name == "answer"][0].call
+
+
+def test_a_comparison_holds_only_when_its_interval_clears_one_half():
+    from types import SimpleNamespace
+
+    from llmfirst_kit.study.comparisons import _verdict
+
+    gate = SimpleNamespace(passed=True, accuracy=1.0)
+
+    def lines(winners):
+        return [{"query_id": f"q{i}", "judgments": [{"winner": w, "verdict": "A"}, {"winner": w, "verdict": "B"}]}
+                for i, w in enumerate(winners)]
+
+    better = _verdict(lines(["candidate"] * 9 + ["tie"] * 3), gate, 500, 0)
+    assert better["holds"] is True and better["win_or_tie"] == 1.0
+    worse = _verdict(lines(["baseline"] * 9 + ["candidate"] * 3), gate, 500, 0)
+    assert worse["holds"] is False and worse["win_or_tie"] == 0.25
+    failed = _verdict(lines(["candidate"] * 4), SimpleNamespace(passed=False, accuracy=0.6), 500, 0)
+    assert failed["holds"] is None and "judge cannot judge" in failed["note"]
+
+
+def test_a_comparison_must_name_two_of_the_studys_presets():
+    from llmfirst_kit.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="staged is not one of the study's presets"):
+        study.load_study({**VERSUS_SPEC, "comparisons": ["staged vs direct"]})
+    with pytest.raises(InvalidInput, match="CANDIDATE vs REFERENCE"):
+        study.load_study({**VERSUS_SPEC, "comparisons": ["direct+revise, direct"]})

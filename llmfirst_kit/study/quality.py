@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..backends import DEFAULT_BACKEND
 from ..errors import KitError
+from ..pipeline import parse_preset
 from ..quality.facts import key_fact_recall, mean_recall
 from ..quality.gate import GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, gate_result, planted_pairs
 from ..quality.judge import PROMPT_VERSION, PairwiseJudge
@@ -37,6 +38,7 @@ from ..quality.retention import Retention, retention
 from ..records import RunRecord
 from .quantization import SHIPPED, safe_model_id
 from .queries import load_queries
+from .spec import parse_comparison
 from .store import StudyResults, load_results
 
 JUDGING = "judging"
@@ -46,13 +48,23 @@ MIN_COMPLETE_SHARE = 0.5  # below this share of complete answers a configuration
 
 # ------------------------------------------------------------------------------------------ answers
 
-def answer_call(rec: RunRecord):
-    """The call that produced the run's answer: its ``answer`` stage (the last visible stage otherwise)."""
-    answers = [s for s in rec.stages if s.name == "answer"]
-    if answers:
-        return answers[-1].call
+ANSWER_STAGES = ("revision", "answer")  # the run's answer: the revision where the judge decided one, else the answer
+
+
+def answer_call(rec: RunRecord, stages: tuple[str, ...] = ANSWER_STAGES):
+    """The call that produced the run's answer: its ``revision`` stage where one ran, else its ``answer`` stage
+    (the last visible stage otherwise). ``stages=("answer",)``: the draft a revision improved on."""
+    for name in stages:
+        found = [s for s in rec.stages if s.name == name]
+        if found:
+            return found[-1].call
     visible = [s for s in rec.stages if s.visible]
     return visible[-1].call if visible else None
+
+
+def revised(rec: RunRecord) -> bool:
+    """The judge decided to revise the run's answer and the revision ran (``+revise`` presets)."""
+    return any(s.name == "revision" for s in rec.stages)
 
 
 def answer_text(rec: RunRecord) -> str:
@@ -201,6 +213,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
     log = _Log(d / JUDGING / JUDGMENTS)
     judges: dict[tuple[str, str], PairwiseJudge] = {}
     plan = [(c, judge_for(c, spec)) for c in res.cells if c["state"] == "done" and c["id"] != base_id]
+    versus = comparison_plan(res)
     needed = list(dict.fromkeys((j.model, j.backend) for _, j in plan if j.model))
     reals = gate_answers(baseline, queries, int(spec.get("gate_answers") or 8))
     pairs = planted_pairs(reals, kinds=spec.get("gate_kinds") or KINDS, seed=int(p.get("seed") or 0))
@@ -245,9 +258,66 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
             counts["pairs"] += 1
             echo(f"judge {choice.model} {cell['id']} {qid}: {' / '.join(str(j.winner) for j in js)} "
                  f"({sum(j.seconds or 0 for j in js):.1f} s)")
+    async def judge_pair(line: dict[str, Any], q: Any, ref: str, cand: str, echo_label: str) -> None:
+        if _key(line) in done:
+            return
+        if ref.strip() == cand.strip():
+            log.append({**line, "identical": True, "judgments": []})
+            counts["identical"] += 1
+            return
+        js = await judges[(line["judge"], line["judge_backend"])].compare(q.query, ref, cand,
+                                                                          labels=("baseline", "candidate"))
+        log.append({**line, "identical": False, "judgments": [j.to_dict() for j in js]})
+        counts["pairs"] += 1
+        echo(f"{echo_label} {line['cell']} {line['query_id']}: {' / '.join(str(j.winner) for j in js)} "
+             f"({sum(j.seconds or 0 for j in js):.1f} s)")
+
+    # head to head: each comparison's candidate against its reference, same model and quantization
+    for cand, ref in versus:
+        choice = judge_for(cand, spec)
+        if choice.model is None or (choice.model, choice.backend) not in judges:
+            continue
+        mine, theirs = cell_answers(res.runs, cand["id"]), cell_answers(res.runs, ref["id"])
+        for qid, q in queries.items():
+            c, r = mine.get(qid), theirs.get(qid)
+            if c is None or r is None or not is_complete(c) or not is_complete(r):
+                counts["skipped"] += 1
+                continue
+            line = {"type": "versus", "judge": choice.model, "judge_backend": choice.backend,
+                    "prompt_version": PROMPT_VERSION, "cell": cand["id"], "reference_cell": ref["id"],
+                    "query_id": qid, "baseline_run_id": r.run_id, "candidate_run_id": c.run_id}
+            await judge_pair(line, q, answer_text(r), answer_text(c), "versus")
+    # revised against its own draft, in every run where the judge decided to revise
+    for cell, choice in plan:
+        if choice.model is None or not parse_preset(cell["preset"]).revise:
+            continue
+        for qid, rec in cell_answers(res.runs, cell["id"]).items():
+            if qid not in queries or not revised(rec) or not is_complete(rec):
+                continue
+            line = {"type": "revision", "judge": choice.model, "judge_backend": choice.backend,
+                    "prompt_version": PROMPT_VERSION, "cell": cell["id"], "query_id": qid,
+                    "baseline_run_id": rec.run_id, "candidate_run_id": rec.run_id}
+            await judge_pair(line, queries[qid], answer_call(rec, ("answer",)).text, answer_text(rec), "revision")
     for judge in judges.values():
         await judge.backend.aclose()
     return counts
+
+
+def comparison_plan(res: StudyResults) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(candidate cell, reference cell) for each of the study's ``comparisons``, per model x quantization,
+    both cells done (the baseline system's cell can be a reference, never a candidate: it judges nothing)."""
+    done = [c for c in res.cells if c["state"] == "done"]
+    out = []
+    for text in res.spec.get("comparisons") or ():
+        cand, ref = parse_comparison(text)
+        for c in done:
+            if c["preset"] != cand or c["id"] == res.baseline_cell:
+                continue
+            r = next((x for x in done if x["preset"] == ref and x["model"] == c["model"]
+                      and x["quantization"] == c["quantization"] and x.get("backend") == c.get("backend")), None)
+            if r is not None:
+                out.append((c, r))
+    return out
 
 
 def judge_study(study_dir: str | os.PathLike[str], *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
@@ -362,5 +432,6 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["JUDGING", "JUDGMENTS", "JudgeChoice", "answer_text", "cell_answers", "gate_answers", "gate_results",
+__all__ = ["ANSWER_STAGES", "JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "comparison_plan",
+           "revised", "cell_answers", "gate_answers", "gate_results",
            "is_complete", "judge_for", "judge_study", "judge_study_async", "quality_columns", "read_judgments"]

@@ -15,7 +15,10 @@ from .._fs import atomic_write
 from ..data import SUMMARY_NOTEBOOK
 from .notebooks import KERNEL_NAME, check_kernel
 from .store import SUMMARY_CSV, load_results
+from .comparisons import comparisons_frame
 from .summary import summary_table
+
+COMPARISONS_CSV = "comparisons.csv"
 
 # nbconvert's lab template without its CDN scripts (require.js, MathJax): the report loads nothing from the
 # network; plotly.js is embedded by `show`.
@@ -39,6 +42,9 @@ def build_report(study_dir: str | os.PathLike[str], *, notebook: str | os.PathLi
     check_kernel()
     table = summary_table(results)
     atomic_write(d / SUMMARY_CSV, table.to_csv(index=False))
+    versus = comparisons_frame(results)
+    if len(versus):  # the study's head-to-head comparisons and revisions
+        atomic_write(d / COMPARISONS_CSV, versus.to_csv(index=False))
     executed = d / "report.ipynb"
     pm.execute_notebook(str(notebook or SUMMARY_NOTEBOOK), str(executed), parameters={"study_dir": str(d)},
                         kernel_name=KERNEL_NAME, cwd=str(d), progress_bar=False, log_output=False)
@@ -48,7 +54,8 @@ def build_report(study_dir: str | os.PathLike[str], *, notebook: str | os.PathLi
     body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
     html = d / "report.html"
     atomic_write(html, body)
-    return {"summary": str(d / SUMMARY_CSV), "report": str(html), "notebook": str(executed)}
+    return {"summary": str(d / SUMMARY_CSV), "report": str(html), "notebook": str(executed),
+            **({"comparisons": str(d / COMPARISONS_CSV)} if len(versus) else {})}
 
 
 _plotlyjs_shown = False

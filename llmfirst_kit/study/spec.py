@@ -43,6 +43,10 @@ RUNNER_KEYS: dict[str, Param] = {
     "gate_threshold": Param(float, "gate accuracy below which a judge cannot judge: no quality verdict (default 0.9)"),
     "bootstrap_samples": Param(int, "bootstrap resamples of the retention interval (default 2000; seeded by `seed`)"),
     "quality_target": Param(float, "meets quality: the retention interval's lower bound >= this (default 0.8)"),
+    "comparisons": Param(list, "head-to-head comparisons, each 'CANDIDATE vs REFERENCE' (two of the study's presets, "
+                               "e.g. 'staged vs direct', 'direct+rewrite vs direct'), judged pairwise per model x "
+                               "quantization after the same gate; +revise presets are also judged revised vs their own "
+                               "draft (default none)"),
     "cell_timeout_s": Param(int, "papermill timeout of one notebook cell, 0 = none (default 0)"),
 }
 RUNNER_SET = ("output_dir", "study_name", "cell")  # notebook parameters the runner sets itself
@@ -70,9 +74,26 @@ class QualitySettings:
     gate_threshold: float = 0.9
     bootstrap_samples: int = 2000
     quality_target: float = 0.8
+    comparisons: tuple[str, ...] = ()
 
-    def problems(self) -> list[str]:
+    def problems(self, presets: tuple[str, ...] = ()) -> list[str]:
         out = []
+        labels = []
+        for p in presets:
+            try:
+                labels.append(parse_preset(p).label)
+            except InvalidInput:
+                pass  # the cell parameters' check names it
+        for text in self.comparisons:
+            try:
+                pair = parse_comparison(text)
+            except InvalidInput as exc:
+                out.append(str(exc))
+                continue
+            missing = [p for p in pair if p not in labels]
+            if missing:
+                out.append(f"comparison {text!r}: {', '.join(missing)} is not one of the study's presets "
+                           f"({', '.join(labels)}); add it to presets")
         for name in ("baseline_backend", "quality_judge_backend"):
             if getattr(self, name) not in BACKENDS:
                 out.append(f"{name} {getattr(self, name)!r} is unknown; accepted: {', '.join(BACKENDS)}")
@@ -92,6 +113,15 @@ class QualitySettings:
         if not 0 < self.gate_threshold <= 1 or not 0 < self.quality_target <= 1:
             out.append("gate_threshold and quality_target must be in (0, 1]")
         return out
+
+
+def parse_comparison(text: str) -> tuple[str, str]:
+    """``"staged vs direct"`` -> ("staged", "direct"): the candidate preset and its reference."""
+    cand, sep, ref = str(text).partition(" vs ")
+    if not sep or not cand.strip() or not ref.strip():
+        raise InvalidInput(f"comparison {text!r} is not 'CANDIDATE vs REFERENCE' (two preset names, e.g. "
+                           f"'staged vs direct')")
+    return parse_preset(cand.strip()).label, parse_preset(ref.strip()).label
 
 
 QUALITY_KEYS = tuple(f.name for f in dataclasses.fields(QualitySettings))
@@ -177,7 +207,7 @@ def load_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir:
     quality = QualitySettings(**{k: (float(v) if isinstance(getattr(QualitySettings, k), float) else
                                      tuple(v) if isinstance(v, list) else v)
                                  for k, v in runner.items() if k in QUALITY_KEYS})
-    raise_invalid(quality.problems(), accepted_study_keys())
+    raise_invalid(quality.problems(tuple(parameters.get("presets") or ())), accepted_study_keys())
     return StudySpec(name=name, output_dir=Path(out).expanduser().resolve(),
                      notebook=notebook, parameters=parameters, quality=quality,
                      cell_timeout_s=int(runner.get("cell_timeout_s", 0)), source=source)
