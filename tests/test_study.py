@@ -246,9 +246,10 @@ def test_study_file_errors_list_what_is_accepted(tmp_path):
 
 def test_notebook_parameters_match_the_schema():
     defaults = study.notebook_defaults()
-    assert list(defaults) == list(study.CELL_PARAMETERS)
-    for name, value in defaults.items():
-        assert params.type_problem(name, value, params.CELL_PARAMETERS[name].kind) is None, name
+    assert list(defaults) == list(study.CellParams.model_fields)  # the model is the schema, in the cell's order
+    assert params.check_names_and_types(defaults) == []  # every default has its field's type
+    assert all(f.description for f in study.CellParams.model_fields.values())  # the help "accepted:" lists
+    assert all(f.description for f in study.StudyFile.model_fields.values())
 
 
 def test_example_and_smoke_studies_expand():

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ..backends.registry import DEFAULT_BACKEND
 from ..errors import InvalidInput
 
 DEFAULT_HOST = "127.0.0.1"
@@ -56,7 +57,7 @@ class ServerConfig(BaseSettings):
     max_queue: int | None = Field(None, ge=0, description="calls that may wait per model, a whole number (e.g. 64; "
                                                           "unset: 64); one more is refused with 503")
     # backends a WebSocket run may pick: ollama and openai spend the operator's server or key (OPENAI_API_KEY)
-    allowed_backends: Names = Field(("embedded",), description="backends a WebSocket run may pick "
+    allowed_backends: Names = Field((DEFAULT_BACKEND,), description="backends a WebSocket run may pick "
                                                                "(comma-separated, e.g. embedded,ollama)")
     idle_timeout_s: float | None = Field(300.0, description="seconds before a WebSocket with no message and no run "
                                                             "is closed, a number (none: never)")

@@ -17,7 +17,7 @@ class ServerState:
         self.config = config
         self.embedded = EmbeddedBackend(model=config.default_model, n_threads=config.n_threads,
                                         max_queue=config.max_queue)
-        self._backends: dict[str, Backend] = {"embedded": self.embedded}
+        self._backends: dict[str, Backend] = {self.embedded.name: self.embedded}
         self._backends_lock = threading.Lock()  # runs are built in worker threads
         self.connections = 0
 

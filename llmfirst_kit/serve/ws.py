@@ -101,7 +101,7 @@ def start_run(state: ServerState, req: RunRequest) -> Run:
     """Build and start a run (in a worker thread: resolving a model reads files)."""
     backend = state.backend(req.backend)
     model = req.model
-    if backend is state.embedded and model is not None:
+    if backend.capabilities.local_model_files and model is not None:
         model = registry_model(model)  # registry names only: no file paths from clients
     max_tokens = req.max_tokens or Pipeline.max_tokens
     if state.config.max_predict:
@@ -275,7 +275,7 @@ class Connection:
                 self._put(Outgoing("stage_end", job.run_id, crec.end_ns or time.perf_counter_ns(), {
                     "stage": stage.name, "call_id": crec.call_id, "status": crec.status,
                     "finish_reason": crec.finish_reason, "output_chars": len(crec.text),
-                    "metrics": call_metrics(crec, slo)}))
+                    "metrics": call_metrics(crec, slo).as_dict()}))
         job.open_calls.clear()
         message = complete_message(job.run_id, time.perf_counter_ns(), rec.status, run_metrics(rec, slo), job.ref)
         message.fields.update(job.sink_fields())

@@ -36,8 +36,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..backends.registry import DEFAULT_BACKEND
 from ..errors import InvalidInput
 from ..events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
+from ..metrics import RunMetrics
 from .config import ServerConfig
 from .security import backend_refusal
 
@@ -79,7 +81,7 @@ class RunRequest(_ClientMessage):
     query: str = Field("", validate_default=True)  # absent, not a string or blank: refused
     max_tokens: int | None = None
     ref: str | None = None
-    backend: str = "embedded"
+    backend: str = DEFAULT_BACKEND
     preset: str = "direct"
     model: str | None = None
     rewrite: bool = False
@@ -119,7 +121,7 @@ class RunRequest(_ClientMessage):
     @field_validator("backend")
     @classmethod
     def _backend(cls, value: str, info: ValidationInfo) -> str:
-        value = value or "embedded"
+        value = value or DEFAULT_BACKEND
         refusal = backend_refusal(value, _config(info))
         if refusal:
             raise PydanticCustomError("backend_not_allowed", refusal)
@@ -251,7 +253,7 @@ def event_message(event: Event) -> Outgoing:
         return Outgoing("stage_end", run_id, t, {
             "stage": event.stage, "call_id": event.call_id, "status": event.status,
             "finish_reason": event.record.finish_reason, "output_chars": len(event.record.text),
-            "metrics": event.metrics})
+            "metrics": event.metrics.as_dict()})
     if isinstance(event, Decision):
         return Outgoing("decision", run_id, t, {"stage": event.stage, "name": event.name, "value": event.value,
                                                 "status": event.status, "call_id": event.call_id,
@@ -263,10 +265,9 @@ def event_message(event: Event) -> Outgoing:
     raise TypeError(f"no message for event {type(event).__name__}")
 
 
-def complete_message(run_id: str, t_ns: int, status: str, metrics: dict[str, Any],
-                     ref: str | None = None) -> Outgoing:
-    return Outgoing("complete", run_id, t_ns, {"ref": ref, "status": status, "metrics": metrics,
-                                               "compliance": metrics.get("compliance")})
+def complete_message(run_id: str, t_ns: int, status: str, metrics: RunMetrics, ref: str | None = None) -> Outgoing:
+    return Outgoing("complete", run_id, t_ns, {"ref": ref, "status": status, "metrics": metrics.as_dict(),
+                                               "compliance": metrics.compliance})
 
 
 # ------------------------------------------------------------------------ checking what a client got

@@ -44,7 +44,7 @@ import ipywidgets as widgets
 
 from ..compliance import SinkCompliance, Transcript, sink_compliance
 from ..events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
-from ..metrics import DEFAULT_SLO, NS, SLO, call_metrics, calls_frame, decode_tps, run_metrics, ttft_s
+from ..metrics import DEFAULT_SLO, NS, SLO, RunMetrics, call_metrics, calls_frame, decode_tps, run_metrics, ttft_s
 from ..records import CallRecord, RunRecord
 
 # Every frontend message (a widget value change, a new panel's comms) costs one interval of the budget:
@@ -82,7 +82,7 @@ class _Panel:
         if self.end is not None or self.final is not None:
             m = call_metrics(self.final) if self.final is not None else self.end.metrics
             end_ns = self.end.t_ns if self.end is not None else (self.final.end_ns or now_ns)
-            return {"ttft_s": m["ttft_s"], "tokens_per_s": m["tokens_per_s"], "tokens": m["output_tokens"],
+            return {"ttft_s": m.ttft_s, "tokens_per_s": m.tokens_per_s, "tokens": m.output_tokens,
                     "elapsed_s": (end_ns - self.start_ns) / NS}
         live = CallRecord(call_id=self.call_id, backend="", model=self.model, start_ns=self.start_ns,
                           chunk_ns=self.chunk_ns, chunk_tokens=self.chunk_tokens,
@@ -109,7 +109,7 @@ class LiveView:
         self.stopped_stages: list[str] = []
         self.decisions: list[Decision] = []
         self.errors: list[Error] = []
-        self.run_metrics: dict[str, Any] | None = None
+        self.run_metrics: RunMetrics | None = None
         self._show = _in_kernel() if show is None else show
         self._panels: dict[str, _Panel] = {}
         self._stage_order: dict[str, int] = {}  # the pipeline's stage order, when the view runs it
@@ -335,18 +335,17 @@ class LiveView:
         if rec is not None:
             bits.append(html.escape(str(rec.labels.get("model", ""))))
         m = self.run_metrics
-        if m:
+        if m is not None:
             own = self.compliance() if self._finished else None  # this view's figure, from what it rendered
-            bits += [f"user TTFT {_s(m['user_ttft_s'])}", f"E2E {_s(m['e2e_s'])}",
-                     f"answer TPOT {_ms(m['answer_tpot_s'])}", f"{m['output_tokens']} tokens",
-                     f"model calls {m['model_calls']}",
+            bits += [f"user TTFT {_s(m.user_ttft_s)}", f"E2E {_s(m.e2e_s)}",
+                     f"answer TPOT {_ms(m.answer_tpot_s)}", f"{m.output_tokens} tokens",
+                     f"model calls {m.model_calls}",
                      f"compliance {_num(own.compliance if own else None)}",
-                     f"prompt echo {m['prompt_echo_chars']} chars",
-                     f"decisions by the model {_num(m['decision_compliance'])}"]
-            if m.get("quality") is not None:
-                bits.append(f"quality {m['quality']}")
-            slo = m.get("slo") or {}
-            bits.append("SLO " + " ".join(f"{k} {_verdict(v)}" for k, v in slo.items()))
+                     f"prompt echo {m.prompt_echo_chars} chars",
+                     f"decisions by the model {_num(m.decision_compliance)}"]
+            if m.quality is not None:
+                bits.append(f"quality {m.quality}")
+            bits.append("SLO " + " ".join(f"{k} {_verdict(v)}" for k, v in m.slo.as_dict().items()))
         lines = [" · ".join(b for b in bits if b)]
         if self.stopped_stages:
             lines.append("stopped during stage " + ", ".join(f"<b>{html.escape(s)}</b>"

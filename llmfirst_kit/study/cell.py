@@ -43,8 +43,8 @@ def _line(rec: RunRecord, slo: SLO) -> str:
     q = rec.quality.get("score") if rec.quality else None
     lab = rec.labels
     return (f"{'warmup ' if rec.warmup else ''}{lab.get('model_id')} {rec.preset} {lab.get('query_id')} "
-            f"r{lab.get('repeat')}: {rec.status} ttft={s(m['user_ttft_s'])} tpot={s(m['answer_tpot_s'], 1000, 'ms')} "
-            f"e2e={s(m['e2e_s'])} tokens={m['output_tokens']} judge={q}"
+            f"r{lab.get('repeat')}: {rec.status} ttft={s(m.user_ttft_s)} tpot={s(m.answer_tpot_s, 1000, 'ms')} "
+            f"e2e={s(m.e2e_s)} tokens={m.output_tokens} judge={q}"
             + (f" error={rec.error}" if rec.error else ""))
 
 

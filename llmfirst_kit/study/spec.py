@@ -1,54 +1,29 @@
 """The study file and its grid: a YAML file (or a dict) of the cell notebook's parameters -- ``models``,
-``quantizations`` and ``presets`` are the grid's axes -- plus the runner's own keys (:data:`RUNNER_KEYS`:
-the baseline system, its judge and the judge gate are :class:`QualitySettings`); :func:`load_study`
+``quantizations`` and ``presets`` are the grid's axes -- plus the runner's own keys. One pydantic model,
+:class:`StudyFile`: the runner's keys are its fields (the baseline system, its judge and the judge gate are
+those of :class:`QualitySettings`, its base), every other key is a notebook parameter, checked by names and
+types against :class:`~.params.CellParams` (one left out gets the notebook's default). :func:`load_study`
 checks it, :func:`expand_grid` makes one :class:`GridCell` per model x quantization x preset, with the
 baseline system's cell (:func:`baseline_cell`) first.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..errors import InvalidInput
 from ..pipeline import parse_preset
 from .notebooks import STUDY_NOTEBOOK, notebook_defaults
-from .params import CELL_PARAMETERS, Param, check_names_and_types, raise_invalid, type_name
+from .params import CellParams, accepted, check_names_and_types, describe_errors, invalid, problem_error
 from .quantization import SHIPPED
 
-RUNNER_KEYS: dict[str, Param] = {
-    "name": Param(str, "the study's name (default: the file name)"),
-    "output_dir": Param(str, "the study directory (relative to the study file)"),
-    "notebook": Param(str, "the cell notebook (default the kit's own, llmfirst_kit/assets/study.ipynb)"),
-    "baseline_model": Param(str, "the baseline system every configuration is judged against: this model ... (default "
-                                 "qwen2.5-coder-1.5b; '' = no baseline, no quality verdicts)"),
-    "baseline_backend": Param(str, "... on this backend (default embedded) ..."),
-    "baseline_preset": Param(str, "... with this preset (default direct) ..."),
-    "baseline_quantization": Param(str, "... at this quantization (default shipped) ..."),
-    "baseline_max_tokens": Param(int, "... and this max tokens per stage, large enough for complete answers (default 512)"),
-    "quality_judge": Param(str, "the model that judges each configuration's answers against the baseline's, pairwise "
-                                "in both orders (default qwen2.5-coder-1.5b; '' = no judging)"),
-    "quality_judge_backend": Param(str, "the judge's backend (default embedded)"),
-    "second_judge": Param(str, "judges the configurations answered by the judge model itself, so that no model only "
-                               "judges itself ('' = those configurations get no quality verdict; default '')"),
-    "judge_max_tokens": Param(int, "max tokens of one judgment (reasons, then the verdict; default 160)"),
-    "gate_answers": Param(int, "baseline answers the judge gate plants bad answers from, 5 kinds each (default 8)"),
-    "gate_kinds": Param(list, "kinds of planted bad answers: other_query, truncated, wrong_language, prompt_echo, empty "
-                              "(default all)"),
-    "gate_threshold": Param(float, "gate accuracy below which a judge cannot judge: no quality verdict (default 0.9)"),
-    "bootstrap_samples": Param(int, "bootstrap resamples of the retention interval (default 2000; seeded by `seed`)"),
-    "quality_target": Param(float, "meets quality: the retention interval's lower bound >= this (default 0.8)"),
-    "comparisons": Param(list, "head-to-head comparisons, each 'CANDIDATE vs REFERENCE' (two of the study's presets, "
-                               "e.g. 'staged vs direct', 'direct+rewrite vs direct'), judged pairwise per model x "
-                               "quantization after the same gate; +revise presets are also judged revised vs their own "
-                               "draft (default none)"),
-    "cell_timeout_s": Param(int, "papermill timeout of one notebook cell, 0 = none (default 0)"),
-}
 RUNNER_SET = ("output_dir", "study_name", "cell")  # notebook parameters the runner sets itself
 PATH_KEYS = ("queries_file", "perplexity_text", "notebook", "output_dir")
 
@@ -56,30 +31,68 @@ PATH_KEYS = ("queries_file", "perplexity_text", "notebook", "output_dir")
 REFERENCE_MODEL = "qwen2.5-coder-1.5b"  # the default baseline and judge
 
 
-@dataclass(frozen=True)
-class QualitySettings:
-    """The baseline system, its judge and the judge gate (study-level keys of the same names)."""
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
-    baseline_model: str = REFERENCE_MODEL
-    baseline_backend: str = DEFAULT_BACKEND
-    baseline_preset: str = "direct"
-    baseline_quantization: str = SHIPPED
-    baseline_max_tokens: int = 512
-    quality_judge: str = REFERENCE_MODEL
-    quality_judge_backend: str = DEFAULT_BACKEND
-    second_judge: str = ""
-    judge_max_tokens: int = 160
-    gate_answers: int = 8
-    gate_kinds: tuple[str, ...] = ("other_query", "truncated", "wrong_language", "prompt_echo", "empty")
-    gate_threshold: float = 0.9
-    bootstrap_samples: int = 2000
-    quality_target: float = 0.8
-    comparisons: tuple[str, ...] = ()
 
-    def problems(self, presets: tuple[str, ...] = ()) -> list[str]:
+Names = Annotated[tuple[str, ...], BeforeValidator(_list_to_tuple)]  # a list of str (YAML) or a tuple
+
+
+class QualitySettings(BaseModel):
+    """The baseline system, its judge and the judge gate (study-level keys of the same names). Values are
+    checked on construction (:meth:`problems`, every problem at once)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    baseline_model: str = Field(REFERENCE_MODEL, description="the baseline system every configuration is judged "
+                                "against: this model ... (default qwen2.5-coder-1.5b; '' = no baseline, no quality "
+                                "verdicts)")
+    baseline_backend: str = Field(DEFAULT_BACKEND, description="... on this backend (default embedded) ...")
+    baseline_preset: str = Field("direct", description="... with this preset (default direct) ...")
+    baseline_quantization: str = Field(SHIPPED, description="... at this quantization (default shipped) ...")
+    baseline_max_tokens: int = Field(512, description="... and this max tokens per stage, large enough for complete "
+                                     "answers (default 512)")
+    quality_judge: str = Field(REFERENCE_MODEL, description="the model that judges each configuration's answers "
+                               "against the baseline's, pairwise in both orders (default qwen2.5-coder-1.5b; '' = "
+                               "no judging)")
+    quality_judge_backend: str = Field(DEFAULT_BACKEND, description="the judge's backend (default embedded)")
+    second_judge: str = Field("", description="judges the configurations answered by the judge model itself, so "
+                              "that no model only judges itself ('' = those configurations get no quality verdict; "
+                              "default '')")
+    judge_max_tokens: int = Field(160, description="max tokens of one judgment (reasons, then the verdict; default "
+                                  "160)")
+    gate_answers: int = Field(8, description="baseline answers the judge gate plants bad answers from, 5 kinds each "
+                              "(default 8)")
+    gate_kinds: Names = Field(("other_query", "truncated", "wrong_language", "prompt_echo", "empty"),
+                              description="kinds of planted bad answers: other_query, truncated, wrong_language, "
+                              "prompt_echo, empty (default all)")
+    gate_threshold: float = Field(0.9, description="gate accuracy below which a judge cannot judge: no quality "
+                                  "verdict (default 0.9)")
+    bootstrap_samples: int = Field(2000, description="bootstrap resamples of the retention interval (default 2000; "
+                                   "seeded by `seed`)")
+    quality_target: float = Field(0.8, description="meets quality: the retention interval's lower bound >= this "
+                                  "(default 0.8)")
+    comparisons: Names = Field((), description="head-to-head comparisons, each 'CANDIDATE vs REFERENCE' (two of the "
+                               "study's presets, e.g. 'staged vs direct', 'direct+rewrite vs direct'), judged pairwise "
+                               "per model x quantization after the same gate; +revise presets are also judged revised "
+                               "vs their own draft (default none)")
+
+    def study_presets(self) -> tuple[str, ...] | None:
+        """The presets the comparisons must name (None: not checked; a :class:`StudyFile` has its own)."""
+        return None
+
+    @model_validator(mode="after")
+    def _check_values(self) -> QualitySettings:
+        problems = self.problems(self.study_presets())
+        if problems:
+            raise problem_error(problems)
+        return self
+
+    def problems(self, presets: tuple[str, ...] | None = None) -> list[str]:
+        """Every value problem; with ``presets``, a comparison must name two of them."""
         out = []
         labels = []
-        for p in presets:
+        for p in presets or ():
             try:
                 labels.append(parse_preset(p).label)
             except InvalidInput:
@@ -91,7 +104,7 @@ class QualitySettings:
                 out.append(str(exc))
                 continue
             missing = [p for p in pair if p not in labels]
-            if missing:
+            if missing and presets is not None:
                 out.append(f"comparison {text!r}: {', '.join(missing)} is not one of the study's presets "
                            f"({', '.join(labels)}); add it to presets")
         for name in ("baseline_backend", "quality_judge_backend"):
@@ -124,7 +137,49 @@ def parse_comparison(text: str) -> tuple[str, str]:
     return parse_preset(cand.strip()).label, parse_preset(ref.strip()).label
 
 
-QUALITY_KEYS = tuple(f.name for f in dataclasses.fields(QualitySettings))
+QUALITY_KEYS = tuple(QualitySettings.model_fields)
+
+
+class StudyFile(QualitySettings):
+    """A study file's keys: the runner's own (these fields and :class:`QualitySettings`'), every other key a
+    notebook parameter (``parameters``: names and types checked by :class:`~.params.CellParams`; one left
+    out gets the notebook's default; ``models`` and ``presets`` are required)."""
+
+    name: str = Field("", description="the study's name (default: the file name)")
+    output_dir: str = Field("", description="the study directory (relative to the study file)")
+    notebook: str = Field("", description="the cell notebook (default the kit's own, llmfirst_kit/assets/study.ipynb)")
+    cell_timeout_s: int = Field(0, description="papermill timeout of one notebook cell, 0 = none (default 0)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the cell notebook's parameters (every "
+                                       "key that is not the runner's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        """The flat study file -> the runner's keys + ``parameters`` (every other key)."""
+        if not isinstance(data, Mapping):
+            return data
+        runner = {k: v for k, v in data.items() if k in cls.model_fields and k != "parameters"}
+        return {**runner, "parameters": {k: v for k, v in data.items() if k not in runner}}
+
+    @field_validator("parameters")
+    @classmethod
+    def _notebook_parameters(cls, values: dict[str, Any]) -> dict[str, Any]:
+        problems = [f"{k} is set by the runner for each cell; remove it" for k in values if k in RUNNER_SET]
+        problems += check_names_and_types({k: v for k, v in values.items() if k not in RUNNER_SET},
+                                          require_all=False)
+        problems += [f"{axis} is required (a list)" for axis in ("models", "presets") if axis not in values]
+        if problems:
+            raise problem_error(problems)
+        return values
+
+    def study_presets(self) -> tuple[str, ...] | None:
+        return tuple(self.parameters.get("presets") or ())
+
+    def quality(self) -> QualitySettings:
+        return QualitySettings(**{k: getattr(self, k) for k in QUALITY_KEYS})
+
+
+RUNNER_KEYS = ("name", "output_dir", "notebook", *QUALITY_KEYS, "cell_timeout_s")  # the study file's own keys
 
 
 @dataclass
@@ -151,21 +206,23 @@ class StudySpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "output_dir": str(self.output_dir), "notebook": str(self.notebook),
-                "parameters": self.parameters, **dataclasses.asdict(self.quality),
+                "parameters": self.parameters, **self.quality.model_dump(),
                 "cell_timeout_s": self.cell_timeout_s, "source": self.source}
 
 
 def accepted_study_keys() -> str:
-    keys = {**RUNNER_KEYS, **{k: v for k, v in CELL_PARAMETERS.items() if k not in RUNNER_SET}}
-    return "".join(f"\n  {k} ({type_name(p.kind)}): {p.help}" for k, p in keys.items())
+    fields = StudyFile.model_fields
+    keys = {**{k: fields[k] for k in RUNNER_KEYS},
+            **{k: f for k, f in CellParams.model_fields.items() if k not in RUNNER_SET}}
+    return accepted(keys)
 
 
 def load_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: str | os.PathLike[str] | None = None
                ) -> StudySpec:
     """A study from a YAML file or a dict. Keys are the notebook's parameters (``models``, ``quantizations``
-    and ``presets`` are the grid's axes) plus the runner's own; relative paths are relative to the YAML
-    file (to the working directory for a dict). Unknown keys or wrong types fail here, listing what is
-    accepted; model names are checked by each cell (an unknown model fails that cell only)."""
+    and ``presets`` are the grid's axes) plus the runner's own (:class:`StudyFile`); relative paths are
+    relative to the YAML file (to the working directory for a dict). Unknown keys or wrong types fail here,
+    listing what is accepted; model names are checked by each cell (an unknown model fails that cell only)."""
     import yaml
 
     if isinstance(study, Mapping):
@@ -181,36 +238,31 @@ def load_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir:
         if not isinstance(data, dict):
             raise InvalidInput(f"{path} must hold a mapping of study keys; accepted: {accepted_study_keys()}")
         base, source = path.resolve().parent, str(path.resolve())
-    set_by_runner = [k for k in data if k in RUNNER_SET and k != "output_dir"]
-    notebook_keys = {k: v for k, v in CELL_PARAMETERS.items() if k not in RUNNER_SET}
-    problems = [f"{k} is set by the runner for each cell; remove it" for k in set_by_runner]
-    problems += check_names_and_types({k: v for k, v in data.items() if k not in set_by_runner},
-                                      extra=RUNNER_KEYS, require_all=False)
-    for axis in ("models", "presets"):
-        if axis not in data:
-            problems.append(f"{axis} is required (a list)")
-    raise_invalid(problems, accepted_study_keys())
+    try:
+        sf = StudyFile.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(describe_errors(exc, data, StudyFile), accepted_study_keys()) from None
+
+    def resolve(p: str) -> str:
+        return str((base / Path(p).expanduser()).resolve())
+
+    data = dict(sf.parameters)
     for key in PATH_KEYS:
         if data.get(key):
-            data[key] = str((base / Path(data[key]).expanduser()).resolve())
-    name = data.pop("name", None) or (Path(source).stem if source else "study")
-    out = output_dir or data.pop("output_dir", None) or (Path.cwd() / "runs" / name)
-    data.pop("output_dir", None)
-    runner = {k: data.pop(k) for k in list(data) if k in RUNNER_KEYS}
-    notebook = Path(runner.get("notebook") or STUDY_NOTEBOOK)
+            data[key] = resolve(data[key])
+    name = sf.name or (Path(source).stem if source else "study")
+    out = output_dir or (resolve(sf.output_dir) if sf.output_dir else None) or (Path.cwd() / "runs" / name)
+    notebook = Path(resolve(sf.notebook) if sf.notebook else STUDY_NOTEBOOK)
+    notebook_keys = [k for k in CellParams.model_fields if k not in RUNNER_SET]
     parameters = {k: v for k, v in notebook_defaults(notebook).items() if k in notebook_keys}
     for key in ("queries_file", "perplexity_text"):  # the notebook's defaults are relative to the notebook
         if parameters.get(key) and not Path(parameters[key]).is_absolute():
             parameters[key] = str((notebook.parent / parameters[key]).resolve())
     parameters.update(data)
     parameters.setdefault("quantizations", [SHIPPED])
-    quality = QualitySettings(**{k: (float(v) if isinstance(getattr(QualitySettings, k), float) else
-                                     tuple(v) if isinstance(v, list) else v)
-                                 for k, v in runner.items() if k in QUALITY_KEYS})
-    raise_invalid(quality.problems(tuple(parameters.get("presets") or ())), accepted_study_keys())
     return StudySpec(name=name, output_dir=Path(out).expanduser().resolve(),
-                     notebook=notebook, parameters=parameters, quality=quality,
-                     cell_timeout_s=int(runner.get("cell_timeout_s", 0)), source=source)
+                     notebook=notebook, parameters=parameters, quality=sf.quality(),
+                     cell_timeout_s=sf.cell_timeout_s, source=source)
 
 
 @dataclass(frozen=True)

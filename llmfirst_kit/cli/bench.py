@@ -1,0 +1,172 @@
+"""``llmfirst bench ...``: side-by-side benchmarks, each a function of :mod:`llmfirst_kit.bench`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import click
+
+from ..backends import BACKENDS, DEFAULT_BACKEND
+from ..models import DEFAULT_MODEL
+from . import EXIT_FAILED, EXIT_OK, POSITIVE, Group
+
+JSON_HELP = "print one JSON object"
+
+
+def _print(result: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+    return EXIT_OK
+
+
+@click.group("bench", cls=Group)
+def command() -> None:
+    """side-by-side benchmarks"""
+
+
+@command.command("overhead", short_help="kit embedded backend vs raw llama-cpp-python stream")
+@click.option("--model", default=DEFAULT_MODEL)
+@click.option("--runs", type=POSITIVE, default=5)
+@click.option("--max-tokens", type=POSITIVE, default=128)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def overhead(model: str, runs: int, max_tokens: int, as_json: bool) -> int:
+    """kit embedded backend vs raw llama-cpp-python stream"""
+    from ..bench.overhead import overhead as run
+
+    return _print(asyncio.run(run(model=model, runs=runs, max_tokens=max_tokens)), as_json)
+
+
+@command.command("engine", short_help="decode tokens/s with extra buffers on vs off, each in a child process")
+@click.option("--model", default=DEFAULT_MODEL)
+@click.option("--runs", type=POSITIVE, default=3)
+@click.option("--max-tokens", type=POSITIVE, default=128)
+@click.option("--threads", type=POSITIVE, default=None)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def engine(model: str, runs: int, max_tokens: int, threads: int | None, as_json: bool) -> int:
+    """decode tokens/s with extra buffers on vs off, each in a child process"""
+    from ..bench.engine import compare
+
+    return _print(compare(model=model, runs=runs, tokens=max_tokens, n_threads=threads), as_json)
+
+
+@command.command("pipeline", short_help="user-visible TTFT of presets, interleaved")
+@click.option("--model", default=None)
+@click.option("--presets", default="direct,staged,staged:analysis-first,cascade",
+              help="comma-separated; 'staged:analysis-first' is the staged preset with the analysis first")
+@click.option("--repeats", type=POSITIVE, default=1)
+@click.option("--max-tokens", type=POSITIVE, default=256)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def pipeline(model: str | None, presets: str, repeats: int, max_tokens: int, as_json: bool) -> int:
+    """user-visible TTFT of presets, interleaved"""
+    from ..bench.pipeline import pipeline as run
+
+    names = tuple(p.strip() for p in presets.split(",") if p.strip())
+    return _print(asyncio.run(run(model=model, presets=names, repeats=repeats, max_tokens=max_tokens)), as_json)
+
+
+@command.command("view", short_help="a run with and without the live notebook view attached")
+@click.option("--model", default="smollm2-135m")
+@click.option("--runs", type=POSITIVE, default=3)
+@click.option("--max-tokens", type=POSITIVE, default=256)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def view(model: str, runs: int, max_tokens: int, as_json: bool) -> int:
+    """a run with and without the live notebook view attached"""
+    from ..bench.view import view_overhead
+
+    return _print(asyncio.run(view_overhead(model=model, runs=runs, max_tokens=max_tokens)), as_json)
+
+
+@command.command("serve", short_help="N concurrent WebSocket clients against the server, on loopback")
+@click.option("--clients", type=POSITIVE, default=20)
+@click.option("--queries", type=POSITIVE, default=3)
+@click.option("--model", default="smollm2-135m")
+@click.option("--preset", default="direct")
+@click.option("--max-tokens", type=POSITIVE, default=32)
+@click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def serve(clients: int, queries: int, model: str, preset: str, max_tokens: int, threads: int | None,
+          as_json: bool) -> int:
+    """N concurrent WebSocket clients against the server, on loopback"""
+    from ..bench.ws_load import bench_serve_async, format_bench
+
+    result = asyncio.run(bench_serve_async(clients, queries, model=model, preset=preset, max_tokens=max_tokens,
+                                           n_threads=threads))
+    if not as_json:
+        print(format_bench(result))
+        return EXIT_OK
+    return _print(result, as_json)
+
+
+@command.command("load", short_help="latency, throughput and goodput against load (a bounded, resumable load sweep)")
+@click.option("--backend", default=DEFAULT_BACKEND, help=f"one of: {', '.join(BACKENDS)} (default {DEFAULT_BACKEND})")
+@click.option("--model", default=None, help="model name (default: the backend's default)")
+@click.option("--host", default=None, help="Ollama host, e.g. the kit's own server http://127.0.0.1:8765")
+@click.option("--base-url", default=None, help="OpenAI-compatible server URL (default $OPENAI_BASE_URL)")
+@click.option("--serve-kit", is_flag=True,
+              help="start the kit's own server on a free loopback port and load its Ollama-compatible API "
+                   "(its OpenAI one with --backend openai)")
+@click.option("--arrival", type=click.Choice(["concurrency", "constant", "poisson"]), default="concurrency",
+              help="concurrency: closed loop over --concurrency (default); constant / poisson: open loop, "
+                   "requests sent on a schedule at each of --rates")
+@click.option("--concurrency", default="1,2,4,8", help="comma-separated levels (default 1,2,4,8)")
+@click.option("--rates", default=None, help="open loop: comma-separated request rates in requests/s, e.g. 0.5,1,2,4")
+@click.option("--seed", type=int, default=0, help="seed of the Poisson arrival schedule (default 0)")
+@click.option("--requests", type=POSITIVE, default=16, help="requests per level (default 16)")
+@click.option("--max-tokens", type=POSITIVE, default=64)
+@click.option("--max-error-rate", type=float, default=0.5,
+              help="stop when a level's error rate passes this")
+@click.option("--time-limit", type=float, default=600.0, help="seconds for the whole sweep (default 600)")
+@click.option("--client-cpu-bound", type=float, default=None,
+              help="cores of CPU the load client may use before a level is flagged as competing with the "
+                   "engine (default 0.25)")
+@click.option("--jsonl", default=None,
+              help="append every request to this file as it ends; rerunning with the same file resumes the sweep")
+@click.option("--from-file", is_flag=True,
+              help="send nothing: rebuild the summary (and the --html chart) from --jsonl")
+@click.option("--threads", type=POSITIVE, default=None, help="decoding threads (embedded, --serve-kit)")
+@click.option("--html", default=None, help="write the latency-vs-load chart to this HTML file")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def load(backend: str, model: str | None, host: str | None, base_url: str | None, serve_kit: bool, arrival: str,
+         concurrency: str, rates: str | None, seed: int, requests: int, max_tokens: int, max_error_rate: float,
+         time_limit: float, client_cpu_bound: float | None, jsonl: str | None, from_file: bool,
+         threads: int | None, html: str | None, as_json: bool) -> int:
+    """latency, throughput and goodput against load (a bounded, resumable load sweep)"""
+    from ..bench.load_sweep import (CLOSED_LOOP, format_sweep, load_target, parse_concurrency, parse_rates,
+                                    summarize_file, sweep)
+    from ..errors import InvalidInput
+    from ..metrics import CLIENT_CPU_BOUND
+
+    if from_file:
+        if not jsonl:
+            raise InvalidInput("--from-file rebuilds the summary from a sweep's file; give it with --jsonl FILE")
+        result = summarize_file(jsonl, client_cpu_bound=client_cpu_bound)
+    else:
+        if arrival == CLOSED_LOOP and rates is not None:
+            raise InvalidInput("--rates is for an open-loop sweep; add --arrival poisson (or constant)")
+        if arrival != CLOSED_LOOP and rates is None:
+            raise InvalidInput(f"--arrival {arrival} needs --rates, e.g. --rates 0.5,1,2,4 (requests/s)")
+        levels = parse_concurrency(concurrency) if arrival == CLOSED_LOOP else []
+        rate_levels = parse_rates(rates) if rates is not None else None
+
+        async def run() -> dict[str, Any]:
+            async with load_target(backend, host=host, base_url=base_url, serve_kit=serve_kit, model=model,
+                                   n_threads=threads) as target:
+                return await sweep(target, model=model, concurrency=levels or (1,), requests=requests,
+                                   max_tokens=max_tokens, max_error_rate=max_error_rate, time_limit_s=time_limit,
+                                   arrival=arrival, rates=rate_levels, seed=seed, jsonl=jsonl,
+                                   client_cpu_bound=CLIENT_CPU_BOUND if client_cpu_bound is None else client_cpu_bound,
+                                   # a new port each run: named so that a rerun with the same --jsonl resumes
+                                   target_name=f"serve-kit:{target.name}" if serve_kit else None)
+
+        result = asyncio.run(run())
+    if html:
+        from ..sinks.charts import load_sweep, save_html
+
+        result["chart"] = str(save_html(load_sweep(result), html))
+    print(json.dumps(result, ensure_ascii=False) if as_json else format_sweep(result))
+    return EXIT_FAILED if result["stopped_early"] == "error rate" else EXIT_OK
