@@ -14,7 +14,7 @@ from ..compliance import Transcript, sink_compliance
 from ..events import Error
 from ..metrics import SLOVerdict, call_metrics, run_metrics
 from ..models import DEFAULT_MODEL
-from ..pipeline import PRESETS, Pipeline
+from ..pipeline import PRESET_NAMES, Pipeline
 from ..records import RunRecord
 from ..sinks.console import ConsoleSink
 from ..sinks.jsonl import RunLog
@@ -84,13 +84,13 @@ def metrics_line(summary: dict[str, Any]) -> str:
 
 
 async def ask(question: str, *, backend: str, model: str | None, host: str | None, base_url: str | None,
-              response_format: str, max_tokens: int, preset: str, rewrite: bool, review: bool, analysis_first: bool,
-              judge_model: str | None, fast_model: str | None, temperature: float, seed: int, log: str | None,
+              response_format: str, max_tokens: int, preset: str, rewrite: bool, review: bool, revise: bool,
+              analysis_first: bool, judge_model: str | None, fast_model: str | None, temperature: float, seed: int, log: str | None,
               as_json: bool) -> int:
     chosen = get_backend(backend, **backend_options(backend, host=host, base_url=base_url,
                                                     response_format_style=response_format))
     pipe = Pipeline.from_preset(preset, backend=chosen, model=model, rewrite=rewrite, review=review,
-                                judge_model=judge_model, fast_model=fast_model, analysis_first=analysis_first,
+                                revise=revise, judge_model=judge_model, fast_model=fast_model, analysis_first=analysis_first,
                                 max_tokens=max_tokens, temperature=temperature, seed=seed)
     run_log = RunLog(log) if log else None
     run = pipe.start(question, log=run_log)
@@ -129,9 +129,12 @@ async def ask(question: str, *, backend: str, model: str | None, host: str | Non
 @click.option("--response-format", default="json_schema", type=click.Choice(["json_schema", "json_object"]),
               help="how the openai backend sends JSON schemas (json_object for llama-cpp-python's server)")
 @click.option("--max-tokens", type=POSITIVE, default=512)
-@click.option("--preset", default="direct", help=f"one of: {', '.join(PRESETS)} (default direct)")
+@click.option("--preset", default="direct", help=f"one of: {', '.join(PRESET_NAMES)}, each with optional "
+                                                 f"+rewrite, +revise (default direct)")
 @click.option("--rewrite", is_flag=True, help="add the query-rewrite stage")
 @click.option("--review", is_flag=True, help="add the LLM judge stage")
+@click.option("--revise", is_flag=True, help="the judge reviews the answer and decides whether a revision stage "
+                                             "streams an improved one (= the +revise modifier)")
 @click.option("--analysis-first", is_flag=True, help="staged: run the visible analysis before the strategy decision")
 @click.option("--judge-model", default=None)
 @click.option("--fast-model", default=None, help="the cascade's opening model")
