@@ -14,6 +14,7 @@ from .records import CallRecord, RunRecord
 
 if TYPE_CHECKING:
     from .compliance import Transcript
+    from .metrics import CallMetrics, RunMetrics
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class StageEnd(Event):
     stage: str
     call_id: str
     status: str
-    metrics: dict[str, Any]
+    metrics: CallMetrics
     record: CallRecord
 
 
@@ -72,7 +73,7 @@ class Decision(Event):
 class RunEnd(Event):
     type: ClassVar[str] = "run_end"
     status: str
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     record: RunRecord
 
 

@@ -51,6 +51,9 @@ class CallRecord:
     load_s: float | None = None  # model load paid by this call (embedded load or Ollama load_duration)
     cold_load: bool = False
     server: dict[str, Any] = field(default_factory=dict)  # server-side timings in ns, as the server gave them
+    # a server's own per-request timings beside the client's clock (llama-server's ``timings``, cached prompt
+    # tokens from OpenAI ``usage``): {"source": ..., "raw": {...as sent}, normalised fields}; None: none sent
+    server_timings: dict[str, Any] | None = None
     model_info: dict[str, Any] = field(default_factory=dict)
     choice: dict[str, Any] | None = None  # a choice call: options, their probabilities, the one chosen
     run_id: str | None = None  # the pipeline run this call belongs to (None: a call on its own)

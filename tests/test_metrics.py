@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -105,16 +106,16 @@ def test_output_tokens_from_backend_win_over_chunk_count():
 def test_call_metrics_flat_row():
     rec = call(**STREAM, prompt_tokens=37, token_count_source="exact")
     row = m.call_metrics(rec)
-    assert row["ttft_s"] == pytest.approx(0.400)
-    assert row["e2e_s"] == pytest.approx(0.650)
-    assert row["tpot_s"] == pytest.approx(0.050)
-    assert row["itl_mean_s"] == pytest.approx(0.0625)
-    assert row["itl_max_s"] == pytest.approx(0.100)
-    assert row["output_tokens"] == 6
-    assert row["prompt_tokens"] == 37
-    assert row["tokens_per_s"] == pytest.approx(24.0)
-    assert row["token_count_source"] == "exact"
-    assert row["slo"] == {"ttft": True, "tpot": True, "e2e": True}
+    assert row.ttft_s == pytest.approx(0.400)
+    assert row.e2e_s == pytest.approx(0.650)
+    assert row.tpot_s == pytest.approx(0.050)
+    assert row.itl_mean_s == pytest.approx(0.0625)
+    assert row.itl_max_s == pytest.approx(0.100)
+    assert row.output_tokens == 6
+    assert row.prompt_tokens == 37
+    assert row.tokens_per_s == pytest.approx(24.0)
+    assert row.token_count_source == "exact"
+    assert row.slo == m.SLOVerdict(ttft=True, tpot=True, e2e=True)
 
 
 # ------------------------------------------------------------------------------------ SLO verdicts
@@ -122,23 +123,23 @@ def test_call_metrics_flat_row():
 
 def test_slo_default_targets():
     assert m.DEFAULT_SLO == m.SLO(ttft_s=3.0, tpot_s=0.100, e2e_s=120.0)
-    assert m.slo_verdict(2.9, 0.099, 119.0) == {"ttft": True, "tpot": True, "e2e": True}
-    assert m.slo_verdict(3.5, 0.150, 130.0) == {"ttft": False, "tpot": False, "e2e": False}
-    assert m.slo_verdict(1.0, 0.150, 10.0) == {"ttft": True, "tpot": False, "e2e": True}
+    assert m.slo_verdict(2.9, 0.099, 119.0) == m.SLOVerdict(ttft=True, tpot=True, e2e=True)
+    assert m.slo_verdict(3.5, 0.150, 130.0) == m.SLOVerdict(ttft=False, tpot=False, e2e=False)
+    assert m.slo_verdict(1.0, 0.150, 10.0) == m.SLOVerdict(ttft=True, tpot=False, e2e=True)
 
 
 def test_slo_undefined_is_none():
-    assert m.slo_verdict(None, None, None) == {"ttft": None, "tpot": None, "e2e": None}
+    assert m.slo_verdict(None, None, None) == m.SLOVerdict(ttft=None, tpot=None, e2e=None)
     one_token = call(chunks_ms=(300,))
-    assert m.call_metrics(one_token)["slo"] == {"ttft": True, "tpot": None, "e2e": True}
+    assert m.call_metrics(one_token).slo == m.SLOVerdict(ttft=True, tpot=None, e2e=True)
 
 
 def test_slo_custom():
     strict = m.SLO(ttft_s=0.300, tpot_s=0.040, e2e_s=0.600)
     rec = call(**STREAM)  # ttft 0.400, tpot 0.050, e2e 0.650
-    assert m.call_metrics(rec, strict)["slo"] == {"ttft": False, "tpot": False, "e2e": False}
+    assert m.call_metrics(rec, strict).slo == m.SLOVerdict(ttft=False, tpot=False, e2e=False)
     loose = m.SLO(ttft_s=0.500, tpot_s=0.060, e2e_s=0.700)
-    assert m.call_metrics(rec, loose)["slo"] == {"ttft": True, "tpot": True, "e2e": True}
+    assert m.call_metrics(rec, loose).slo == m.SLOVerdict(ttft=True, tpot=True, e2e=True)
     assert m.slo_dict(strict) == {"ttft_s": 0.300, "tpot_s": 0.040, "e2e_s": 0.600}
 
 
@@ -252,9 +253,9 @@ def test_prompt_echo_counts_as_kit_text():
     run.stages[1].call.text = echo + " Paris."
     # "one stage of a pipeline that answers a user's query" (10 words >= ECHO_WORDS) is the kit's
     echoed = len("".join("one stage of a pipeline that answers a user's query".split()))
-    assert m.run_metrics(run)["prompt_echo_chars"] == prompt_echo_chars(run) == echoed
+    assert m.run_metrics(run).prompt_echo_chars == prompt_echo_chars(run) == echoed
     total = len("".join((echo + " Paris.").split()))
-    assert m.run_metrics(run)["compliance"] == pytest.approx((total - echoed) / total)
+    assert m.run_metrics(run).compliance == pytest.approx((total - echoed) / total)
     report = sink_compliance(run, _shown(("answer", run.stages[1].call.text)))
     assert report.prompt_echo_chars == echoed and report.compliance == pytest.approx((total - echoed) / total)
     run.stages[1].call.text = "A pipeline answers a query in stages."  # shares words, not a run of 8
@@ -268,23 +269,40 @@ def test_decision_compliance():
                      "quality": {"value": None, "used": None, "status": "undecided", "source": "kit default"},
                      "rewritten_query": {"value": "q", "status": "decided", "structured": False}}
     assert decision_compliance(run) == 0.5  # the rewrite is free text, not a decision among options
-    assert m.run_metrics(run)["decision_compliance"] == 0.5
+    assert m.run_metrics(run).decision_compliance == 0.5
 
 
 def test_run_metrics():
     run = two_stage_run()
     run.quality = {"score": 0.85}
     row = m.run_metrics(run)
-    assert row["user_ttft_s"] == pytest.approx(0.600)
-    assert row["e2e_s"] == pytest.approx(1.200)
+    assert row.user_ttft_s == pytest.approx(0.600)
+    assert row.e2e_s == pytest.approx(1.200)
     # the answer (last visible stage): (850 - 250) ms / (4 - 1)
-    assert row["answer_tpot_s"] == pytest.approx(0.200)
-    assert row["model_calls"] == 2
-    assert row["output_tokens"] == 6
-    assert row["kit_overhead_s"] == pytest.approx(0.040)
-    assert row["compliance"] == 1.0 and row["prompt_echo_chars"] == 0  # no kit prompts: nothing to echo
-    assert row["quality"] == 0.85
-    assert row["slo"] == {"ttft": True, "tpot": False, "e2e": True}
+    assert row.answer_tpot_s == pytest.approx(0.200)
+    assert row.model_calls == 2
+    assert row.output_tokens == 6
+    assert row.kit_overhead_s == pytest.approx(0.040)
+    assert row.compliance == 1.0 and row.prompt_echo_chars == 0  # no kit prompts: nothing to echo
+    assert row.quality == 0.85
+    assert row.slo == m.SLOVerdict(ttft=True, tpot=False, e2e=True)
+
+
+def test_metrics_are_frozen_typed_and_flatten_for_frames():
+    rec = call(**STREAM, prompt_tokens=37, token_count_source="exact")
+    cm = m.call_metrics(rec)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cm.ttft_s = 0.0  # type: ignore[misc]
+    flat = cm.as_dict()
+    assert flat["slo"] == {"ttft": True, "tpot": True, "e2e": True} and flat["ttft_s"] == cm.ttft_s
+    assert list(flat) == [f.name for f in dataclasses.fields(m.CallMetrics)]
+    json.dumps(flat)  # JSON-ready: what the server sends in stage_end
+    with pytest.raises(TypeError):  # typed: attributes, not string keys
+        cm["tpot_s"]
+    rm = m.run_metrics(two_stage_run())
+    assert rm.as_dict()["slo"] == rm.slo.as_dict() and set(rm.as_dict()) == {
+        f.name for f in dataclasses.fields(m.RunMetrics)}
+    assert m.SLOVerdict(ttft=True, tpot=False).missed and not m.SLOVerdict(ttft=True, tpot=None, e2e=True).missed
 
 
 # ------------------------------------------------------------------------------------ frames
@@ -432,3 +450,14 @@ def test_load_level_metrics_by_hand():
     json.dumps(lv)  # plain numbers: the --json output
     empty = m.load_level_metrics([failed], wall_s=1.0)
     assert empty["ttft_s_p50"] is None and empty["slo_pass_rate"] is None and empty["output_tokens"] == 0
+
+
+def test_mbu_never_above_one_flags_the_bandwidth_instead():
+    assert m.mbu(1e9, 10, 20) == pytest.approx(0.5)
+    assert m.mbu(1e9, 10, 20, explain=True) == (pytest.approx(0.5), None)
+    assert m.mbu(1e9, 10, 10) == pytest.approx(1.0)  # exactly the bandwidth: allowed
+    # 1 GB read 30 times a second is 30 GB/s, more than the 28.6 GB/s "measured": the figure is wrong
+    assert m.mbu(1e9, 30, 28.6) is None
+    value, flag = m.mbu(1e9, 30, 28.6, explain=True)
+    assert value is None and "bandwidth figure too low" in flag and "28.6 GB/s" in flag and "1.05" in flag
+    assert m.mbu(None, 30, 28.6, explain=True) == (None, None)

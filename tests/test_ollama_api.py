@@ -237,6 +237,32 @@ async def test_client_leaving_a_whole_answer_stops_decoding(server, loaded):
     assert after - at_cancel <= 10 and after - before < 100
 
 
+# --------------------------------------------------------------------------- prefix reuse (KV cache)
+
+async def test_prompt_eval_cached_count_reports_the_reused_prefix(server, loaded):
+    """``prompt_eval_cached_count``: prompt tokens the model found in its KV cache. With the cache empty (as a
+    fresh load leaves it): 0. The same conversation again: all but the last prompt token (replayed for its
+    logits). Another question after it: only the chat template's opening is shared, so more than 0 and fewer
+    than the repeat's."""
+    def chat(question: str) -> dict:
+        body = {"model": TEST_MODEL, "messages": [{"role": "user", "content": question}], "stream": False,
+                "options": {"num_predict": 2, "temperature": 0, "seed": 1}}
+        response = httpx.post(f"{server.url}/api/chat", json=body, timeout=TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    await wait_until_idle(loaded)
+    assert not loaded.busy
+    loaded.llm.reset()  # an empty KV cache, as after a fresh load (nothing else decodes in this test)
+    fresh = await asyncio.to_thread(chat, SHORT)
+    again = await asyncio.to_thread(chat, SHORT)
+    other = await asyncio.to_thread(chat, "Name three rivers in Africa.")
+    assert fresh["prompt_eval_cached_count"] == 0
+    assert again["prompt_eval_count"] == fresh["prompt_eval_count"]
+    assert again["prompt_eval_cached_count"] == again["prompt_eval_count"] - 1
+    assert 0 < other["prompt_eval_cached_count"] < other["prompt_eval_count"] - 1
+
+
 # ------------------------------------------------------------------------------ the kit's backend
 
 async def test_kit_ollama_backend_end_to_end(server):

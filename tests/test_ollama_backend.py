@@ -102,11 +102,11 @@ async def test_streams_text_and_maps_server_stats(httpserver, ollama):
     assert rec.model_info["host"] == httpserver.url_for("/").rstrip("/")
 
     m = call_metrics(rec)
-    assert m["ttft_s"] is not None and m["ttft_s"] >= 0
-    assert m["e2e_s"] is not None and m["e2e_s"] >= m["ttft_s"]
-    assert m["tpot_s"] is not None and m["itl_mean_s"] is not None
-    assert m["output_tokens"] == 4 and m["prompt_tokens"] == 26
-    assert "eval_count" in m["token_count_source"]
+    assert m.ttft_s is not None and m.ttft_s >= 0
+    assert m.e2e_s is not None and m.e2e_s >= m.ttft_s
+    assert m.tpot_s is not None and m.itl_mean_s is not None
+    assert m.output_tokens == 4 and m.prompt_tokens == 26
+    assert "eval_count" in m.token_count_source
 
     body = seen[0]
     assert body["model"] == MODEL
@@ -152,7 +152,7 @@ async def test_cold_load_flag_follows_load_duration(httpserver, ollama, load_ns,
     assert rec.cold_load is cold
     assert rec.load_s == pytest.approx(load_ns / 1e9)
     assert (rec.load_s > COLD_LOAD_THRESHOLD_S) is cold
-    assert call_metrics(rec)["cold_load"] is cold
+    assert call_metrics(rec).cold_load is cold
 
 
 async def test_without_eval_count_falls_back_to_chunks(httpserver, ollama):

@@ -147,11 +147,11 @@ async def test_streams_stamped_chunks_up_to_max_tokens(oai, server):
     assert rec.server == {} and rec.load_s is None
 
     m = call_metrics(rec)
-    assert m["ttft_s"] is not None and m["ttft_s"] > 0
-    assert m["e2e_s"] is not None and m["e2e_s"] >= m["ttft_s"]
-    assert m["tpot_s"] is not None and m["tpot_s"] > 0
-    assert m["tpot_s"] == pytest.approx((m["e2e_s"] - m["ttft_s"]) / 11)
-    assert m["output_tokens"] == 12 and "no usage" in m["token_count_source"]
+    assert m.ttft_s is not None and m.ttft_s > 0
+    assert m.e2e_s is not None and m.e2e_s >= m.ttft_s
+    assert m.tpot_s is not None and m.tpot_s > 0
+    assert m.tpot_s == pytest.approx((m.e2e_s - m.ttft_s) / 11)
+    assert m.output_tokens == 12 and "no usage" in m.token_count_source
 
 
 async def test_chunk_count_matches_the_servers_own_usage(oai):
@@ -469,7 +469,7 @@ async def test_usage_from_a_server_that_sends_it(kit_server, loaded):
     assert await wait_until_idle(loaded) - before == 12  # the model decoded exactly what usage says
     assert "".join(c.text for c in chunks) == rec.text and rec.model_info["model_id"] == TEST_MODEL
     m = call_metrics(rec)
-    assert m["tpot_s"] == pytest.approx((m["e2e_s"] - m["ttft_s"]) / 11)
+    assert m.tpot_s == pytest.approx((m.e2e_s - m.ttft_s) / 11)
     await b.aclose()
 
 
@@ -511,3 +511,103 @@ async def test_leaving_a_kit_server_stream_early_stops_decoding(kit_server, load
     assert call.record.status == "cancelled"
     assert after - before < 100  # far from the 400 asked for: the server stopped when the client left
     await b.aclose()
+
+
+# ---------------------------------------------------------------------------------- server-side timings
+
+async def test_llama_cpp_python_server_sends_no_timings(oai):
+    """llama-cpp-python's server sends neither a ``timings`` object nor cached-token usage: nothing is made up."""
+    rec, _ = await stream(oai, CallRequest(messages=QUESTION, max_tokens=4))
+    assert rec.status == "ok" and rec.server_timings is None
+
+
+# llama-server (llama.cpp's own server) is not installable here, so this is a FAKE: a small real HTTP server
+# on loopback that replays a streamed chat completion in llama-server's shape -- a ``timings`` object on the
+# chunk with the finish_reason and again on the usage chunk (field names from llama.cpp's tools/server source;
+# the stream was written in that shape, not captured from a running llama-server) -- and a vLLM-shaped one
+# whose usage carries ``prompt_tokens_details.cached_tokens`` (``vllm serve --enable-prompt-tokens-details``).
+LLAMA_TIMINGS = {"cache_n": 12, "prompt_n": 3, "prompt_ms": 20.5, "prompt_per_token_ms": 6.833,
+                 "prompt_per_second": 146.3, "predicted_n": 2, "predicted_ms": 30.0, "predicted_per_token_ms": 15.0,
+                 "predicted_per_second": 66.7}
+
+
+def _sse(events: list[dict | str]) -> bytes:
+    return b"".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events)
+
+
+def _chunk(delta: dict, finish: str | None = None, **extra) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1733000000, "model": TEST_MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+
+def _usage_chunk(usage: dict, **extra) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1733000000, "model": TEST_MODEL,
+            "choices": [], "usage": usage, **extra}
+
+
+LLAMA_SERVER_STREAM = _sse([
+    _chunk({"role": "assistant", "content": None}), _chunk({"content": "Hello"}), _chunk({"content": "!"}),
+    _chunk({}, "stop", timings=LLAMA_TIMINGS),
+    _usage_chunk({"completion_tokens": 2, "prompt_tokens": 15, "total_tokens": 17}, timings=LLAMA_TIMINGS),
+    "[DONE]"])
+VLLM_STREAM = _sse([
+    _chunk({"role": "assistant", "content": ""}), _chunk({"content": "Hi"}), _chunk({}, "stop"),
+    _usage_chunk({"completion_tokens": 1, "prompt_tokens": 15, "total_tokens": 16,
+                  "prompt_tokens_details": {"cached_tokens": 8}}),
+    "[DONE]"])
+
+
+@pytest.fixture
+def replay_server():
+    """A loopback HTTP server answering /v1/models and replaying ``replay_server.body`` to every chat
+    completion (see the note above: a fake, because llama-server itself is not installable here)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"body": b""}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _send(self, body: bytes, content_type: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send(json.dumps({"object": "list", "data": [{"id": TEST_MODEL, "object": "model", "created": 0,
+                                                               "owned_by": "llamacpp"}]}).encode(), "application/json")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._send(state["body"], "text/event-stream")
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+async def test_llama_server_timings_and_vllm_cached_tokens_are_recorded_with_their_source(replay_server):
+    state, base_url = replay_server
+    backend = OpenAIBackend(TEST_MODEL, base_url=base_url)
+    state["body"] = LLAMA_SERVER_STREAM
+    rec, chunks = await stream(backend, CallRequest(messages=QUESTION, max_tokens=4))
+    assert rec.status == "ok" and rec.text == "Hello!" and len(chunks) == 2 and rec.output_tokens == 2
+    t = rec.server_timings
+    assert t["source"] == "llama-server timings (server)" and t["raw"]["timings"] == LLAMA_TIMINGS
+    assert (t["prompt_tokens_evaluated"], t["cached_prompt_tokens"], t["decode_tokens"]) == (3, 12, 2)
+    assert t["prompt_eval_s"] == pytest.approx(0.0205) and t["decode_s"] == pytest.approx(0.030)
+    assert rec.chunk_ns and rec.start_ns < rec.chunk_ns[0]  # the client's own clock, beside the server's
+
+    state["body"] = VLLM_STREAM
+    rec, _ = await stream(backend, CallRequest(messages=QUESTION, max_tokens=4))
+    assert rec.server_timings == {"source": "openai usage.prompt_tokens_details (server)", "cached_prompt_tokens": 8,
+                                  "raw": {"prompt_tokens_details": {"cached_tokens": 8}}}
+    assert json.loads(json.dumps(rec.to_dict()))["server_timings"]["cached_prompt_tokens"] == 8
+    await backend.aclose()

@@ -127,7 +127,7 @@ async def test_events_are_ordered_and_carry_call_ids(backend):
             assert ev.call_id in open_calls and ev.call_id in call_ids
         elif isinstance(ev, StageEnd):
             open_calls.remove(ev.call_id)
-            assert ev.metrics["output_tokens"] == ev.record.output_tokens
+            assert ev.metrics.output_tokens == ev.record.output_tokens
     assert not open_calls
     stamps = [ev.t_ns for ev in events]
     assert stamps == sorted(stamps)  # one sequential pipeline: monotonic
@@ -176,7 +176,7 @@ async def test_invalid_structured_output_is_retried_once_then_undecided(backend)
     assert decision["method"] == "structured output"
     [ev] = [e for e in events if isinstance(e, Decision)]
     assert ev.status == "undecided" and ev.value is None and ev.used == pipe.default_strategy
-    assert rec.status == "ok" and decision_compliance(rec) == 0.0 and run_metrics(rec)["decision_compliance"] == 0.0
+    assert rec.status == "ok" and decision_compliance(rec) == 0.0 and run_metrics(rec).decision_compliance == 0.0
     # the run goes on with the kit's default strategy, and its plan: analytical = analysis, then the answer
     assert decision["plan"]["runs"] == ["analysis", "answer"] == names[2:]
     err = io.StringIO()
@@ -199,7 +199,7 @@ async def test_review_by_a_different_judge_model(backend):
     rec, _ = await collect(pipe)
     assert rec.quality is not None and rec.quality["judge_model"] == "qwen2.5-coder-0.5b"
     assert rec.quality["status"] == "decided" and 0 <= rec.quality["score"] <= 100
-    assert run_metrics(rec)["quality"] == rec.quality["score"]
+    assert run_metrics(rec).quality == rec.quality["score"]
     review = [s for s in rec.stages if s.name == "review"][0]
     assert not review.visible and review.call.model == "qwen2.5-coder-0.5b"
 
@@ -227,7 +227,7 @@ async def test_the_judge_decides_whether_the_answer_is_revised(backend, revise):
         revision = rec.stages[-1]
         assert revision.visible and revision.call.status == "ok" and revision.call.text
         assert any(isinstance(e, Token) and e.stage == "revision" and e.visible for e in events)
-        assert run_metrics(rec)["answer_tpot_s"] is None or revision.call.output_tokens
+        assert run_metrics(rec).answer_tpot_s is None or revision.call.output_tokens
     else:
         assert names == ["answer", "review"]
     assert rec.status == "ok"

@@ -20,7 +20,7 @@ import contextlib
 import os
 import time
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 import httpx
@@ -89,6 +89,7 @@ class StreamTally:
     chunks: int = 0
     final: Any = None  # the part (or usage) that carried the final statistics
     finish_reason: str | None = None
+    server_parts: list[Any] = field(default_factory=list)  # the server's own timing objects seen in the stream
 
 
 class RemoteBackend(Backend):

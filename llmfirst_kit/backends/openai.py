@@ -11,7 +11,13 @@ What the record gets:
   ``"openai usage (server)"``; a server that sends no usage (llama-cpp-python's ignores ``stream_options``)
   gets its content chunks counted instead, and ``token_count_source`` says so;
 - the choice's ``finish_reason``; ``model_info`` with the base URL and the model id the server reported;
-- no server timings and no load time: the API reports neither.
+- the server's own timings where it sends them (:func:`server_timings`), in ``record.server_timings`` beside the
+  client's clock, with their source: llama.cpp's ``llama-server`` puts a ``timings`` object (``prompt_n``,
+  ``cache_n``, ``prompt_ms``, ``predicted_n``, ``predicted_ms``, ...) in its last chunks; vLLM (started with
+  ``--enable-prompt-tokens-details``), SGLang and OpenAI report cached prompt tokens in
+  ``usage.prompt_tokens_details.cached_tokens``; a ``metrics`` object in a chunk (per-request metrics some
+  vLLM builds add) is kept as sent. llama-cpp-python's server sends none of these, so its calls have
+  ``server_timings`` None. No load time: the API reports none.
 
 Every failure becomes one of the kit's errors and names the fix; text streamed before a failure stays in
 the record (``ModelCall`` keeps it).
@@ -156,6 +162,9 @@ class OpenAIBackend(RemoteBackend):
         record.model_info.setdefault("model_id", part.model)
         if part.usage is not None:  # vLLM and others: a last chunk with usage and no choices
             tally.final = part.usage
+        extra = part.model_extra or {}
+        if isinstance(extra.get("timings"), dict) or isinstance(extra.get("metrics"), dict):
+            tally.server_parts.append({k: extra[k] for k in ("timings", "metrics") if isinstance(extra.get(k), dict)})
         for choice in part.choices:
             text = choice.delta.content or ""
             if text:
@@ -171,6 +180,7 @@ class OpenAIBackend(RemoteBackend):
             raise BackendError(f"the stream from {self.base_url} ended without a finish_reason; the server may have "
                                f"failed (e.g. a prompt longer than its context); check the server's log")
         fill_stats(record, usage=tally.final, finish_reason=tally.finish_reason, chunks=tally.chunks)
+        record.server_timings = server_timings(tally.server_parts, tally.final)
 
     def translate(self, exc: BaseException, prepared: OpenAIPrepared, *, streaming: bool) -> KitError:
         return self._translate(exc, prepared.model_name, streaming=streaming,
@@ -243,3 +253,44 @@ def fill_stats(record: CallRecord, *, usage: CompletionUsage | None, finish_reas
     else:
         record.output_tokens = chunks
         record.token_count_source = "content chunks (server sent no usage; ~one token per chunk)"
+
+
+LLAMA_SERVER_TIMINGS = "llama-server timings (server)"
+OPENAI_CACHED_TOKENS = "openai usage.prompt_tokens_details (server)"
+SERVER_METRICS = "metrics object in the stream (server)"
+
+
+def server_timings(parts: list[dict[str, Any]], usage: CompletionUsage | None) -> dict[str, Any] | None:
+    """The server's own figures for one call, or None when it sent none.
+
+    ``parts``: the ``timings`` / ``metrics`` objects seen in the stream, in order (llama-server sends its
+    ``timings`` on the last content chunk and again on the usage chunk; the last one is complete). Returns
+    ``{"source": ..., "raw": {...}}`` plus normalised fields where known: ``prompt_tokens_evaluated``
+    (llama-server ``prompt_n``: prompt tokens the server evaluated), ``cached_prompt_tokens`` (``cache_n``, or
+    ``usage.prompt_tokens_details.cached_tokens``), ``prompt_eval_s`` (``prompt_ms``), ``decode_tokens``
+    (``predicted_n``) and ``decode_s`` (``predicted_ms``). ``source`` names every place a figure came from."""
+    out: dict[str, Any] = {}
+    sources: list[str] = []
+    raw: dict[str, Any] = {}
+    timings = next((p["timings"] for p in reversed(parts) if "timings" in p), None)
+    if timings is not None:
+        sources.append(LLAMA_SERVER_TIMINGS)
+        raw["timings"] = timings
+        ms = lambda key: None if timings.get(key) is None else float(timings[key]) / 1000  # noqa: E731
+        out |= {"prompt_tokens_evaluated": timings.get("prompt_n"), "cached_prompt_tokens": timings.get("cache_n"),
+                "prompt_eval_s": ms("prompt_ms"), "decode_tokens": timings.get("predicted_n"),
+                "decode_s": ms("predicted_ms")}
+    metrics = next((p["metrics"] for p in reversed(parts) if "metrics" in p), None)
+    if metrics is not None:
+        sources.append(SERVER_METRICS)
+        raw["metrics"] = metrics
+    details = getattr(usage, "prompt_tokens_details", None) if usage is not None else None
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    if cached is not None:
+        sources.append(OPENAI_CACHED_TOKENS)
+        raw["prompt_tokens_details"] = {"cached_tokens": cached}
+        if out.get("cached_prompt_tokens") is None:
+            out["cached_prompt_tokens"] = cached
+    if not sources:
+        return None
+    return {"source": " + ".join(sources), **{k: v for k, v in out.items() if v is not None}, "raw": raw}

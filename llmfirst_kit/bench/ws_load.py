@@ -1,7 +1,10 @@
 """``llmfirst bench serve``: a load benchmark of the WebSocket API -- N concurrent clients, each sending its
 queries one after another over one connection, every run's messages checked for loss, duplication and
 order (:func:`~llmfirst_kit.serve.ws_protocol.check_run_messages`). Reports client-side user-visible TTFT
-and E2E percentiles, the server's own figures and runs per minute.
+and E2E percentiles, the server's own figures and runs per minute, and whether the clients competed with the
+server for cores: all clients run on this process's event-loop thread, whose CPU time / wall time over the
+load is checked against :data:`~llmfirst_kit.metrics.CLIENT_CPU_BOUND` (``client_competed``; the server it
+starts runs in other threads of this process, so the process's own CPU time would count the server too).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput
-from ..metrics import percentiles
+from ..metrics import CLIENT_CPU_BOUND, client_cpu_check, percentiles
 from ..serve import ServerConfig, ServerThread
 from ..serve.security import host_name, is_loopback
 from ..serve.ws_protocol import check_run_messages
@@ -79,7 +82,7 @@ async def _client_session(url: str, client: int, queries: int, request: dict[str
 async def bench_serve_async(clients: int = 20, queries: int = 3, *, model: str = "smollm2-135m",
                             preset: str = "direct", max_tokens: int = 32, timeout_s: float = 300.0,
                             url: str | None = None, token: str | None = None,
-                            n_threads: int | None = None) -> dict[str, Any]:
+                            n_threads: int | None = None, client_cpu_bound: float = CLIENT_CPU_BOUND) -> dict[str, Any]:
     """Load benchmark of the WebSocket API: ``clients`` concurrent connections, each sending ``queries``
     queries one after another. Starts its own server on a free loopback port unless given the ``url`` of a
     loopback one. Bounded: at most 200 clients x 50 queries, and ``timeout_s`` for the whole load, after which
@@ -92,31 +95,33 @@ async def bench_serve_async(clients: int = 20, queries: int = 3, *, model: str =
     if url is not None and not is_loopback(host_name(url) or ""):
         raise InvalidInput(f"the load benchmark only targets loopback servers, not {url!r}")
     if url is not None:
-        return await _bench(url, clients, queries, model, preset, max_tokens, timeout_s, token)
+        return await _bench(url, clients, queries, model, preset, max_tokens, timeout_s, token, client_cpu_bound)
     config = ServerConfig(default_model=model, max_connections=clients + 8, preload=(model,), n_threads=n_threads)
     server = await asyncio.to_thread(ServerThread(config=config).start)
     try:
-        return await _bench(server.ws_url, clients, queries, model, preset, max_tokens, timeout_s, token)
+        return await _bench(server.ws_url, clients, queries, model, preset, max_tokens, timeout_s, token,
+                            client_cpu_bound)
     finally:
         await asyncio.to_thread(server.stop)
 
 
 async def _bench(url: str, clients: int, queries: int, model: str, preset: str, max_tokens: int,
-                 timeout_s: float, token: str | None) -> dict[str, Any]:
+                 timeout_s: float, token: str | None, client_cpu_bound: float = CLIENT_CPU_BOUND) -> dict[str, Any]:
     request = {"model": model, "preset": preset, "max_tokens": max_tokens}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     warmup = await _client_session(url, 0, 1, request, headers)  # loads the model and warms caches: excluded
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     sessions = [asyncio.create_task(_client_session(url, c, queries, request, headers)) for c in range(clients)]
     done, pending = await asyncio.wait(sessions, timeout=timeout_s)
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    wall_s = time.perf_counter() - t0
+    wall_s, cpu_s = time.perf_counter() - t0, time.thread_time() - cpu0
     rows = [run.row() for task in done if not task.exception() for run in task.result()]
     failures = [f"{type(t.exception()).__name__}: {t.exception()}" for t in done if t.exception()]
-    return _bench_summary(rows, warmup[0].row(), failures, clients, queries, wall_s, bool(pending), url,
-                          dict(request))
+    summary = _bench_summary(rows, warmup[0].row(), failures, clients, queries, wall_s, bool(pending), url,
+                             dict(request))
+    return {**summary, **client_cpu_check(cpu_s, wall_s, client_cpu_bound)}
 
 
 def _bench_summary(rows: list[dict[str, Any]], warmup: dict[str, Any], failures: list[str], clients: int,
@@ -164,4 +169,7 @@ def format_bench(result: dict[str, Any]) -> str:
     for run in result["runs_with_problems"][:5]:
         lines.append(f"problem: client {run['client']} query {run['query']}: {run['status']} {run['problems']}")
     lines += [f"client failure: {f}" for f in result["client_failures"][:5]]
+    if result.get("client_competed"):
+        lines.append(f"the clients used {result['client_cpu_cores']:.2f} cores (bound {result['client_cpu_bound']:g}): "
+                     f"they competed with the server for CPU; these latencies include the clients' own delay")
     return "\n".join(lines)

@@ -29,16 +29,19 @@ def command() -> None:
     """side-by-side benchmarks"""
 
 
-@command.command("overhead", short_help="kit embedded backend vs raw llama-cpp-python stream")
+@command.command("overhead", short_help="kit embedded backend vs a plain Llama.generate loop, paired")
 @click.option("--model", default=DEFAULT_MODEL)
-@click.option("--runs", type=POSITIVE, default=5)
+@click.option("--pairs", type=POSITIVE, default=10, help="interleaved raw/kit pairs (at least 2; default 10)")
+@click.option("--runs", type=POSITIVE, default=None, hidden=True, help="the old name of --pairs")
 @click.option("--max-tokens", type=POSITIVE, default=128)
+@click.option("--threads", type=POSITIVE, default=None, help="decoding threads, both sides (default: all cores)")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def overhead(model: str, runs: int, max_tokens: int, as_json: bool) -> int:
-    """kit embedded backend vs raw llama-cpp-python stream"""
+def overhead(model: str, pairs: int, runs: int | None, max_tokens: int, threads: int | None, as_json: bool) -> int:
+    """kit embedded backend vs a plain Llama.generate loop: throughput ratio and TTFT added, 95 % intervals"""
     from ..bench.overhead import overhead as run
 
-    return _print(asyncio.run(run(model=model, runs=runs, max_tokens=max_tokens)), as_json)
+    return _print(asyncio.run(run(model=model, pairs=runs or pairs, max_tokens=max_tokens, n_threads=threads)),
+                  as_json)
 
 
 @command.command("engine", short_help="decode tokens/s with extra buffers on vs off, each in a child process")
@@ -54,19 +57,23 @@ def engine(model: str, runs: int, max_tokens: int, threads: int | None, as_json:
     return _print(compare(model=model, runs=runs, tokens=max_tokens, n_threads=threads), as_json)
 
 
-@command.command("pipeline", short_help="user-visible TTFT of presets, interleaved")
+@command.command("pipeline", short_help="user-visible TTFT of presets, interleaved, every preset warmed")
 @click.option("--model", default=None)
 @click.option("--presets", default="direct,staged,staged:analysis-first,cascade",
-              help="comma-separated; 'staged:analysis-first' is the staged preset with the analysis first")
-@click.option("--repeats", type=POSITIVE, default=1)
+              help="comma-separated, the first is the baseline; 'staged:analysis-first' is the staged preset with "
+                   "the analysis first")
+@click.option("--repeats", type=POSITIVE, default=1, help="rounds over the query set")
 @click.option("--max-tokens", type=POSITIVE, default=256)
+@click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def pipeline(model: str | None, presets: str, repeats: int, max_tokens: int, as_json: bool) -> int:
-    """user-visible TTFT of presets, interleaved"""
+def pipeline(model: str | None, presets: str, repeats: int, max_tokens: int, threads: int | None,
+             as_json: bool) -> int:
+    """user-visible TTFT of presets, interleaved, cold per run; first-run costs reported apart"""
     from ..bench.pipeline import pipeline as run
 
     names = tuple(p.strip() for p in presets.split(",") if p.strip())
-    return _print(asyncio.run(run(model=model, presets=names, repeats=repeats, max_tokens=max_tokens)), as_json)
+    return _print(asyncio.run(run(model=model, presets=names, repeats=repeats, max_tokens=max_tokens,
+                                  n_threads=threads)), as_json)
 
 
 @command.command("view", short_help="a run with and without the live notebook view attached")

@@ -11,6 +11,10 @@ What a client gets, as Ollama documents it:
   left out, as Ollama leaves out its queue); ``eval_duration`` = first token -> end of generation;
   ``total_duration`` = arrival -> end (queue wait included, so the parts add up to less than the total
   when the request waited, as in Ollama); ``prompt_eval_count`` / ``eval_count`` are exact token counts;
+  ``prompt_eval_cached_count`` is how many of the prompt's tokens came from the model's KV cache (the
+  prefix it shares with what the model evaluated last, e.g. the same conversation sent again, or just the
+  chat template's opening after another conversation; the last prompt token is always evaluated again, for
+  its logits, so an identical prompt reports ``prompt_eval_count - 1``);
 - ``options``: ``num_predict``, ``temperature``, ``seed``, ``top_k``, ``top_p``, ``stop``, ``num_ctx``
   (Ollama's defaults when absent: temperature 0.8, top_k 40, top_p 0.9, random seed, num_predict -1 =
   until the context is full). Hardware options (``num_thread``, ``num_gpu``...) are accepted and ignored;
@@ -162,6 +166,7 @@ class _Final(BaseModel):
     total_duration: int | None = None
     load_duration: int | None = None
     prompt_eval_count: int | None = None
+    prompt_eval_cached_count: int | None = None
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
@@ -321,6 +326,15 @@ def generate_messages(body: GenerateBody) -> list[dict[str, str]]:
     return messages + [{"role": "user", "content": body.prompt or ""}]
 
 
+def cached_prompt_tokens(rec: CallRecord) -> int | None:
+    """Prompt tokens served from the KV cache: the prompt's tokens less the ones the engine evaluated (the
+    embedded backend's ``server["prompt_eval_tokens"]``); None when either count is unknown."""
+    evaluated = rec.server.get("prompt_eval_tokens")
+    if rec.prompt_tokens is None or evaluated is None:
+        return None
+    return max(0, rec.prompt_tokens - int(evaluated))
+
+
 def durations(rec: CallRecord, received_ns: int) -> dict[str, Any]:
     """Ollama's final statistics from the call record (all nanoseconds, all measured)."""
     granted = rec.start_ns + int(rec.server.get("queue_ns", 0))
@@ -330,6 +344,7 @@ def durations(rec: CallRecord, received_ns: int) -> dict[str, Any]:
         "total_duration": rec.end_ns - received_ns,
         "load_duration": rec.start_ns - received_ns,
         "prompt_eval_count": rec.prompt_tokens,
+        "prompt_eval_cached_count": cached_prompt_tokens(rec),
         "prompt_eval_duration": max(0, first - granted),
         "eval_count": rec.output_tokens,
         "eval_duration": max(0, rec.end_ns - first),

@@ -198,27 +198,47 @@ def quality_vs_latency(runs: Iterable[RunRecord] | "pd.DataFrame", *, color: str
 
 
 def load_sweep(result: dict[str, Any], *, title: str | None = None) -> go.Figure:
-    """Latency against concurrency from a load sweep (``load_sweep.sweep`` / ``llmfirst bench load
-    --json``): TTFT, TPOT and E2E p50 / p95 / p99 with the SLO drawn, and overall output tokens/s."""
+    """Latency against load from a load sweep (``load_sweep.sweep`` / ``llmfirst bench load --json``, or its
+    JSONL file through ``bench.load_sweep.figure_file``): TTFT, TPOT and E2E p50 / p95 / p99 with the SLO
+    drawn, overall output tokens/s, and requests/s achieved beside goodput (those that met every SLO; and
+    those that also passed the quality check, when the sweep judged). Closed loop: against concurrency. Open loop: against the offered rate,
+    TTFT and E2E counted from each request's scheduled send time (client queueing included), the offered rate
+    drawn on the requests/s panel. A level where the load client competed for cores is marked "client CPU"."""
     levels = result["levels"]
-    x = [lv["concurrency"] for lv in levels]
+    open_loop = result.get("arrival", "concurrency") != "concurrency"
+    x = [lv["rate_rps"] if open_loop else lv["concurrency"] for lv in levels]
     slo = result.get("slo") or slo_dict(DEFAULT_SLO)
-    panels = (("ttft_s", "TTFT (s)", slo["ttft_s"]), ("tpot_s", "TPOT (s)", slo["tpot_s"]),
-              ("e2e_s", "E2E (s)", slo["e2e_s"]))
-    fig = make_subplots(rows=1, cols=4, subplot_titles=[*(p[1] for p in panels), "output tokens/s (overall)"])
+    sched = "_from_scheduled" if open_loop else ""
+    panels = ((f"ttft{sched}_s", "TTFT from scheduled send (s)" if open_loop else "TTFT (s)", slo["ttft_s"]),
+              ("tpot_s", "TPOT (s)", slo["tpot_s"]),
+              (f"e2e{sched}_s", "E2E from scheduled send (s)" if open_loop else "E2E (s)", slo["e2e_s"]))
+    fig = make_subplots(rows=1, cols=5, subplot_titles=[*(p[1] for p in panels), "output tokens/s (overall)",
+                                                        "requests/s: all ok vs goodput"])
     for col, (metric, _, threshold) in enumerate(panels, start=1):
         for i, q in enumerate((50, 95, 99)):
-            fig.add_trace(go.Scatter(x=x, y=[lv[f"{metric}_p{q}"] for lv in levels], mode="lines+markers",
+            fig.add_trace(go.Scatter(x=x, y=[lv.get(f"{metric}_p{q}") for lv in levels], mode="lines+markers",
                                      name=f"p{q}", legendgroup=f"p{q}", showlegend=col == 1,
                                      line={"color": PALETTE[i], "dash": ("solid", "dash", "dot")[i]}),
                           row=1, col=col)
         _log_axis_with_slo(fig, threshold, col)
+    notes = [", ".join(n for n in (f"{lv['errors']} err" if lv["errors"] else "",
+                                   "client CPU" if lv.get("client_competed") else "") if n) for lv in levels]
     fig.add_trace(go.Bar(x=x, y=[lv["output_tokens_per_s"] for lv in levels], name="tokens/s",
-                         marker_color=PALETTE[3], text=[f"{lv['errors']} err" if lv["errors"] else ""
-                                                        for lv in levels]), row=1, col=4)
-    fig.update_xaxes(title_text="concurrency", type="category")
+                         marker_color=PALETTE[3], text=notes), row=1, col=4)
+    if open_loop:
+        fig.add_trace(go.Scatter(x=x, y=x, mode="lines", name="offered rate", line={"color": "#7f7f7f", "dash": "dash"}),
+                      row=1, col=5)
+    fig.add_trace(go.Bar(x=x, y=[lv["requests_per_s"] for lv in levels], name="requests/s (ok)",
+                         marker_color=PALETTE[4]), row=1, col=5)
+    if result.get("quality") == "judged":
+        fig.add_trace(go.Bar(x=x, y=[lv.get("quality_goodput_rps") for lv in levels], name="quality-aware goodput",
+                             marker_color=PALETTE[5]), row=1, col=5)
+    fig.add_trace(go.Bar(x=x, y=[lv.get("goodput_rps") for lv in levels], name="goodput (met every SLO)",
+                         marker_color=PALETTE[2]), row=1, col=5)
+    fig.update_xaxes(title_text=f"offered rate ({result.get('arrival')}, requests/s)" if open_loop else "concurrency",
+                     type="category")
     fig.update_layout(title=title or f"Load sweep · {result['model']} · {result['backend']} at {result['target']}",
-                      legend_title="")
+                      legend_title="", barmode="group")
     return fig
 
 

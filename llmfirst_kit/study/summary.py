@@ -35,7 +35,7 @@ def runs_table(results: StudyResults):
     answer_tps, strategy, judge_status = [], [], []
     for r in runs:
         visible = [s for s in latency_view(r).stages if s.visible]
-        answer_tps.append(call_metrics(visible[-1].call)["tokens_per_s"] if visible else None)
+        answer_tps.append(call_metrics(visible[-1].call).tokens_per_s if visible else None)
         d = r.decisions.get("strategy")
         strategy.append(d["value"]["strategy"] if d and d.get("status") == "decided" and d.get("value") else None)
         judge_status.append(r.quality.get("status") if r.quality else None)
@@ -92,7 +92,9 @@ def summary_table(results: StudyResults):
         row.update(_latency_columns(ok))
         row["model_bytes"] = sizes.get(mid) if mid else None
         row["bandwidth_gb_per_s"] = results.bandwidth_gb_per_s
-        row["mbu"] = mbu(row["model_bytes"], row["answer_tokens_per_s_p50"], row["bandwidth_gb_per_s"])
+        # never above 1: a figure that would be is withheld and the bandwidth flagged instead (metrics.mbu)
+        row["mbu"], row["mbu_flag"] = mbu(row["model_bytes"], row["answer_tokens_per_s_p50"],
+                                          row["bandwidth_gb_per_s"], explain=True)
         scored = ok["quality"].dropna() if ok is not None else pd.Series(dtype=float)
         row["judge_score_mean"] = float(scored.mean()) if len(scored) else None
         row["judge_scored"] = len(scored)

@@ -1,0 +1,115 @@
+"""The benchmarks' fairness, on the real embedded model (SmolLM2-135M, the session's one ``Llama``).
+
+Timing numbers are not asserted (a loaded test machine makes them noise): what is checked is what makes the
+comparison fair -- both sides counted their own tokens, decoded the same text from the same prompt tokens,
+the kit side was stamped after the hand-off, every preset was warmed, a run's calls share their prefix --
+and the interval / verdict arithmetic, on figures that go either way."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from conftest import TEST_MODEL, TEST_THREADS
+from llmfirst_kit.bench import _ab
+from llmfirst_kit.bench.overhead import kit_once, overhead, raw_once
+from llmfirst_kit.bench.pipeline import pipeline, reset_loaded_caches
+from llmfirst_kit.environment import memory_read_bandwidth, usable_cores
+from llmfirst_kit.pipeline import Pipeline
+
+
+# ------------------------------------------------------------------------------------ intervals, verdicts
+
+def test_t_interval_matches_hand_computed():
+    # mean 2, sd 1, n 4: half width = t(3) * 1 / 2 = 3.182 / 2
+    mean, low, high = _ab.mean_interval([1, 2, 3, 2])
+    sd = math.sqrt(((1 - 2) ** 2 + 0 + (3 - 2) ** 2 + 0) / 3)
+    assert mean == pytest.approx(2.0)
+    assert high - mean == pytest.approx(3.182 * sd / 2)
+    assert _ab.mean_interval([5.0]) == (5.0, None, None)
+    assert _ab.t975(200) == pytest.approx(1.972, abs=2e-3)  # beyond the table: close to the true quantile
+
+
+def test_ratio_interval_is_symmetric_in_the_arms():
+    ratios = [0.95, 0.97, 1.01, 0.99]
+    g, low, high = _ab.ratio_interval(ratios)
+    gi, lowi, highi = _ab.ratio_interval([1 / r for r in ratios])
+    assert g == pytest.approx(1 / gi) and low == pytest.approx(1 / highi) and high == pytest.approx(1 / lowi)
+
+
+@pytest.mark.parametrize("ratios, expected", [
+    ([0.990, 0.992, 0.991, 0.993, 0.990], "met"),        # the whole interval at or above 0.98
+    ([0.940, 0.945, 0.950, 0.942, 0.948], "not met"),    # the whole interval below
+    ([0.90, 1.05, 0.95, 1.02, 0.97], "undecided"),       # straddles 0.98: more pairs needed
+])
+def test_throughput_verdict_goes_either_way(ratios, expected):
+    _, low, high = _ab.ratio_interval(ratios)
+    assert _ab.verdict(low, high, 0.98) == expected
+
+
+def test_ttft_verdict_at_most():
+    assert _ab.verdict(*_ab.mean_interval([1.0, 2.0, 1.5, 1.2])[1:], 5.0, at_least=False) == "met"
+    assert _ab.verdict(*_ab.mean_interval([9.0, 10.0, 11.0, 9.5])[1:], 5.0, at_least=False) == "not met"
+    assert _ab.verdict(None, None, 5.0) == "undecided"
+
+
+# ------------------------------------------------------------------------------------------- overhead
+
+def test_overhead_both_sides_count_and_decode_the_same(loaded):
+    out = asyncio.run(overhead(TEST_MODEL, pairs=2, max_tokens=16, n_threads=TEST_THREADS))
+    assert out["n_threads"] == TEST_THREADS and out["pairs"] == 2
+    assert out["same_text"] and out["same_tokens"]
+    assert all(0 < n <= 16 for n in out["raw_output_tokens"])  # counted, not assumed
+    assert out["raw_output_tokens"] == out["kit_output_tokens"]
+    assert out["throughput_ratio"] > 0 and None not in out["throughput_ratio_ci95"]
+    assert out["throughput_ratio_ci95"][0] <= out["throughput_ratio"] <= out["throughput_ratio_ci95"][1]
+    assert out["ttft_added_ms_ci95"][0] <= out["ttft_added_ms"] <= out["ttft_added_ms_ci95"][1]
+    assert set(out["verdict"].values()) <= {"met", "not met", "undecided"}
+    assert out["kit_handoff_ms_median"] >= 0  # consumer stamps come after the decode thread's
+
+
+def test_raw_loop_decodes_multibyte_text_like_the_kit(backend, loaded):
+    """An emoji is 4 bytes, split over byte tokens (SmolLM2 writes one in 3 tokens): the incremental decoder
+    must hold a partial character until its last byte (no U+FFFD), and match the kit's text exactly."""
+    messages = [{"role": "user", "content": "Write the word café and the emoji 😀 five times."}]
+    raw = raw_once(loaded, messages, 24, expect_tokens=loaded.format_prompt(messages))
+    kit = asyncio.run(kit_once(backend, TEST_MODEL, messages, 24))
+    assert any(ord(ch) > 0x7F for ch in raw["text"])  # the model did write multi-byte characters
+    assert "\ufffd" not in raw["text"][:-1]  # (the very end may be a character cut by the token limit)
+    assert raw["text"] == kit["text"] and raw["output_tokens"] == kit["output_tokens"]
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+
+def test_pipeline_warms_every_preset_and_reports_first_runs_apart(backend):
+    out = asyncio.run(pipeline(TEST_MODEL, presets=("direct", "staged"), queries=("Why is the sky blue?",),
+                               max_tokens=12, backend=backend))
+    assert out["cache"].startswith("cold per run")
+    for p in ("direct", "staged"):
+        assert out[p]["first_run"]["status"] == "ok" and out[p]["runs"] == 1 and not out[p]["errors"]
+        assert out[p]["user_ttft_s"]["median"] > 0
+    assert "decision_s" in out["staged"] and out["staged"]["decision_s"]["median"] > 0
+    assert "decision_s" not in out["direct"]
+    assert out["staged"]["user_ttft_ratio_vs_direct"] > 0
+
+
+def test_cold_per_run_empties_the_cache_once_and_a_run_shares_its_prefix(backend, loaded):
+    """The first call of a run evaluates its whole prompt (the cache was emptied), a later call of the same
+    run evaluates only what it does not share with the earlier one."""
+    pipe = Pipeline.from_preset("staged", backend=backend, model=TEST_MODEL, max_tokens=12, cache="reuse")
+    asyncio.run(pipe.run("Why is the sky blue?"))  # leaves this query's prefix in the cache
+    assert reset_loaded_caches(backend) is True
+    assert loaded.llm.n_tokens == 0
+    rec = asyncio.run(pipe.run("Why is the sky blue?"))
+    first, last = rec.stages[0].call, rec.stages[-1].call
+    assert first.server["prompt_eval_tokens"] == first.prompt_tokens  # cold at the run's start
+    assert last.server["prompt_eval_tokens"] < last.prompt_tokens  # the answer reused the decision's prefix
+
+
+# ---------------------------------------------------------------------------------------------- bandwidth
+
+def test_read_bandwidth_uses_every_usable_core():
+    out = memory_read_bandwidth(size_mb=64, repeats=1)
+    assert out["threads"] == usable_cores() and out["gb_per_s"] > 0 and "read" in out["method"]
