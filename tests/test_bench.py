@@ -15,7 +15,7 @@ import pytest
 from conftest import TEST_MODEL, TEST_THREADS
 from llmfirst_kit.bench import _ab
 from llmfirst_kit.bench.overhead import kit_once, overhead, raw_once
-from llmfirst_kit.bench.pipeline import pipeline, reset_loaded_caches
+from llmfirst_kit.bench.pipeline import pipeline
 from llmfirst_kit.environment import memory_read_bandwidth, usable_cores
 from llmfirst_kit.pipeline import Pipeline
 
@@ -100,7 +100,7 @@ def test_cold_per_run_empties_the_cache_once_and_a_run_shares_its_prefix(backend
     run evaluates only what it does not share with the earlier one."""
     pipe = Pipeline.from_preset("staged", backend=backend, model=TEST_MODEL, max_tokens=12, cache="reuse")
     asyncio.run(pipe.run("Why is the sky blue?"))  # leaves this query's prefix in the cache
-    assert reset_loaded_caches(backend) is True
+    assert backend.empty_caches() is True
     assert loaded.llm.n_tokens == 0
     rec = asyncio.run(pipe.run("Why is the sky blue?"))
     first, last = rec.stages[0].call, rec.stages[-1].call

@@ -115,6 +115,15 @@ class Backend(ABC):
         """Why ``model`` cannot return JSON-schema output, or None if it can."""
         return None
 
+    def empty_caches(self) -> bool:
+        """Empty the KV cache of every model this backend holds here (a benchmark's "cold per run"); False when
+        its models are elsewhere (a server's cache cannot be emptied from here)."""
+        return False
+
+    def grammars_built(self) -> int:
+        """How many JSON-schema grammars this backend has built so far (first-run costs); 0 if it builds none."""
+        return 0
+
 
 class ModelCall:
     """One model call: ``async for chunk in call`` streams it; ``call.record`` holds what happened.

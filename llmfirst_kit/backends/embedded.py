@@ -236,6 +236,19 @@ class EmbeddedBackend(Backend):
     def environment(self) -> dict[str, Any]:
         return {"engine": engine.choice().summary(), "n_threads": self.n_threads}
 
+    def empty_caches(self) -> bool:
+        """Every model loaded in this process, its KV cache emptied under its lock (no decode meanwhile)."""
+        for loaded in loaded_models():  # copies of one file (another n_ctx) share a lock: taken one at a time
+            loaded.lock.acquire(threading.Event())
+            try:
+                loaded.llm.reset()
+            finally:
+                loaded.lock.release()
+        return True
+
+    def grammars_built(self) -> int:
+        return len(_GRAMMARS)
+
     def structured_output_problem(self, model: str | None) -> str | None:
         resolved = resolve(model or self.default_model)
         if resolved.spec is not None and not resolved.spec.instruct:

@@ -19,7 +19,6 @@ and the result says so (``cache``).
 from __future__ import annotations
 
 import itertools
-import threading
 from typing import Any
 
 from ..backends import Backend, get_backend
@@ -34,31 +33,6 @@ PIPELINE_QUERIES = (
     "Why is the sky blue?",
 )
 GOAL_STAGED_TTFT_RATIO = 1.2  # staged user-visible TTFT <= 1.2x direct (issue 14)
-
-
-def reset_loaded_caches(backend: Backend) -> bool:
-    """Empty the KV cache of every model the embedded backend has loaded in this process (each under its
-    lock, so no decode is running meanwhile). False when the backend is not the embedded one (its models
-    are elsewhere: nothing to reset from here)."""
-    if backend.name != "embedded":
-        return False
-    from ..backends.embedded import loaded_models
-
-    for loaded in loaded_models():  # copies of one file (another n_ctx) share a lock: taken one at a time
-        loaded.lock.acquire(threading.Event())
-        try:
-            loaded.llm.reset()
-        finally:
-            loaded.lock.release()
-    return True
-
-
-def _grammars_built() -> int:
-    try:
-        from ..backends.embedded import _GRAMMARS
-    except ImportError:
-        return 0
-    return len(_GRAMMARS)
 
 
 def _duration_s(call: Any) -> float | None:
@@ -101,21 +75,21 @@ async def pipeline(model: str | None = None, presets: tuple[str, ...] = ("direct
     first_run: dict[str, dict[str, Any]] = {}
     cold_per_run = True
     for p in presets:  # every preset warmed the same way: one full run on the first query
-        cold_per_run = reset_loaded_caches(be) and cold_per_run
-        grammars = _grammars_built()
+        cold_per_run = be.empty_caches() and cold_per_run
+        grammars = be.grammars_built()
         rec = await pipes[p].run(warm_query, warmup=True)
         loads = [s.call for s in rec.stages if s.call.cold_load]
         first_run[p] = {"status": rec.status, "user_ttft_s": _r(user_ttft_s(rec)), "e2e_s": _r(run_e2e_s(rec)),
                         "models_loaded": sorted({c.model for c in loads}),
                         "load_s": round(sum(c.load_s or 0.0 for c in loads), 4),
-                        "grammars_built": _grammars_built() - grammars,
+                        "grammars_built": be.grammars_built() - grammars,
                         "decision_s": _r(decision_s(rec, strategy_stages[p]))}
 
     per: dict[str, dict[str, list[Any]]] = {p: {"ttft": [], "e2e": [], "overhead": [], "gaps": [], "decision": [],
                                                 "round": [], "warm_query_ttft": [], "errors": []} for p in presets}
     rounds = list(itertools.chain.from_iterable(queries for _ in range(repeats)))
     for (i, q), p in interleave(presets, list(enumerate(rounds)), alternate=True):
-        reset_loaded_caches(be)  # cold per run: within the run, calls share their prefix
+        be.empty_caches()  # cold per run: within the run, calls share their prefix
         rec: RunRecord = await pipes[p].run(q)
         if rec.status != "ok":
             per[p]["errors"].append(rec.error or rec.status)
