@@ -111,9 +111,9 @@ async def test_a_model_that_echoes_the_kits_prompt_shows_kit_text(backend):
     rec = await pipe.run("Go.", on_event=sink.handle)
     assert rec.kit_prompts and any("pipeline" in p for p in rec.kit_prompts)
     m = run_metrics(rec)
-    assert m["prompt_echo_chars"] > 0 and m["compliance"] < 1.0, rec.stages[0].call.text
+    assert m.prompt_echo_chars > 0 and m.compliance < 1.0, rec.stages[0].call.text
     report = sink_compliance(rec, sink.transcript)
-    assert report.prompt_echo_chars == m["prompt_echo_chars"] and report.compliance == pytest.approx(m["compliance"])
+    assert report.prompt_echo_chars == m.prompt_echo_chars and report.compliance == pytest.approx(m.compliance)
 
 
 async def test_events_are_ordered_and_carry_call_ids(backend):
