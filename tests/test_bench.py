@@ -55,6 +55,35 @@ def test_ttft_verdict_at_most():
     assert _ab.verdict(None, None, 5.0) == "undecided"
 
 
+def test_across_runs_mean_interval_and_verdict_go_either_way():
+    """``--repeats``: each headline figure over whole runs, mean and t interval (hand-computed), nested keys,
+    and a verdict by the across-run interval that comes out met, not met or undecided."""
+    from llmfirst_kit.bench.repeats import across_runs
+
+    runs = [{"r": 0.990, "s": {"m": 1.0}}, {"r": 0.991, "s": {"m": 3.0}}, {"r": 0.992, "s": {"m": 2.0}}]
+    out = across_runs(runs, ["r", "s.m"], {"r": (0.98, True), "s.m": (1.5, False)})
+    assert out["s.m"]["values"] == [1.0, 3.0, 2.0] and out["s.m"]["mean"] == pytest.approx(2.0)
+    assert out["s.m"]["ci95"][1] - 2.0 == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-3)  # t(2), sd 1
+    assert out["r"]["verdict"] == "met" and out["s.m"]["verdict"] == "undecided"
+    worse = across_runs([{"r": 0.94}, {"r": 0.95}, {"r": 0.945}], ["r"], {"r": (0.98, True)})
+    assert worse["r"]["verdict"] == "not met"
+
+
+async def test_repeats_runs_the_whole_benchmark_each_time():
+    from llmfirst_kit.bench.repeats import repeat
+
+    calls = []
+
+    async def once():
+        calls.append(1)
+        return {"x": float(len(calls))}
+
+    assert await repeat(once, 1, ["x"]) == {"x": 1.0}  # one run: its result as it is
+    out = await repeat(once, 3, ["x"])
+    assert out["repeats"] == 3 and [r["x"] for r in out["runs"]] == [2.0, 3.0, 4.0]
+    assert out["across_runs"]["x"]["mean"] == pytest.approx(3.0)
+
+
 # ------------------------------------------------------------------------------------------- overhead
 
 def test_overhead_both_sides_count_and_decode_the_same(loaded):

@@ -4,9 +4,9 @@ is the configuration that is really worse and the judge that cannot discriminate
 Kept within budget: the 1.5B is loaded once (this process; the study test in test_study_quality.py uses
 small models only), three short queries, short answers, one decode thread. The gate here plants two kinds
 of bad answer (an empty answer, another query's answer) on the three real answers: the 1.5B judge separates
-those in both orders. The full gate of a study tests every kind: on the example study's 30 planted pairs the
-1.5B judge passes at 0.93 (28 of 30; one wrong-language twin preferred in one order, one reply that ran past
-the token limit twice and stayed undecided), see README, "Quality".
+those in both orders. The full gate of a study tests every kind (see README, "Quality"). The verdict is a choice
+read after the judge's plain-text reasons: with the earlier JSON verdict, one reply here looped past the token
+limit twice on an AMX machine and stayed undecided, which failed this gate.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from llmfirst_kit.backends import get_backend
 from llmfirst_kit.pipeline import Pipeline
 from llmfirst_kit.quality import PairwiseJudge, RealAnswer, planted_pairs, retention, run_gate
+from llmfirst_kit.quality.judge import VERDICTS
 from llmfirst_kit.data import QUERIES
 from llmfirst_kit.study import load_queries
 
@@ -68,6 +69,10 @@ async def test_gate_passes_with_a_judge_that_can_discriminate(reference, gate_pa
     assert gate.n_pairs == 6 and gate.n_judgments == 12
     assert gate.passed, gate.describe() + f"\n{gate.pairs}"
     assert gate.accuracy >= 0.9 and gate.judge_model == REFERENCE
+    judgments = [j for p in gate.pairs for j in p["judgments"]]
+    # the verdict is the judge's choice after its reasons, read from next-token probabilities (its confidence)
+    assert all(j["method"] == "next-token choice" and j["reasons"] for j in judgments)
+    assert all(abs(sum(j["probabilities"].values()) - 1) < 1e-3 for j in judgments)
 
 
 async def test_gate_fails_with_a_judge_that_cannot_discriminate(gate_pairs):
@@ -90,7 +95,7 @@ async def test_retention_falls_for_a_worse_configuration(reference, baseline, qu
             continue
         js = await judge.compare(q.query, baseline[q.id][0], candidate[q.id][0])
         assert [j.shown_first for j in js] == ["baseline", "candidate"]  # both orders
-        assert all(j.status == "decided" and j.reasons for j in js), js
+        assert all(j.status == "decided" and j.reasons and j.verdict in VERDICTS for j in js), js
         outcomes[q.id] = [j.winner for j in js]
         positions += [j.verdict for j in js]
     r = retention(outcomes, positions=positions, seed=0, n_boot=2000)

@@ -137,6 +137,9 @@ class RemoteBackend(Backend):
         if request.choices:
             raise InvalidInput(f"the {self.name} backend cannot read a choice from next-token probabilities; ask "
                                f"for the choice as structured output instead (json_schema with an enum)")
+        if request.reply_prefix:
+            raise InvalidInput(f"the {self.name} backend cannot continue a reply from a given prefix (reply_prefix); "
+                               f"send the text as an assistant message and ask again in a user message instead")
 
     @abstractmethod
     async def open_stream(self, prepared: Any, record: CallRecord) -> Any:

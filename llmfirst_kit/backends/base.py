@@ -42,6 +42,9 @@ class CallRequest:
     # a choice among a few options, read from the next-token probabilities after one prefill (no decoding);
     # the call's text is the most probable option; backends with capabilities.next_token_choice only
     choices: list[str] | None = None
+    # the model's reply continues from this text (a prefill of the assistant's turn, not shown as output): e.g.
+    # the judge's own reasons, so that a choice read after them is conditioned on them; embedded backend only
+    reply_prefix: str = ""
     cache: str = "reuse"  # reuse: keep the matching prompt prefix in the KV cache; cold: evaluate all
     num_ctx: int | None = None
 
@@ -68,6 +71,7 @@ class CallRequest:
             "top_k": self.top_k, "top_p": self.top_p, "stop": list(self.stop), "cache": self.cache,
             "structured": self.json_schema is not None, "num_ctx": self.num_ctx,
             **({"choices": list(self.choices)} if self.choices else {}),
+            **({"reply_prefix_chars": len(self.reply_prefix)} if self.reply_prefix else {}),
         }
 
 

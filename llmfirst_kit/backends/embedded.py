@@ -267,6 +267,8 @@ class EmbeddedBackend(Backend):
         loaded = await asyncio.to_thread(self.load, model, n_ctx)
         cold = (str(loaded.resolved.path), loaded.n_ctx, loaded.n_threads) not in key_before
         tokens = await asyncio.to_thread(loaded.format_prompt, request.messages)
+        if request.reply_prefix:  # the reply continues from this text: its tokens follow the generation prompt
+            tokens = tokens + loaded.llm.tokenize(request.reply_prefix.encode("utf-8"), add_bos=False, special=False)
         need = len(tokens) + (1 if request.choices else request.max_tokens)
         if need > loaded.n_ctx:
             raise ContextOverflow(

@@ -13,6 +13,8 @@ from ..models import DEFAULT_MODEL
 from . import EXIT_FAILED, EXIT_OK, POSITIVE, Group
 
 JSON_HELP = "print one JSON object"
+REPEATS_HELP = ("run the whole benchmark N times: each headline figure's mean and 95 % interval across runs "
+                "(default 1)")
 
 
 def _print(result: dict[str, Any], as_json: bool) -> int:
@@ -35,13 +37,18 @@ def command() -> None:
 @click.option("--runs", type=POSITIVE, default=None, hidden=True, help="the old name of --pairs")
 @click.option("--max-tokens", type=POSITIVE, default=128)
 @click.option("--threads", type=POSITIVE, default=None, help="decoding threads, both sides (default: all cores)")
+@click.option("--repeats", type=POSITIVE, default=1, help=REPEATS_HELP)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def overhead(model: str, pairs: int, runs: int | None, max_tokens: int, threads: int | None, as_json: bool) -> int:
+def overhead(model: str, pairs: int, runs: int | None, max_tokens: int, threads: int | None, repeats: int,
+             as_json: bool) -> int:
     """kit embedded backend vs a plain Llama.generate loop: throughput ratio and TTFT added, 95 % intervals"""
-    from ..bench.overhead import overhead as run
+    from ..bench.overhead import GOALS, overhead as run
+    from ..bench.repeats import repeat
 
-    return _print(asyncio.run(run(model=model, pairs=runs or pairs, max_tokens=max_tokens, n_threads=threads)),
-                  as_json)
+    keys = ("throughput_ratio", "ttft_added_ms", "tpot_ratio", "raw_tokens_per_s_median", "kit_tokens_per_s_median")
+    goals = {"throughput_ratio": (GOALS["throughput_ratio"], True), "ttft_added_ms": (GOALS["ttft_added_ms"], False)}
+    once = lambda: run(model=model, pairs=runs or pairs, max_tokens=max_tokens, n_threads=threads)  # noqa: E731
+    return _print(asyncio.run(repeat(once, repeats, keys, goals)), as_json)
 
 
 @command.command("engine", short_help="decode tokens/s with extra buffers on vs off, each in a child process")
@@ -62,30 +69,42 @@ def engine(model: str, runs: int, max_tokens: int, threads: int | None, as_json:
 @click.option("--presets", default="direct,staged,staged:analysis-first,cascade",
               help="comma-separated, the first is the baseline; 'staged:analysis-first' is the staged preset with "
                    "the analysis first")
-@click.option("--repeats", type=POSITIVE, default=1, help="rounds over the query set")
+@click.option("--rounds", type=POSITIVE, default=1, help="rounds over the query set within one run (default 1)")
 @click.option("--max-tokens", type=POSITIVE, default=256)
 @click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
+@click.option("--repeats", type=POSITIVE, default=1, help=REPEATS_HELP)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def pipeline(model: str | None, presets: str, repeats: int, max_tokens: int, threads: int | None,
+def pipeline(model: str | None, presets: str, rounds: int, max_tokens: int, threads: int | None, repeats: int,
              as_json: bool) -> int:
     """user-visible TTFT of presets, interleaved, cold per run; first-run costs reported apart"""
-    from ..bench.pipeline import pipeline as run
+    from ..bench.pipeline import GOAL_STAGED_TTFT_RATIO, pipeline as run
+    from ..bench.repeats import repeat
 
     names = tuple(p.strip() for p in presets.split(",") if p.strip())
-    return _print(asyncio.run(run(model=model, presets=names, repeats=repeats, max_tokens=max_tokens,
-                                  n_threads=threads)), as_json)
+    base = names[0] if names else ""  # no presets: the benchmark itself says what is accepted
+    ratio = f"user_ttft_ratio_vs_{base}"
+    keys = [f"{base}.user_ttft_s.median"] + [f"{p}.{ratio}" for p in names[1:]] + [
+        f"{p}.decision_s.median" for p in names if p.startswith("staged")]
+    goals = {f"{p}.{ratio}": (GOAL_STAGED_TTFT_RATIO, False) for p in names[1:] if p.startswith("staged")}
+    once = lambda: run(model=model, presets=names, repeats=rounds, max_tokens=max_tokens,  # noqa: E731
+                       n_threads=threads)
+    return _print(asyncio.run(repeat(once, repeats, keys, goals)), as_json)
 
 
 @command.command("view", short_help="a run with and without the live notebook view attached")
 @click.option("--model", default="smollm2-135m")
 @click.option("--runs", type=POSITIVE, default=3)
 @click.option("--max-tokens", type=POSITIVE, default=256)
+@click.option("--repeats", type=POSITIVE, default=1, help=REPEATS_HELP)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def view(model: str, runs: int, max_tokens: int, as_json: bool) -> int:
+def view(model: str, runs: int, max_tokens: int, repeats: int, as_json: bool) -> int:
     """a run with and without the live notebook view attached"""
+    from ..bench.repeats import repeat
     from ..bench.view import view_overhead
 
-    return _print(asyncio.run(view_overhead(model=model, runs=runs, max_tokens=max_tokens)), as_json)
+    goals = {"throughput_ratio": (0.98, True), "messages_per_s": (20.0, False)}
+    once = lambda: view_overhead(model=model, runs=runs, max_tokens=max_tokens)  # noqa: E731
+    return _print(asyncio.run(repeat(once, repeats, ("throughput_ratio", "messages_per_s"), goals)), as_json)
 
 
 @command.command("serve", short_help="N concurrent WebSocket clients against the server, on loopback")

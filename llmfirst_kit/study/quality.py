@@ -129,7 +129,7 @@ def _make_judge(model: str, backend_name: str, spec: Mapping[str, Any]) -> Pairw
                               n_ctx=max(int(p.get("n_ctx") or 4096), 4096),  # room for two answers and a verdict
                               response_format_style=p.get("openai_response_format") or None)
     backend = get_backend(backend_name, **options)
-    judge = PairwiseJudge(backend, model, max_tokens=int(spec.get("judge_max_tokens") or 160),
+    judge = PairwiseJudge(backend, model, max_tokens=int(spec.get("judge_max_tokens") or 96),
                           seed=int(p.get("seed") or 0))
     judge.check()
     return judge

@@ -59,8 +59,8 @@ class QualitySettings(BaseModel):
     second_judge: str = Field("", description="judges the configurations answered by the judge model itself, so "
                               "that no model only judges itself ('' = those configurations get no quality verdict; "
                               "default '')")
-    judge_max_tokens: int = Field(160, description="max tokens of one judgment (reasons, then the verdict; default "
-                                  "160)")
+    judge_max_tokens: int = Field(96, description="max tokens of a judgment's reasons (the verdict is a choice "
+                                  "asked for after them; default 96)")
     gate_answers: int = Field(8, description="baseline answers the judge gate plants bad answers from, 5 kinds each "
                               "(default 8)")
     gate_kinds: Names = Field(("other_query", "truncated", "wrong_language", "prompt_echo", "empty"),
