@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Pipeline": "pipeline", "Stage": "pipeline", "PRESET_NAMES": "pipeline",
     "get_backend": "backends", "CallRequest": "backends", "Backend": "backends",
-    "CallRecord": "records", "RunRecord": "records",
+    "CallRecord": "records", "RunRecord": "records", "DecisionRecord": "records",
     "Sink": "events", "Transcript": "compliance", "sink_compliance": "compliance",
     "run_sync": "sync",
 }

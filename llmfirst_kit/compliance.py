@@ -108,10 +108,10 @@ def prompt_echo_chars(run: RunRecord) -> int:
 
 def decision_compliance(run: RunRecord) -> float | None:
     """Decisions the model made / all structured decisions of the run (None: the run had none)."""
-    made = [d for d in run.decisions.values() if isinstance(d, dict) and d.get("structured", True)]
+    made = [d for d in run.decisions.values() if d.structured]
     if not made:
         return None
-    return sum(d.get("status") == "decided" for d in made) / len(made)
+    return sum(d.status == "decided" for d in made) / len(made)
 
 
 @dataclass

@@ -77,6 +77,46 @@ class StageRecord:
 
 
 @dataclass
+class DecisionRecord:
+    """One decision of a run: what the model chose and what the run went on with.
+
+    ``value`` is the model's structured output (None: undecided); ``used`` is what the run acted on: the
+    model's value, or the configured default when the model made no decision (``source`` "kit default",
+    ``status`` "undecided"). ``method`` says how the decision was read: ``"structured output"`` (JSON schema),
+    ``"next-token choice"`` (the options' next-token probabilities after one prefill, kept in
+    ``probabilities``; ``mass`` = their share of all probability) or ``"free text"`` (the rewritten query:
+    ``structured`` False, not a decision among options, so not counted in decision compliance). A strategy
+    also records its ``plan``: which later stages run, which wait for a decision, which are skipped, and
+    each stage's budget.
+    """
+
+    value: Any = None
+    used: Any = None
+    status: str = "decided"  # decided | undecided
+    source: str = "model"  # model | kit default
+    method: str = "structured output"  # structured output | next-token choice | free text
+    call_id: str | None = None
+    problem: str | None = None  # why the model's output was not a decision (undecided)
+    cut_by_limit: bool = False  # the token limit, not the model, ended the decision's call
+    probabilities: dict[str, float] | None = None
+    mass: float | None = None
+    plan: dict[str, Any] | None = None
+    structured: bool = True
+
+    @property
+    def by_model(self) -> bool:
+        return self.status == "decided" and self.source == "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DecisionRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
 class RunRecord:
     """One pipeline run: its stages (each one model call), its decisions and the kit prompts it sent. What a
     person saw is each sink's own record (``compliance.Transcript``)."""
@@ -90,7 +130,7 @@ class RunRecord:
     status: str = "running"  # running | ok | cancelled | error
     error: str | None = None
     stages: list[StageRecord] = field(default_factory=list)
-    decisions: dict[str, Any] = field(default_factory=dict)
+    decisions: dict[str, DecisionRecord] = field(default_factory=dict)  # by name: strategy, quality, ...
     kit_prompts: list[str] = field(default_factory=list)  # the kit-written prompt texts sent (prompt-echo check)
     quality: dict[str, Any] | None = None
     labels: dict[str, Any] = field(default_factory=dict)  # study parameters: model, quantization, repeat...
@@ -108,5 +148,6 @@ class RunRecord:
                         wait_ns=s.get("wait_ns", 0))
             for s in data.get("stages", [])
         ]
+        data["decisions"] = {name: DecisionRecord.from_dict(d) for name, d in (data.get("decisions") or {}).items()}
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})

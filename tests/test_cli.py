@@ -45,7 +45,7 @@ def test_ask_staged_keeps_each_stage_apart_on_stdout(capsys, tmp_path):
     assert code == EXIT_OK
     rec = read_log(log)[-1]
     visible = [s for s in rec.stages if s.visible]
-    assert [s.name for s in visible] == rec.decisions["strategy"]["plan"]["runs"]  # the model's plan
+    assert [s.name for s in visible] == rec.decisions["strategy"].plan["runs"]  # the model's plan
     assert out == "\n\n".join(s.call.text for s in visible) + "\n"  # blank lines between, nothing else
     labels = [err.index(f"[{s.name}]") for s in visible]
     assert labels == sorted(labels) and "[decision strategy" in err

@@ -10,7 +10,7 @@ import pytest
 
 from llmfirst_kit import metrics as m
 from llmfirst_kit.compliance import Transcript, decision_compliance, prompt_echo_chars, sink_compliance
-from llmfirst_kit.records import CallRecord, RunRecord, StageRecord
+from llmfirst_kit.records import CallRecord, DecisionRecord, RunRecord, StageRecord
 from llmfirst_kit.sinks.jsonl import RunLog, read_log, write_log
 
 S = 1_000_000_000  # ns per second
@@ -265,9 +265,9 @@ def test_prompt_echo_counts_as_kit_text():
 def test_decision_compliance():
     run = two_stage_run()
     assert decision_compliance(run) is None  # no decisions
-    run.decisions = {"strategy": {"value": {"strategy": "simple"}, "used": {"strategy": "simple"}, "status": "decided"},
-                     "quality": {"value": None, "used": None, "status": "undecided", "source": "kit default"},
-                     "rewritten_query": {"value": "q", "status": "decided", "structured": False}}
+    run.decisions = {"strategy": DecisionRecord(value={"strategy": "simple"}, used={"strategy": "simple"}),
+                     "quality": DecisionRecord(status="undecided", source="kit default"),
+                     "rewritten_query": DecisionRecord(value="q", used="q", method="free text", structured=False)}
     assert decision_compliance(run) == 0.5  # the rewrite is free text, not a decision among options
     assert m.run_metrics(run).decision_compliance == 0.5
 
@@ -372,7 +372,9 @@ def test_runlog_round_trip(tmp_path):
     rec = call(**STREAM, text="Paris", prompt_tokens=12, params={"max_tokens": 8, "stop": ["\n"]},
                server={"prompt_eval_tokens": 12}, finish_reason="stop")
     run = two_stage_run()
-    run.decisions = {"route": "chat"}
+    run.decisions = {"strategy": DecisionRecord(value={"strategy": "simple"}, used={"strategy": "simple"},
+                                                method="next-token choice", probabilities={"simple": 0.7, "analytical": 0.3},
+                                                plan={"runs": ["answer"]})}
     run.labels = {"model": "smollm2-135m"}
     log = RunLog(tmp_path / "sub" / "log.jsonl")
     log.append(rec)
@@ -380,6 +382,7 @@ def test_runlog_round_trip(tmp_path):
     back = read_log(log.path)
     assert back == [rec, run]
     assert isinstance(back[1].stages[0], StageRecord)
+    assert isinstance(back[1].decisions["strategy"], DecisionRecord)  # typed again when read back
     assert list(log) == [rec, run]
 
 

@@ -116,12 +116,12 @@ async def test_staged_run_shows_every_call_and_the_decisions(backend):
     assert_panels_match_record(view, rec)  # including a retry of the strategy, if the model needed one
     assert [d.name for d in view.decisions] == ["strategy"]
     decision = rec.decisions["strategy"]
-    if decision["status"] == "decided":
+    if decision.status == "decided":
         assert "decision <b>strategy</b> (by the model" in view.header.value
     else:  # shown as undecided, with the value used marked as the kit's default
         assert "decision <b>strategy</b>: <span style='color:#c80'>undecided</span>" in view.header.value
         assert "the kit&#x27;s default is used" in view.header.value or "the kit's default is used" in view.header.value
-    assert html.escape(str(decision["used"]["strategy"])) in view.header.value
+    assert html.escape(str(decision.used["strategy"])) in view.header.value
     assert "internal" in view.widget_html(rec.stages[0].call.call_id)  # the strategy stage is not shown
 
 
@@ -133,7 +133,7 @@ async def test_an_undecided_decision_is_shown_as_undecided_with_the_kits_default
     pipe.stages[0] = replace(pipe.stages[0], choices=(), max_tokens=2)
     view = LiveView(show=False)
     rec = await view.run(pipe, "Why do cats purr?")
-    assert rec.decisions["strategy"]["status"] == "undecided"
+    assert rec.decisions["strategy"].status == "undecided"
     assert "<span style='color:#c80'>undecided</span>" in view.header.value
     assert f"strategy = <b>{pipe.default_strategy['strategy']}</b>" in view.header.value
     assert "decisions by the model 0.00" in view.header.value

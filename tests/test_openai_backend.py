@@ -276,11 +276,11 @@ async def test_staged_pipeline_decides_and_answers(server):
 
     assert rec.status == "ok", rec.error
     strategy = rec.decisions["strategy"]
-    assert [s.name for s in rec.stages if not s.name.endswith(".retry")] == ["strategy", *strategy["plan"]["runs"]]
+    assert [s.name for s in rec.stages if not s.name.endswith(".retry")] == ["strategy", *strategy.plan["runs"]]
     assert all(s.call.backend == "openai" and s.call.model == TEST_MODEL for s in rec.stages)
     # no next-token choice over this API: the strategy is asked for as grammar-constrained JSON
-    assert strategy["status"] == "decided" and strategy["method"] == "structured output", strategy
-    assert strategy["value"]["strategy"] in ("simple", "analytical", "comprehensive")
+    assert strategy.status == "decided" and strategy.method == "structured output", strategy
+    assert strategy.value["strategy"] in ("simple", "analytical", "comprehensive")
     assert rec.stages[-1].call.text.strip() and rec.stages[-1].call.output_tokens <= 16
     await be.aclose()
 
@@ -479,7 +479,7 @@ async def test_json_schema_and_a_staged_pipeline_through_the_kit_server(kit_serv
                                          json_schema=COLOR_SCHEMA))
     fastjsonschema.compile(COLOR_SCHEMA)(json.loads(rec.text))
     run = await Pipeline.from_preset("staged", backend=b, model=TEST_MODEL, max_tokens=16).run("Why is the sky blue?")
-    assert run.status == "ok" and run.decisions["strategy"]["status"] == "decided"
+    assert run.status == "ok" and run.decisions["strategy"].status == "decided"
     await b.aclose()
 
 

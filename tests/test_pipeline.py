@@ -131,7 +131,7 @@ async def test_events_are_ordered_and_carry_call_ids(backend):
     assert not open_calls
     stamps = [ev.t_ns for ev in events]
     assert stamps == sorted(stamps)  # one sequential pipeline: monotonic
-    plan = rec.decisions["strategy"]["plan"]
+    plan = rec.decisions["strategy"].plan
     assert [ev.stage for ev in events if isinstance(ev, StageStart)] == ["strategy", *plan["runs"]]
 
 
@@ -139,20 +139,20 @@ async def test_strategy_is_a_choice_in_one_forward_pass_and_shapes_the_run(backe
     pipe = make("staged", backend, max_tokens=200)
     rec, events = await collect(pipe)
     decision = rec.decisions["strategy"]
-    assert decision["status"] == "decided" and decision["source"] == "model" and decision["used"] == decision["value"]
-    assert decision["method"] == "next-token choice" and decision_compliance(rec) == 1.0  # 0.0: see below
-    probs = decision["probabilities"]
+    assert decision.status == "decided" and decision.source == "model" and decision.used == decision.value
+    assert decision.method == "next-token choice" and decision_compliance(rec) == 1.0  # 0.0: see below
+    probs = decision.probabilities
     assert set(probs) == set(STRATEGIES) and sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
-    chosen = decision["value"]["strategy"]
-    assert chosen == max(probs, key=probs.get) and 0 < decision["mass"] <= 1
-    fastjsonschema.validate(STRATEGY_SCHEMA, decision["value"])
+    chosen = decision.value["strategy"]
+    assert chosen == max(probs, key=probs.get) and 0 < decision.mass <= 1
+    fastjsonschema.validate(STRATEGY_SCHEMA, decision.value)
     strategy_call = rec.stages[0].call
     assert strategy_call.output_tokens == 1 and strategy_call.choice["chosen"] == chosen  # no decoding
     [ev] = [e for e in events if isinstance(e, Decision)]
-    assert ev.name == "strategy" and ev.value == decision["value"]
+    assert ev.name == "strategy" and ev.value == decision.value
     # the plan follows the choice: a stage runs only for the strategies it runs for, with that strategy's budget
     later = {s.name: s for s in pipe.stages[1:]}
-    plan = decision["plan"]
+    plan = decision.plan
     assert plan["runs"] == [n for n, s in later.items() if not s.runs_for or chosen in s.runs_for]
     assert [s.name for s in rec.stages[1:]] == plan["runs"] and plan["skipped"] == [n for n in later if n not in plan["runs"]]
     for s in rec.stages[1:]:
@@ -171,14 +171,14 @@ async def test_invalid_structured_output_is_retried_once_then_undecided(backend)
     names = [s.name for s in rec.stages]
     assert names[:2] == ["strategy", "strategy.retry"]
     decision = rec.decisions["strategy"]
-    assert decision["status"] == "undecided" and decision["source"] == "kit default" and decision["cut_by_limit"]
-    assert decision["value"] is None and decision["used"] == pipe.default_strategy and decision["problem"]
-    assert decision["method"] == "structured output"
+    assert decision.status == "undecided" and decision.source == "kit default" and decision.cut_by_limit
+    assert decision.value is None and decision.used == pipe.default_strategy and decision.problem
+    assert decision.method == "structured output"
     [ev] = [e for e in events if isinstance(e, Decision)]
     assert ev.status == "undecided" and ev.value is None and ev.used == pipe.default_strategy
     assert rec.status == "ok" and decision_compliance(rec) == 0.0 and run_metrics(rec).decision_compliance == 0.0
     # the run goes on with the kit's default strategy, and its plan: analytical = analysis, then the answer
-    assert decision["plan"]["runs"] == ["analysis", "answer"] == names[2:]
+    assert decision.plan["runs"] == ["analysis", "answer"] == names[2:]
     err = io.StringIO()
     sink = ConsoleSink(io.StringIO(), err)
     sink.handle(ev)
@@ -188,7 +188,7 @@ async def test_invalid_structured_output_is_retried_once_then_undecided(backend)
 async def test_rewrite_keeps_both_queries(backend):
     rec, _ = await collect(make("direct", backend, rewrite=True))
     assert rec.query == QUERY
-    rewritten = rec.decisions["rewritten_query"]["value"]
+    rewritten = rec.decisions["rewritten_query"].value
     assert rewritten and rewritten == rec.stages[0].call.text
     answer_prompt = rec.stages[1].call  # the answer saw the rewritten query
     assert rec.stages[1].name == "answer" and answer_prompt.status == "ok"
@@ -221,7 +221,7 @@ async def test_the_judge_decides_whether_the_answer_is_revised(backend, revise):
     rec, events = await collect(pipe)
     names = [s.name for s in rec.stages]
     quality = rec.decisions["quality"]
-    assert quality["source"] == "model" and quality["value"]["revise"] is revise and rec.quality["revise"] is revise
+    assert quality.source == "model" and quality.value["revise"] is revise and rec.quality["revise"] is revise
     if revise:  # the revision streams, visible, and is the run's answer; it saw the answer and the review
         assert names == ["answer", "review", "revision"]
         revision = rec.stages[-1]
@@ -239,7 +239,7 @@ async def test_an_undecided_review_revises_nothing(backend):
     i = next(i for i, s in enumerate(pipe.stages) if s.name == "review")
     pipe.stages[i] = replace(pipe.stages[i], max_tokens=2)
     rec, _ = await collect(pipe)
-    assert rec.decisions["quality"]["status"] == "undecided"
+    assert rec.decisions["quality"].status == "undecided"
     assert [s.name for s in rec.stages] == ["answer", "review", "review.retry"]
 
 

@@ -43,9 +43,9 @@ def summary(rec: RunRecord, pipe: Pipeline, transcript: Transcript | None = None
         "user_ttft_s": rm.user_ttft_s, "run_e2e_s": rm.e2e_s, "model_calls": rm.model_calls,
         "kit_overhead_s": rm.kit_overhead_s, "compliance": None, "sink": None,
         "prompt_echo_chars": rm.prompt_echo_chars, "decision_compliance": rm.decision_compliance,
-        "decisions": {k: {"value": v.get("value"), "status": v["status"], "used": v.get("used", v.get("value")),
-                          "source": v.get("source", "model"),
-                          **{f: v[f] for f in ("method", "probabilities", "plan") if v.get(f) is not None}}
+        "decisions": {k: {"value": v.value, "status": v.status, "used": v.used, "source": v.source,
+                          "method": v.method, **{f: getattr(v, f) for f in ("probabilities", "plan")
+                                                 if getattr(v, f) is not None}}
                       for k, v in rec.decisions.items()},
         "quality": rm.quality, "query": rec.query,
         "stages": [

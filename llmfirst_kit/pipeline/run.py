@@ -34,7 +34,7 @@ from ..engine import cpu_model
 from ..errors import InvalidInput
 from ..events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
 from ..metrics import DEFAULT_SLO, SLO, call_metrics, run_metrics
-from ..records import RunRecord, StageRecord, new_id
+from ..records import DecisionRecord, RunRecord, StageRecord, new_id
 from ..sinks.jsonl import RunLog
 from .presets import DEFAULT_STRATEGY, PRESETS, SYSTEM_PROMPT, Stage, parse_preset, preset
 
@@ -249,7 +249,7 @@ class Run:
     def _strategy(self) -> str | None:
         """The strategy the run goes on with (the model's, or the kit's default when undecided), if decided yet."""
         d = self.record.decisions.get("strategy")
-        used = d.get("used") if d else None
+        used = d.used if d else None
         return used.get("strategy") if isinstance(used, dict) else None
 
     def _runs(self, stage: Stage) -> bool:
@@ -261,8 +261,7 @@ class Run:
         if stage.when:
             name, key = stage.when
             d = self.record.decisions.get(name)
-            return bool(d and d.get("source") == "model" and isinstance(d.get("value"), dict)
-                        and d["value"].get(key) is True)
+            return bool(d and d.by_model and isinstance(d.value, dict) and d.value.get(key) is True)
         return True
 
     def _kit_wrote(self, *texts: str) -> None:
@@ -292,8 +291,8 @@ class Run:
         if stage.schema is None:
             self.outputs[stage.name] = text
             if stage.name == "rewrite":
-                self.record.decisions["rewritten_query"] = {"value": text, "status": "decided", "call_id": call_id,
-                                                            "structured": False}
+                self.record.decisions["rewritten_query"] = DecisionRecord(
+                    value=text, used=text, method="free text", call_id=call_id, structured=False)
             return
         value, problem = parse_structured(text, stage.schema)
         cut = self.record.stages[-1].call.finish_reason == "length"  # the token limit, not the model, ended it
@@ -305,9 +304,9 @@ class Run:
         status = "decided" if problem is None else "undecided"
         # undecided: the model made no decision; the run goes on with the configured default, marked as the kit's
         used = value if problem is None else self._default(stage.decision or "")
-        decision = {"value": value if problem is None else None, "used": used, "status": status,
-                    "source": "model" if problem is None else "kit default", "call_id": call_id, "problem": problem,
-                    "cut_by_limit": cut}
+        decision = DecisionRecord(value=value if problem is None else None, used=used, status=status,
+                                  source="model" if problem is None else "kit default", call_id=call_id,
+                                  problem=problem, cut_by_limit=cut)
         if stage.decision == "quality":
             self.record.quality = {"score": value["score"] if value else None,
                                    "improvements": value["improvements"] if value else [],
@@ -316,8 +315,8 @@ class Run:
                                    "judge_model": self.record.stages[-1].call.model}
         self._decided(stage, decision, text)
         emit(Decision(run_id=self.record.run_id, t_ns=time.perf_counter_ns(), stage=stage.name,
-                      name=stage.decision or stage.name, value=decision["value"], status=status, call_id=call_id,
-                      used=used, source=decision["source"]))
+                      name=stage.decision or stage.name, value=decision.value, status=status, call_id=call_id,
+                      used=used, source=decision.source))
 
     def _as_choice(self, stage: Stage) -> bool:
         """The stage's decision is read as a choice (one forward pass) when its backend can."""
@@ -331,30 +330,30 @@ class Run:
         decided = crec.status == "ok" and crec.choice is not None
         value = {name: crec.choice["chosen"]} if decided else None
         used = value if decided else self._default(name)
-        decision = {"value": value, "used": used, "status": "decided" if decided else "undecided",
-                    "source": "model" if decided else "kit default", "call_id": call_id,
-                    "problem": None if decided else (crec.error or "no choice"), "method": "next-token choice",
-                    "probabilities": dict(zip(crec.choice["options"], crec.choice["probabilities"])) if decided else None,
-                    "mass": crec.choice["mass"] if decided else None, "cut_by_limit": False}
+        decision = DecisionRecord(
+            value=value, used=used, status="decided" if decided else "undecided",
+            source="model" if decided else "kit default", method="next-token choice", call_id=call_id,
+            problem=None if decided else (crec.error or "no choice"),
+            probabilities=dict(zip(crec.choice["options"], crec.choice["probabilities"])) if decided else None,
+            mass=crec.choice["mass"] if decided else None)
         self._decided(stage, decision, text)
         emit(Decision(run_id=self.record.run_id, t_ns=time.perf_counter_ns(), stage=stage.name, name=name,
-                      value=value, status=decision["status"], call_id=call_id, used=used, source=decision["source"]))
+                      value=value, status=decision.status, call_id=call_id, used=used, source=decision.source))
 
     def _default(self, name: str) -> Any:
         """What the run goes on with when the model made no decision ``name``: the configured default strategy
         (marked as the kit's); other decisions have none."""
         return dict(self.pipeline.default_strategy) if name == "strategy" else None
 
-    def _decided(self, stage: Stage, decision: dict[str, Any], text: str) -> None:
+    def _decided(self, stage: Stage, decision: DecisionRecord, text: str) -> None:
         """Record a decision; a strategy also records the plan it makes (which later stages run)."""
         name = stage.decision or stage.name
-        decision.setdefault("method", "structured output")
         self.record.decisions[name] = decision
         self.outputs[stage.name] = text
         if name == "strategy":
             later = self.pipeline.stages[self.pipeline.stages.index(stage) + 1:]
             runs = [s for s in later if self._runs(s) or (s.when and self._runs(replace(s, when=())))]
-            decision["plan"] = {"runs": [s.name for s in runs if not s.when],
+            decision.plan = {"runs": [s.name for s in runs if not s.when],
                                 "if_decided": [s.name for s in runs if s.when],  # e.g. the revision: the judge decides
                                 "skipped": [s.name for s in later if s not in runs],
                                 "budgets": {s.name: self._budget(s) for s in runs if not s.schema}}

@@ -37,7 +37,7 @@ def runs_table(results: StudyResults):
         visible = [s for s in latency_view(r).stages if s.visible]
         answer_tps.append(call_metrics(visible[-1].call).tokens_per_s if visible else None)
         d = r.decisions.get("strategy")
-        strategy.append(d["value"]["strategy"] if d and d.get("status") == "decided" and d.get("value") else None)
+        strategy.append(d.value["strategy"] if d and d.status == "decided" and d.value else None)
         judge_status.append(r.quality.get("status") if r.quality else None)
     df["answer_tokens_per_s"] = pd.to_numeric(pd.Series(answer_tps, index=df.index), errors="coerce")
     df["strategy"] = strategy
