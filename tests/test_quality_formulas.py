@@ -140,3 +140,28 @@ def test_queries_have_twins_and_facts_in_both_languages():
         assert q.facts and all(f["en"] and f["ko"] and f["any"] for f in q.facts), q.id
     raw = [json.loads(line) for line in QUERIES.read_text().splitlines()]
     assert set(raw[0]) == {"id", "lang", "category", "query", "twin", "facts"}
+
+
+def _answered(text: str, finish_reason: str = "stop"):
+    from llmfirst_kit.records import CallRecord, RunRecord, StageRecord
+
+    call = CallRecord(call_id="c", backend="embedded", model="m", status="ok", text=text, finish_reason=finish_reason)
+    return RunRecord(run_id=f"run-{abs(hash(text))}", preset="direct", query="q", status="ok",
+                     stages=[StageRecord(name="answer", visible=True, call=call)])
+
+
+def test_gate_answers_are_complete_and_hold_their_key_facts():
+    """A wrong baseline answer is not known-good: the gate never plants bad answers against it (a judge that
+    prefers "Canberra" in the wrong language to "Seoul" is right). Cut-off answers are left out too."""
+    from llmfirst_kit.study.quality import gate_answers
+
+    queries = {q.id: q for q in load_queries(QUERIES, ids=["en-s01", "ko-s07", "en-s02", "ko-s08"])}
+    baseline = {"en-s01": _answered("The capital of Australia is Canberra."),
+                "ko-s07": _answered("호주의 수도는 서울입니다."),       # wrong: misses 캔버라
+                "en-s02": _answered("A kilobyte is 1024 bytes.", "length"),  # cut off at the limit
+                "ko-s08": _answered("1킬로바이트는 1024바이트입니다.")}
+    chosen = [a.query_id for a in gate_answers(baseline, queries, 8)]
+    assert chosen == ["en-s01", "ko-s08"]
+    baseline["ko-s07"] = _answered("호주의 수도는 캔버라입니다.")
+    assert [a.query_id for a in gate_answers(baseline, queries, 8)] == ["en-s01", "ko-s07", "ko-s08"]
+    assert [a.query_id for a in gate_answers(baseline, queries, 2)] == ["en-s01", "ko-s07"]

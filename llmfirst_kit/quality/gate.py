@@ -1,7 +1,7 @@
 """The judge gate: before any quality verdict, the judge must show it can tell a real answer from a bad one.
 
-Known-bad answers are built automatically from real ones (the baseline's complete answers), one of each
-kind per real answer:
+Known-bad answers are built automatically from real ones (the baseline's complete answers that hold all their
+query's reference key facts: a wrong "real" answer is not known-good), one of each kind per real answer:
 
 - ``other_query``: the real answer to a different query (in the same language when there is one, so the
   language alone does not give it away);

@@ -172,11 +172,17 @@ class _Log:
 
 def gate_answers(baseline: Mapping[str, RunRecord], queries: Mapping[str, Any], n: int) -> list[RealAnswer]:
     """Up to ``n`` complete baseline answers for the gate, alternating between the queries' languages (in
-    query order), so that both languages are tested."""
+    query order), so that both languages are tested. An answer that misses one of its query's reference key
+    facts is not known-good ("호주의 수도는 서울입니다." for the capital of Australia), so it is never a gate's
+    real answer: a judge preferring a planted answer to it would be right, and the gate would fail a judge for
+    the baseline's mistake. (Key facts only evaluate: they choose the gate's material, never an answer.)"""
     by_lang: dict[str, list[RealAnswer]] = {}
     for qid, q in queries.items():
         rec = baseline.get(qid)
         if rec is None or not is_complete(rec) or not answer_text(rec).strip():
+            continue
+        recall = key_fact_recall(answer_text(rec), getattr(q, "facts", ()))
+        if recall is not None and recall < 1.0:
             continue
         by_lang.setdefault(q.lang, []).append(RealAnswer(query_id=qid, query=q.query, text=answer_text(rec),
                                                          lang=q.lang, twin=q.twin))
