@@ -23,7 +23,8 @@ from ..pipeline import parse_preset
 from ..quality.judge import PROMPT_VERSION
 from ..quality.retention import retention
 from .cell import latency_view
-from .quality import (answer_call, cell_answers, comparison_plan, gate_results, judge_for, read_judgments, revised)
+from .quality import (answer_call, cell_answers, comparison_plan, gate_results, gate_runs, judge_for, read_judgments,
+                      revised)
 from .store import StudyResults
 
 HOLDS_AT = 0.5  # the candidate wins or ties at least half the time: it does not hurt
@@ -67,8 +68,7 @@ def comparison_rows(res: StudyResults) -> list[dict[str, Any]]:
     n_boot, seed = int(spec.get("bootstrap_samples") or 2000), int(p.get("seed") or 0)
     lines = [ln for ln in read_judgments(res.directory) if ln.get("prompt_version") == PROMPT_VERSION]
     baseline = cell_answers(res.runs, res.baseline_cell) if res.baseline_cell else {}
-    gates = gate_results(res.directory, None, float(spec.get("gate_threshold") or 0.9),
-                         {q: r.run_id for q, r in baseline.items()})
+    gates = gate_results(res.directory, None, float(spec.get("gate_threshold") or 0.9), gate_runs(spec, baseline))
     rows = []
     for cand, ref in comparison_plan(res):
         judge = judge_for(cand, spec).model

@@ -195,6 +195,19 @@ def gate_answers(baseline: Mapping[str, RunRecord], queries: Mapping[str, Any], 
     return out[:n]
 
 
+def gate_runs(spec: Mapping[str, Any], baseline: Mapping[str, RunRecord]) -> dict[str, str]:
+    """Query id -> baseline run id of the answers the study's gate is built from now: gate lines of other
+    answers (an older choice, a redone baseline) are not this gate's figure."""
+    p = spec["parameters"]
+    try:
+        queries = {q.id: q for q in load_queries(p["queries_file"], ids=p.get("query_ids") or (),
+                                                 limit=p.get("query_limit") or 0)}
+    except KitError:
+        return {}
+    reals = gate_answers(baseline, queries, int(spec.get("gate_answers") or 8))
+    return {a.query_id: baseline[a.query_id].run_id for a in reals}
+
+
 async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable[[str], Any] = print
                             ) -> dict[str, Any]:
     """Gate every judge the study needs, then judge every finished configuration against the baseline.
@@ -371,7 +384,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     base_id = res.baseline_cell
     baseline = cell_answers(res.runs, base_id) if base_id else {}
     lines = read_judgments(res.directory)
-    gates = gate_results(res.directory, lines, threshold, {q: r.run_id for q, r in baseline.items()})
+    gates = gate_results(res.directory, lines, threshold, gate_runs(spec, baseline))
     out: dict[str, dict[str, Any]] = {}
     for cell in res.cells:
         answers = cell_answers(res.runs, cell["id"])
