@@ -5,8 +5,9 @@ Kept within budget: the 1.5B is loaded once (this process; the study test in tes
 small models only), three short queries, short answers, one decode thread. The gate here plants two kinds
 of bad answer (an empty answer, another query's answer) on the three real answers: the 1.5B judge separates
 those in both orders. The full gate of a study tests every kind (see README, "Quality"). The verdict is a choice
-read after the judge's plain-text reasons: with the earlier JSON verdict, one reply here looped past the token
-limit twice on an AMX machine and stayed undecided, which failed this gate.
+read after the judge's reasons, which it writes freely as its JSON reply's first field: with the whole reply under
+a JSON grammar, one reply here looped past the token limit twice on an AMX machine and stayed undecided, which
+failed this gate.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ async def test_gate_passes_with_a_judge_that_can_discriminate(reference, gate_pa
     judgments = [j for p in gate.pairs for j in p["judgments"]]
     # the verdict is the judge's choice after its reasons, read from next-token probabilities (its confidence)
     assert all(j["method"] == "next-token choice" and j["reasons"] for j in judgments)
+    assert not any(j["reasons"].startswith("{") or j["reasons"].endswith('"') for j in judgments)  # the text only
     assert all(abs(sum(j["probabilities"].values()) - 1) < 1e-3 for j in judgments)
 
 
