@@ -20,11 +20,10 @@ from typing import Any
 
 from ..metrics import NS, run_e2e_s, user_ttft_s
 from ..pipeline import parse_preset
-from ..quality.judge import PROMPT_VERSION
 from ..quality.retention import retention
 from .cell import latency_view
-from .quality import (answer_call, cell_answers, comparison_plan, gate_results, gate_runs, judge_for, read_judgments,
-                      revised)
+from .quality import (answer_call, cell_answers, comparison_plan, gate_results, gate_runs, judge_for, judge_version,
+                      read_judgments, revised)
 from .store import StudyResults
 
 HOLDS_AT = 0.5  # the candidate wins or ties at least half the time: it does not hurt
@@ -66,9 +65,11 @@ def comparison_rows(res: StudyResults) -> list[dict[str, Any]]:
     """One row per comparison per model x quantization, then one per ``+revise`` configuration."""
     spec, p = res.spec, res.spec["parameters"]
     n_boot, seed = int(spec.get("bootstrap_samples") or 2000), int(p.get("seed") or 0)
-    lines = [ln for ln in read_judgments(res.directory) if ln.get("prompt_version") == PROMPT_VERSION]
+    version = judge_version(spec)
+    lines = [ln for ln in read_judgments(res.directory) if ln.get("prompt_version") == version]
     baseline = cell_answers(res.runs, res.baseline_cell) if res.baseline_cell else {}
-    gates = gate_results(res.directory, None, float(spec.get("gate_threshold") or 0.9), gate_runs(spec, baseline))
+    gates = gate_results(res.directory, None, float(spec.get("gate_threshold") or 0.9), gate_runs(spec, baseline),
+                         version=version)
     rows = []
     for cand, ref in comparison_plan(res):
         judge = judge_for(cand, spec).model

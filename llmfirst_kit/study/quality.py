@@ -33,7 +33,7 @@ from ..errors import KitError
 from ..pipeline import parse_preset
 from ..quality.facts import key_fact_recall, mean_recall
 from ..quality.gate import GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, gate_result, planted_pairs
-from ..quality.judge import PROMPT_VERSION, PairwiseJudge
+from ..quality.judge import PROMPT_VERSION, REASONS_TOKENS, PairwiseJudge
 from ..quality.retention import Retention, retention
 from ..records import RunRecord
 from .quantization import SHIPPED, safe_model_id
@@ -129,7 +129,7 @@ def _make_judge(model: str, backend_name: str, spec: Mapping[str, Any]) -> Pairw
                               n_ctx=max(int(p.get("n_ctx") or 4096), 4096),  # room for two answers and a verdict
                               response_format_style=p.get("openai_response_format") or None)
     backend = get_backend(backend_name, **options)
-    judge = PairwiseJudge(backend, model, max_tokens=int(spec.get("judge_max_tokens") or 96),
+    judge = PairwiseJudge(backend, model, max_tokens=int(spec.get("judge_max_tokens") or REASONS_TOKENS),
                           seed=int(p.get("seed") or 0))
     judge.check()
     return judge
@@ -195,6 +195,12 @@ def gate_answers(baseline: Mapping[str, RunRecord], queries: Mapping[str, Any], 
     return out[:n]
 
 
+def judge_version(spec: Mapping[str, Any]) -> str:
+    """What a study's judgments are made with: the judge's prompt version and its reasons budget
+    (``judge_max_tokens``). Stored with every judgment; a change in either means judging again."""
+    return f"{PROMPT_VERSION}+{int(spec.get('judge_max_tokens') or REASONS_TOKENS)}"
+
+
 def gate_runs(spec: Mapping[str, Any], baseline: Mapping[str, RunRecord]) -> dict[str, str]:
     """Query id -> baseline run id of the answers the study's gate is built from now: gate lines of other
     answers (an older choice, a redone baseline) are not this gate's figure."""
@@ -215,6 +221,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
     d = Path(study_dir)
     res = load_results(d)
     spec = res.spec
+    version = judge_version(spec)
     base_id = res.baseline_cell
     counts = {"gate_pairs": 0, "pairs": 0, "identical": 0, "skipped": 0}
     if not base_id or not spec.get("quality_judge"):
@@ -241,7 +248,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
         judge = judges.setdefault((model, backend), _make_judge(model, backend, spec))
         t0 = time.perf_counter()
         for pair in pairs:
-            line = {"type": "gate", "judge": model, "judge_backend": backend, "prompt_version": PROMPT_VERSION,
+            line = {"type": "gate", "judge": model, "judge_backend": backend, "prompt_version": version,
                     "kind": pair.kind,
                     "query_id": pair.query_id, "baseline_run_id": base_runs[pair.query_id], "candidate_run_id": None}
             if _key(line) in done:
@@ -264,7 +271,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
                 counts["skipped"] += 1
                 continue
             line = {"type": "pair", "judge": choice.model, "judge_backend": choice.backend,
-                    "prompt_version": PROMPT_VERSION, "cell": cell["id"],
+                    "prompt_version": version, "cell": cell["id"],
                     "query_id": qid, "baseline_run_id": b.run_id, "candidate_run_id": c.run_id}
             if _key(line) in done:
                 continue
@@ -303,7 +310,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
                 counts["skipped"] += 1
                 continue
             line = {"type": "versus", "judge": choice.model, "judge_backend": choice.backend,
-                    "prompt_version": PROMPT_VERSION, "cell": cand["id"], "reference_cell": ref["id"],
+                    "prompt_version": version, "cell": cand["id"], "reference_cell": ref["id"],
                     "query_id": qid, "baseline_run_id": r.run_id, "candidate_run_id": c.run_id}
             await judge_pair(line, q, answer_text(r), answer_text(c), "versus")
     # revised against its own draft, in every run where the judge decided to revise
@@ -314,7 +321,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
             if qid not in queries or not revised(rec) or not is_complete(rec):
                 continue
             line = {"type": "revision", "judge": choice.model, "judge_backend": choice.backend,
-                    "prompt_version": PROMPT_VERSION, "cell": cell["id"], "query_id": qid,
+                    "prompt_version": version, "cell": cell["id"], "query_id": qid,
                     "baseline_run_id": rec.run_id, "candidate_run_id": rec.run_id}
             await judge_pair(line, queries[qid], answer_call(rec, ("answer",)).text, answer_text(rec), "revision")
     for judge in judges.values():
@@ -348,10 +355,11 @@ def judge_study(study_dir: str | os.PathLike[str], *, echo: Callable[[str], Any]
 # --------------------------------------------------------------------------------------- results
 
 def gate_results(study_dir: str | os.PathLike[str], lines: list[dict[str, Any]] | None = None,
-                 threshold: float = GATE_THRESHOLD, current: Mapping[str, str] | None = None
-                 ) -> dict[str, GateResult]:
+                 threshold: float = GATE_THRESHOLD, current: Mapping[str, str] | None = None, *,
+                 version: str) -> dict[str, GateResult]:
     """Judge model -> its gate result, from the judgment log (``current``: query id -> the baseline run id the
-    gate must be built from; older lines, of a redone baseline, are left out)."""
+    gate must be built from; older lines, of a redone baseline, are left out; ``version``: the study's
+    :func:`judge_version`)."""
     lines = read_judgments(study_dir) if lines is None else lines
     by_judge: dict[str, list[tuple[GatePair, list[dict[str, Any]]]]] = {}
     backends: dict[str, str] = {}
@@ -360,7 +368,7 @@ def gate_results(study_dir: str | os.PathLike[str], lines: list[dict[str, Any]] 
             continue
         if current is not None and current.get(line["query_id"]) != line["baseline_run_id"]:
             continue
-        if line.get("prompt_version") != PROMPT_VERSION:  # judged with another prompt: not this judge's figure
+        if line.get("prompt_version") != version:  # judged with another prompt or budget: not this judge's figure
             continue
         by_judge.setdefault(line["judge"], []).append((GatePair(**line["pair"]), line["judgments"]))
         backends[line["judge"]] = line.get("judge_backend", "")
@@ -384,7 +392,8 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     base_id = res.baseline_cell
     baseline = cell_answers(res.runs, base_id) if base_id else {}
     lines = read_judgments(res.directory)
-    gates = gate_results(res.directory, lines, threshold, gate_runs(spec, baseline))
+    version = judge_version(spec)
+    gates = gate_results(res.directory, lines, threshold, gate_runs(spec, baseline), version=version)
     out: dict[str, dict[str, Any]] = {}
     for cell in res.cells:
         answers = cell_answers(res.runs, cell["id"])
@@ -416,7 +425,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
             row["quality_note"] = choice.note
             continue
         mine = [ln for ln in lines if ln["type"] == "pair" and ln.get("cell") == cell["id"]
-                and ln["judge"] == choice.model and ln.get("prompt_version") == PROMPT_VERSION and baseline.get(ln["query_id"]) is not None
+                and ln["judge"] == choice.model and ln.get("prompt_version") == version and baseline.get(ln["query_id"]) is not None
                 and baseline[ln["query_id"]].run_id == ln["baseline_run_id"]
                 and answers.get(ln["query_id"]) is not None and answers[ln["query_id"]].run_id == ln["candidate_run_id"]]
         outcomes: dict[str, list[str | None]] = {}
@@ -452,5 +461,5 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
 
 
 __all__ = ["ANSWER_STAGES", "JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "comparison_plan",
-           "revised", "cell_answers", "gate_answers", "gate_results",
+           "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version",
            "is_complete", "judge_for", "judge_study", "judge_study_async", "quality_columns", "read_judgments"]

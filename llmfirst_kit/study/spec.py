@@ -20,6 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..errors import InvalidInput
 from ..pipeline import parse_preset
+from ..quality.judge import REASONS_TOKENS
 from .notebooks import STUDY_NOTEBOOK, notebook_defaults
 from .params import CellParams, accepted, check_names_and_types, describe_errors, invalid, problem_error
 from .quantization import SHIPPED
@@ -59,8 +60,8 @@ class QualitySettings(BaseModel):
     second_judge: str = Field("", description="judges the configurations answered by the judge model itself, so "
                               "that no model only judges itself ('' = those configurations get no quality verdict; "
                               "default '')")
-    judge_max_tokens: int = Field(96, description="max tokens of a judgment's reasons (the verdict is a choice "
-                                  "asked for after them; default 96)")
+    judge_max_tokens: int = Field(REASONS_TOKENS, description="max tokens of a judgment's reasons (the verdict is a choice "
+                                  "read after them; default 160)")
     gate_answers: int = Field(8, description="baseline answers the judge gate plants bad answers from, 5 kinds each "
                               "(default 8)")
     gate_kinds: Names = Field(("other_query", "truncated", "wrong_language", "prompt_echo", "empty"),
