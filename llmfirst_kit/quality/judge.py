@@ -64,12 +64,12 @@ JUDGE_SYSTEM = "You are a strict, impartial judge."
 #   (it calls "What is the capital of South Korea?" Korean; 3 of 8 and 5 of 8), telling it that the order is
 #   random (2 of 8), repeating the query after the answers (2 of 8).
 # Measured again on an Intel Xeon with AMX (reports/staged-judged, the 20 gate pairs of 4 correct 1.5B answers):
-# this JSON reply, read as one structured output, 19 of 20 pairs (0.95);
-# plain-text reasons ("in at most 30 English words, ending with which answer is better") followed by
-# "Better answer (A, B or tie):" and a next-token choice, 17 of 20: its reasons opened with "The answer_A is
-# better." before any reason (first-position rate 1.0 against the baseline) and followed a prompt echo's
-# instructions ("comprehensive"). Asking it to assess A, then B, then compare: 4 of 9 hard pairs. So the reply
-# keeps the JSON form, and only the verdict is read as a choice.
+# this JSON reply with its reasons decoded freely and the verdict read as a choice, 18 of 20 (17 with a 96-token
+# budget, see REASONS_TOKENS); the same reply under a JSON grammar, 19 of 20 (but it can loop, above); plain-text
+# reasons ("in at most 30 English words, ending with which answer is better") followed by "Better answer (A, B
+# or tie):" and a choice, 17 of 20: its reasons opened with "The answer_A is better." before any reason and once
+# followed a prompt echo's instructions ("comprehensive"). Asking it to assess A, then B, then compare: 4 of 9
+# hard pairs. One or two pairs in 20 are within noise; the gate decides on every study.
 JUDGE_TASK = (
     "You will see a user query and two answers, A and B. Decide which answer is better for the user. The better "
     "answer answers this query correctly and completely, in the language of the query. An empty answer, an answer "
