@@ -181,7 +181,7 @@ def gate_answers(baseline: Mapping[str, RunRecord], queries: Mapping[str, Any], 
         rec = baseline.get(qid)
         if rec is None or not is_complete(rec) or not answer_text(rec).strip():
             continue
-        recall = key_fact_recall(answer_text(rec), getattr(q, "facts", ()))
+        recall = key_fact_recall(answer_text(rec), q.facts)
         if recall is not None and recall < 1.0:
             continue
         by_lang.setdefault(q.lang, []).append(RealAnswer(query_id=qid, query=q.query, text=answer_text(rec),
@@ -201,15 +201,23 @@ def judge_version(spec: Mapping[str, Any]) -> str:
     return f"{PROMPT_VERSION}+{int(spec.get('judge_max_tokens') or REASONS_TOKENS)}"
 
 
-def gate_runs(spec: Mapping[str, Any], baseline: Mapping[str, RunRecord]) -> dict[str, str]:
-    """Query id -> baseline run id of the answers the study's gate is built from now: gate lines of other
-    answers (an older choice, a redone baseline) are not this gate's figure."""
+def study_queries(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The study's queries by id (a KitError when its query file cannot be read)."""
     p = spec["parameters"]
-    try:
-        queries = {q.id: q for q in load_queries(p["queries_file"], ids=p.get("query_ids") or (),
-                                                 limit=p.get("query_limit") or 0)}
-    except KitError:
-        return {}
+    return {q.id: q for q in load_queries(p["queries_file"], ids=p.get("query_ids") or (),
+                                          limit=p.get("query_limit") or 0)}
+
+
+def gate_runs(spec: Mapping[str, Any], baseline: Mapping[str, RunRecord],
+              queries: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Query id -> baseline run id of the answers the study's gate is built from now: gate lines of other
+    answers (an older choice, a redone baseline) are not this gate's figure. ``queries``: the study's, if
+    already read."""
+    if queries is None:
+        try:
+            queries = study_queries(spec)
+        except KitError:
+            return {}
     reals = gate_answers(baseline, queries, int(spec.get("gate_answers") or 8))
     return {a.query_id: baseline[a.query_id].run_id for a in reals}
 
@@ -232,8 +240,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
         echo(f"quality: the baseline cell {base_id} is not done: no quality verdicts")
         return counts
     p = spec["parameters"]
-    queries = {q.id: q for q in load_queries(p["queries_file"], ids=p.get("query_ids") or (),
-                                             limit=p.get("query_limit") or 0)}
+    queries = study_queries(spec)
     baseline = cell_answers(res.runs, base_id)
     done = {_key(line): line for line in read_judgments(d)}
     log = _Log(d / JUDGING / JUDGMENTS)
@@ -385,15 +392,14 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     n_boot = int(spec.get("bootstrap_samples") or 2000)
     seed = int(p.get("seed") or 0)
     try:
-        queries = {q.id: q for q in load_queries(p["queries_file"], ids=p.get("query_ids") or (),
-                                                 limit=p.get("query_limit") or 0)}
+        queries = study_queries(spec)
     except KitError:
         queries = {}
     base_id = res.baseline_cell
     baseline = cell_answers(res.runs, base_id) if base_id else {}
     lines = read_judgments(res.directory)
     version = judge_version(spec)
-    gates = gate_results(res.directory, lines, threshold, gate_runs(spec, baseline), version=version)
+    gates = gate_results(res.directory, lines, threshold, gate_runs(spec, baseline, queries), version=version)
     out: dict[str, dict[str, Any]] = {}
     for cell in res.cells:
         answers = cell_answers(res.runs, cell["id"])
@@ -461,5 +467,5 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
 
 
 __all__ = ["ANSWER_STAGES", "JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "comparison_plan",
-           "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version",
+           "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version", "study_queries",
            "is_complete", "judge_for", "judge_study", "judge_study_async", "quality_columns", "read_judgments"]
