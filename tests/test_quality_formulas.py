@@ -165,3 +165,13 @@ def test_gate_answers_are_complete_and_hold_their_key_facts():
     baseline["ko-s07"] = _answered("호주의 수도는 캔버라입니다.")
     assert [a.query_id for a in gate_answers(baseline, queries, 8)] == ["en-s01", "ko-s07", "ko-s08"]
     assert [a.query_id for a in gate_answers(baseline, queries, 2)] == ["en-s01", "ko-s07"]
+
+
+def test_a_changed_reasons_budget_is_another_judge_version():
+    """Judgments are keyed by the judge's prompt version and its reasons budget: a study whose judge_max_tokens
+    changed judges again instead of reusing judgments made with another budget."""
+    from llmfirst_kit.quality.judge import PROMPT_VERSION, REASONS_TOKENS
+    from llmfirst_kit.study.quality import judge_version
+
+    assert judge_version({}) == f"{PROMPT_VERSION}+{REASONS_TOKENS}"
+    assert judge_version({"judge_max_tokens": 96}) != judge_version({"judge_max_tokens": 160})
