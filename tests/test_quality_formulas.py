@@ -10,8 +10,8 @@ import pytest
 
 from llmfirst_kit.quality import facts
 from llmfirst_kit.quality.gate import KINDS, GatePair, RealAnswer, gate_result, pair_correct, planted_pairs, prompt_echoes
-from llmfirst_kit.quality.retention import (bootstrap_ci, first_position_rate, order_disagreement, query_score,
-                                            retention, win_or_tie_share)
+from llmfirst_kit.quality.retention import (bootstrap_ci, first_position_rate, hard_outcome, judgment_outcome,
+                                            order_disagreement, query_score, retention, win_or_tie_share)
 from llmfirst_kit.data import QUERIES
 from llmfirst_kit.study import load_queries
 
@@ -25,6 +25,24 @@ def test_query_score_counts_wins_and_ties_over_decided_judgments():
     assert query_score([None, None]) is None
     with pytest.raises(ValueError, match="unknown outcome"):
         query_score(["A"])
+
+
+def test_probabilities_weigh_each_order_by_its_confidence():
+    # the candidate shown first (A) and judged worse, with its probabilities: mapped to the answers' labels
+    j = {"winner": "baseline", "shown_first": "candidate", "verdict": "B", "probabilities": {"A": 0.3, "B": 0.6, "tie": 0.1}}
+    assert judgment_outcome(j) == {"candidate": 0.3, "baseline": 0.6, "tie": 0.1}
+    assert judgment_outcome({"winner": "tie", "shown_first": "baseline", "probabilities": None}) == "tie"
+    assert judgment_outcome({"winner": None, "shown_first": "baseline", "probabilities": {"A": 1.0}}) is None
+    assert hard_outcome(judgment_outcome(j)) == "baseline"
+    # win-or-tie probability averaged over the orders: (0.3 + 0.1 + 0) / 2; a certain verdict is probability 1
+    assert query_score([judgment_outcome(j), "baseline"]) == pytest.approx(0.2)
+    assert query_score([{"candidate": 0.7, "baseline": 0.2, "tie": 0.1}, "tie"]) == pytest.approx(0.9)
+    # a judge that only prefers position A, 0.9 sure each time: its two orders cancel to 0.5
+    a_first = {"candidate": 0.9, "baseline": 0.1, "tie": 0.0}
+    assert query_score([a_first, {"candidate": 0.1, "baseline": 0.9, "tie": 0.0}]) == pytest.approx(0.5)
+    assert order_disagreement([(a_first, {"candidate": 0.1, "baseline": 0.9, "tie": 0.0})]) == 1.0
+    with pytest.raises(ValueError, match="unknown outcome"):
+        query_score([{"A": 1.0}])
 
 
 def test_win_or_tie_share_is_the_mean_query_score():
@@ -102,7 +120,29 @@ def test_planted_pairs_are_built_from_real_answers():
     assert [p.kind for p in planted_pairs(_answers()[:1], kinds=("other_query", "empty"))] == ["empty"]
 
 
-def test_gate_accuracy_needs_the_real_answer_preferred_in_both_orders():
+def test_gate_pair_passes_on_the_real_answers_probability_averaged_over_both_orders():
+    p = GatePair("q", "query", "wrong_language", "real text", "other text")
+
+    def judged(shown_first, a, b, tie=0.0):
+        verdict = max((("A", a), ("B", b), ("tie", tie)), key=lambda x: x[1])[0]
+        other = "planted" if shown_first == "real" else "real"
+        return {"shown_first": shown_first, "verdict": verdict, "probabilities": {"A": a, "B": b, "tie": tie},
+                "winner": {"A": shown_first, "B": other, "tie": "tie"}[verdict]}
+
+    # sure of the real answer first (0.99), wrong but hesitant second (real 0.4): 0.695 > 0.5 passes
+    confident = [judged("real", 0.99, 0.01), judged("planted", 0.6, 0.4)]
+    # position only: A at 0.9 in both orders -> the real answer 0.9 then 0.1 -> 0.5 fails
+    position = [judged("real", 0.9, 0.1), judged("planted", 0.9, 0.1)]
+    # sure of the real one first, a tie second -> 0.5 fails
+    tied = [judged("real", 1.0, 0.0), judged("planted", 0.0, 0.0, 1.0)]
+    g = gate_result([(p, confident), (p, position), (p, tied)], threshold=0.5)
+    assert [x["correct"] for x in g.pairs] == [True, False, False]
+    assert g.accuracy == pytest.approx(1 / 3) and g.both_orders_accuracy == 0.0 and g.passed is False
+    assert pair_correct([{"real": 0.7, "planted": 0.3, "tie": 0.0}, None]) is False  # undecided counts as not real
+    assert gate_result([(p, confident)] * 9 + [(p, position)]).passed is True
+
+
+def test_gate_with_certain_verdicts_needs_the_real_answer_in_both_orders():
     p = GatePair("q", "query", "empty", "real text", "")
     real, planted = {"winner": "real", "verdict": "A"}, {"winner": "planted", "verdict": "A"}
     tie = {"winner": "tie", "verdict": "tie"}

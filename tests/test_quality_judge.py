@@ -20,6 +20,7 @@ from llmfirst_kit.backends import get_backend
 from llmfirst_kit.pipeline import Pipeline
 from llmfirst_kit.quality import PairwiseJudge, RealAnswer, planted_pairs, retention, run_gate
 from llmfirst_kit.quality.judge import VERDICTS
+from llmfirst_kit.quality.retention import judgment_outcome
 from llmfirst_kit.data import QUERIES
 from llmfirst_kit.study import load_queries
 
@@ -98,7 +99,7 @@ async def test_retention_falls_for_a_worse_configuration(reference, baseline, qu
         js = await judge.compare(q.query, baseline[q.id][0], candidate[q.id][0])
         assert [j.shown_first for j in js] == ["baseline", "candidate"]  # both orders
         assert all(j.status == "decided" and j.reasons and j.verdict in VERDICTS for j in js), js
-        outcomes[q.id] = [j.winner for j in js]
+        outcomes[q.id] = [judgment_outcome(j) for j in js]
         positions += [j.verdict for j in js]
     r = retention(outcomes, positions=positions, seed=0, n_boot=2000)
     assert r.n_queries >= 2, candidate

@@ -12,10 +12,13 @@ query's reference key facts: a wrong "real" answer is not known-good), one of ea
   model that only echoes its prompt would answer;
 - ``empty``: an empty answer.
 
-Each pair (real, planted) is judged in both orders. **Gate accuracy** = the share of pairs in which the judge
-prefers the real answer in *both* orders (a tie or one wrong order fails the pair); below the threshold
-(0.9) the judge cannot judge and no quality verdict may be shown. The per-judgment accuracy and the
-accuracy of each kind are reported beside it.
+Each pair (real, planted) is judged in both orders. **Gate accuracy** = the share of pairs in which the judge,
+its two orders averaged, more likely than not prefers the real answer: the real answer's probability averaged
+over both judgments is above 0.5 (a verdict without probabilities counts as certain, so then the real answer
+must win in *both* orders: a tie or one wrong order fails the pair). This is the same averaging as the quality
+verdicts the gate licenses (``retention.query_score``). Below the threshold (0.9) the judge cannot judge and
+no quality verdict may be shown. The share of pairs won in both orders (``both_orders_accuracy``), the
+per-judgment accuracy and the accuracy of each kind are reported beside it.
 """
 
 from __future__ import annotations
@@ -111,14 +114,24 @@ def planted_pairs(answers: Sequence[RealAnswer], *, kinds: Iterable[str] = KINDS
 
 # --------------------------------------------------------------------------------------- formulas
 
-def pair_correct(winners: Sequence[str | None]) -> bool:
-    """A pair passes when every one of its judgments (both orders) preferred the real answer."""
-    return bool(winners) and all(w == REAL for w in winners)
+GATE_OUTCOMES = (REAL, PLANTED, "tie")
+
+
+def pair_correct(outcomes: Sequence[Any]) -> bool:
+    """A pair passes when the real answer's probability, averaged over its judgments (both orders; an
+    undecided judgment counts as not preferring it), is above 0.5. Outcomes are verdicts (``"real"``,
+    ``"planted"``, ``"tie"``, None) or probabilities over them (:func:`~.retention.judgment_outcome`)."""
+    from .retention import outcome_probabilities
+
+    if not outcomes:
+        return False
+    real = [0.0 if o is None else outcome_probabilities(o, GATE_OUTCOMES)[REAL] for o in outcomes]
+    return sum(real) / len(real) > 0.5
 
 
 @dataclass(frozen=True)
 class GateResult:
-    accuracy: float | None  # share of pairs with the real answer preferred in both orders
+    accuracy: float | None  # share of pairs with the real answer preferred, both orders averaged (pair_correct)
     judgment_accuracy: float | None  # share of single judgments preferring the real answer
     by_kind: dict[str, float | None]  # pair accuracy per kind
     n_pairs: int
@@ -127,6 +140,7 @@ class GateResult:
     first_position_rate: float | None  # share of non-tie verdicts for the answer shown first
     threshold: float
     passed: bool  # accuracy >= threshold (False without pairs)
+    both_orders_accuracy: float | None = None  # share of pairs with the real answer's verdict in both orders
     judge_model: str = ""
     judge_backend: str = ""
     pairs: list[dict[str, Any]] = field(default_factory=list)  # each pair with its judgments
@@ -138,19 +152,22 @@ class GateResult:
         acc = "n/a" if self.accuracy is None else f"{self.accuracy:.2f}"
         kinds = ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in self.by_kind.items())
         verdict = "passes" if self.passed else "FAILS: this judge cannot judge; no quality verdict"
-        return (f"judge gate ({self.judge_model}): accuracy {acc} over {self.n_pairs} pairs (both orders; threshold "
-                f"{self.threshold:g}) -> {verdict}; per kind: {kinds}")
+        both = "n/a" if self.both_orders_accuracy is None else f"{self.both_orders_accuracy:.2f}"
+        return (f"judge gate ({self.judge_model}): accuracy {acc} over {self.n_pairs} pairs (both orders averaged; "
+                f"threshold {self.threshold:g}) -> {verdict}; real answer's verdict in both orders {both}; per kind: "
+                f"{kinds}")
 
 
 def gate_result(judged: Sequence[tuple[GatePair, Sequence[Any]]], *, threshold: float = GATE_THRESHOLD,
                 judge_model: str = "", judge_backend: str = "") -> GateResult:
-    """The gate's figures from pairs and their judgments (objects or dicts with ``winner`` and ``verdict``)."""
-    from .retention import first_position_rate
+    """The gate's figures from pairs and their judgments (:class:`~.judge.Judgment` objects or their dicts)."""
+    from .retention import first_position_rate, judgment_outcome
 
     def get(j: Any, key: str) -> Any:
         return j.get(key) if isinstance(j, dict) else getattr(j, key)
 
-    correct = [pair_correct([get(j, "winner") for j in js]) for _, js in judged]
+    correct = [pair_correct([judgment_outcome(j, (REAL, PLANTED)) for j in js]) for _, js in judged]
+    both = [bool(js) and all(get(j, "winner") == REAL for j in js) for _, js in judged]
     flat = [j for _, js in judged for j in js]
     by_kind: dict[str, float | None] = {}
     for kind in KINDS:
@@ -163,6 +180,7 @@ def gate_result(judged: Sequence[tuple[GatePair, Sequence[Any]]], *, threshold: 
         by_kind=by_kind, n_pairs=len(judged), n_judgments=len(flat),
         n_undecided=sum(get(j, "winner") is None for j in flat),
         first_position_rate=first_position_rate(get(j, "verdict") for j in flat), threshold=threshold,
+        both_orders_accuracy=sum(both) / len(both) if both else None,
         passed=accuracy is not None and accuracy >= threshold, judge_model=judge_model, judge_backend=judge_backend,
         pairs=[{**p.to_dict(), "correct": c, "judgments": [j if isinstance(j, dict) else j.to_dict() for j in js]}
                for (p, js), c in zip(judged, correct)])

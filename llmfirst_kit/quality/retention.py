@@ -2,11 +2,15 @@
 
 Every query is judged twice, once with the baseline's answer shown first and once with the candidate's
 first. Each judgment's outcome is one of ``"candidate"`` (the candidate's answer is better), ``"baseline"``,
-``"tie"`` or ``None`` (the judge gave no valid verdict).
+``"tie"`` or ``None`` (the judge gave no valid verdict), or, where the judge's verdict was read as a choice,
+its probabilities over the three (``{"candidate": 0.7, "baseline": 0.2, "tie": 0.1}``; see
+:func:`judgment_outcome`). A verdict without probabilities counts as certain (probability 1).
 
-- **query score**: the share of a query's decided judgments in which the candidate wins or ties (0, 0.5 or 1
-  for two decided judgments). Averaging the two orders cancels a judge that always prefers one position: it
-  gives 0.5, not 0 or 1.
+- **query score**: a query's win-or-tie probability, averaged over its decided judgments (both orders). With
+  certain verdicts that is the share of judgments in which the candidate wins or ties (0, 0.5 or 1 for two).
+  Averaging the two orders cancels a judge that always prefers one position (it gives 0.5, not 0 or 1), and
+  averaging probabilities lets a confident verdict in one order outweigh a hesitant one in the other (balanced
+  position calibration, Wang et al. 2023, "Large Language Models are not Fair Evaluators").
 - **retention** = the mean query score over the queries with at least one decided judgment (the candidate's
   win-or-tie share), with a percentile **bootstrap interval** over queries (resampled with a seed).
 - **meets quality**: the interval's lower bound >= the target (0.8, the paper's "80 % of the baseline").
@@ -30,18 +34,52 @@ QUALITY_TARGET = 0.8
 DEFAULT_LEVEL = 0.95
 DEFAULT_BOOTSTRAP = 2000
 
-Outcome = str | None
+Outcome = str | Mapping[str, float] | None  # a verdict, its probabilities, or None (undecided)
+
+
+def judgment_outcome(judgment: Any, labels: tuple[str, str] = ("baseline", "candidate")) -> Outcome:
+    """A judgment's (a :class:`~llmfirst_kit.quality.judge.Judgment` or its dict) outcome over ``labels`` and
+    ``"tie"``: its verdict's probabilities mapped to the answers (A: the answer shown first), when it has them;
+    else its winner; None when undecided."""
+    get = judgment.get if isinstance(judgment, Mapping) else lambda key: getattr(judgment, key, None)
+    winner, probs = get("winner"), get("probabilities")
+    if winner is None or not probs:
+        return winner
+    first = get("shown_first")
+    second = labels[1] if first == labels[0] else labels[0]
+    return {first: float(probs.get("A", 0.0)), second: float(probs.get("B", 0.0)), "tie": float(probs.get("tie", 0.0))}
+
+
+def outcome_probabilities(outcome: Outcome, names: tuple[str, ...] = OUTCOMES) -> dict[str, float] | None:
+    """An outcome as probabilities over ``names`` (a verdict: probability 1; None stays None), normalised."""
+    if outcome is None:
+        return None
+    if isinstance(outcome, str):
+        if outcome not in names:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {names} or None")
+        return {n: float(n == outcome) for n in names}
+    unknown = set(outcome) - set(names)
+    if unknown:
+        raise ValueError(f"unknown outcome(s) {sorted(unknown)}; expected probabilities over {names}")
+    total = sum(outcome.values())
+    if total <= 0:
+        raise ValueError(f"outcome probabilities must sum to more than 0, got {dict(outcome)}")
+    return {n: outcome.get(n, 0.0) / total for n in names}
+
+
+def hard_outcome(outcome: Outcome, names: tuple[str, ...] = OUTCOMES) -> str | None:
+    """The verdict itself: the most probable outcome."""
+    probs = outcome_probabilities(outcome, names)
+    return None if probs is None else max(names, key=lambda n: probs[n])
 
 
 def query_score(outcomes: Iterable[Outcome]) -> float | None:
-    """Share of the decided judgments of one query in which the candidate wins or ties (None: none decided)."""
-    decided = [o for o in outcomes if o is not None]
-    for o in decided:
-        if o not in OUTCOMES:
-            raise ValueError(f"unknown outcome {o!r}; expected one of {OUTCOMES} or None")
+    """A query's win-or-tie probability averaged over its decided judgments (None: none decided); with
+    certain verdicts, the share of judgments in which the candidate wins or ties."""
+    decided = [outcome_probabilities(o) for o in outcomes if o is not None]
     if not decided:
         return None
-    return sum(o != "baseline" for o in decided) / len(decided)
+    return sum(1.0 - p["baseline"] for p in decided) / len(decided)
 
 
 def win_or_tie_share(scores: Iterable[float | None]) -> float | None:
@@ -71,8 +109,9 @@ def bootstrap_ci(values: Sequence[float], *, level: float = DEFAULT_LEVEL, n_boo
 
 
 def order_disagreement(pairs: Iterable[Sequence[Outcome]]) -> float | None:
-    """Share of queries, among those with both judgments decided, whose two outcomes differ."""
-    both = [(p[0], p[1]) for p in pairs if len(p) == 2 and p[0] is not None and p[1] is not None]
+    """Share of queries, among those with both judgments decided, whose two verdicts differ."""
+    both = [(hard_outcome(p[0]), hard_outcome(p[1])) for p in pairs
+            if len(p) == 2 and p[0] is not None and p[1] is not None]
     if not both:
         return None
     return sum(a != b for a, b in both) / len(both)
@@ -112,11 +151,11 @@ def retention(outcomes_by_query: Mapping[str, Sequence[Outcome]], *, positions: 
               target: float = QUALITY_TARGET, level: float = DEFAULT_LEVEL, n_boot: int = DEFAULT_BOOTSTRAP,
               seed: int = 0) -> Retention:
     """Retention of a configuration: ``outcomes_by_query`` maps each query to its judgments' outcomes (two:
-    baseline shown first, candidate shown first); ``positions`` are the raw verdicts (``"A"``/``"B"``/``"tie"``)
+    baseline shown first, candidate shown first; verdicts or probabilities, see :func:`judgment_outcome`); ``positions`` are the raw verdicts (``"A"``/``"B"``/``"tie"``)
     for the first-position rate."""
     scores = [query_score(o) for o in outcomes_by_query.values()]
     decided = [s for s in scores if s is not None]
-    flat = [o for os in outcomes_by_query.values() for o in os]
+    flat = [hard_outcome(o) for os in outcomes_by_query.values() for o in os]
     share = win_or_tie_share(decided)
     low, high = bootstrap_ci(decided, level=level, n_boot=n_boot, seed=seed)
     return Retention(
@@ -127,5 +166,5 @@ def retention(outcomes_by_query: Mapping[str, Sequence[Outcome]], *, positions: 
         meets_quality=None if low is None else bool(low >= target))
 
 
-__all__ = ["OUTCOMES", "QUALITY_TARGET", "Retention", "bootstrap_ci", "first_position_rate", "order_disagreement",
-           "query_score", "retention", "win_or_tie_share"]
+__all__ = ["OUTCOMES", "QUALITY_TARGET", "Retention", "bootstrap_ci", "first_position_rate", "hard_outcome",
+           "judgment_outcome", "order_disagreement", "outcome_probabilities", "query_score", "retention", "win_or_tie_share"]

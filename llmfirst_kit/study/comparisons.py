@@ -23,7 +23,7 @@ from ..pipeline import parse_preset
 from ..quality.retention import retention
 from .cell import latency_view
 from .quality import (answer_call, cell_answers, comparison_plan, gate_results, gate_runs, judge_for, judge_version,
-                      read_judgments, revised)
+                      pair_outcomes, read_judgments, revised)
 from .store import StudyResults
 
 HOLDS_AT = 0.5  # the candidate wins or ties at least half the time: it does not hurt
@@ -39,14 +39,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _verdict(lines: list[dict[str, Any]], gate: Any, n_boot: int, seed: int) -> dict[str, Any]:
-    outcomes: dict[str, list[str | None]] = {}
-    positions: list[str | None] = []
-    for ln in lines:
-        if ln.get("identical"):
-            outcomes[ln["query_id"]] = ["tie", "tie"]
-        else:
-            outcomes[ln["query_id"]] = [j["winner"] for j in ln["judgments"]]
-            positions += [j["verdict"] for j in ln["judgments"]]
+    outcomes, positions, _ = pair_outcomes(lines)
     r = retention(outcomes, positions=positions, target=HOLDS_AT, n_boot=n_boot, seed=seed)
     row: dict[str, Any] = {"queries": r.n_queries, "order_disagreement": r.order_disagreement,
                            "win_or_tie": None, "ci_low": None, "ci_high": None, "holds": None, "note": None}

@@ -34,7 +34,7 @@ from ..pipeline import parse_preset
 from ..quality.facts import key_fact_recall, mean_recall
 from ..quality.gate import GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, gate_result, planted_pairs
 from ..quality.judge import PROMPT_VERSION, REASONS_TOKENS, PairwiseJudge
-from ..quality.retention import Retention, retention
+from ..quality.retention import Outcome, Retention, judgment_outcome, retention
 from ..records import RunRecord
 from .quantization import SHIPPED, safe_model_id
 from .queries import load_queries
@@ -382,6 +382,23 @@ def gate_results(study_dir: str | os.PathLike[str], lines: list[dict[str, Any]] 
     return {j: gate_result(v, threshold=threshold, judge_model=j, judge_backend=backends[j]) for j, v in by_judge.items()}
 
 
+def pair_outcomes(lines: Iterable[Mapping[str, Any]]) -> tuple[dict[str, list[Outcome]], list[str | None], int]:
+    """From judgment-log lines of one comparison: each query's outcomes (the verdicts' probabilities where the
+    judge gave them, see ``retention.judgment_outcome``), the raw verdicts (for the first-position rate), and
+    how many queries had identical answers (tied without a call)."""
+    outcomes: dict[str, list[Outcome]] = {}
+    positions: list[str | None] = []
+    identical = 0
+    for ln in lines:
+        if ln.get("identical"):
+            outcomes[ln["query_id"]] = ["tie", "tie"]
+            identical += 1
+        else:
+            outcomes[ln["query_id"]] = [judgment_outcome(j) for j in ln["judgments"]]
+            positions += [j["verdict"] for j in ln["judgments"]]
+    return outcomes, positions, identical
+
+
 def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     """Cell id -> its quality columns: the judge, its gate, retention with interval, order disagreement,
     key-fact recall, truncation, and why there is no verdict when there is none."""
@@ -434,15 +451,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
                 and ln["judge"] == choice.model and ln.get("prompt_version") == version and baseline.get(ln["query_id"]) is not None
                 and baseline[ln["query_id"]].run_id == ln["baseline_run_id"]
                 and answers.get(ln["query_id"]) is not None and answers[ln["query_id"]].run_id == ln["candidate_run_id"]]
-        outcomes: dict[str, list[str | None]] = {}
-        positions: list[str | None] = []
-        for ln in mine:
-            if ln.get("identical"):
-                outcomes[ln["query_id"]] = ["tie", "tie"]
-                row["identical_answers"] += 1
-            else:
-                outcomes[ln["query_id"]] = [j["winner"] for j in ln["judgments"]]
-                positions += [j["verdict"] for j in ln["judgments"]]
+        outcomes, positions, row["identical_answers"] = pair_outcomes(mine)
         r: Retention = retention(outcomes, positions=positions, target=target, n_boot=n_boot, seed=seed)
         gate = gates.get(choice.model)
         row.update(gate_accuracy=gate.accuracy if gate else None, gate_passed=gate.passed if gate else None,
@@ -468,4 +477,4 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
 
 __all__ = ["ANSWER_STAGES", "JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "comparison_plan",
            "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version", "study_queries",
-           "is_complete", "judge_for", "judge_study", "judge_study_async", "quality_columns", "read_judgments"]
+           "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes", "quality_columns", "read_judgments"]
