@@ -122,6 +122,8 @@ def test_pipeline_warms_every_preset_and_reports_first_runs_apart(backend):
     assert "decision_s" in out["staged"] and out["staged"]["decision_s"]["median"] > 0
     assert "decision_s" not in out["direct"]
     assert out["staged"]["user_ttft_ratio_vs_direct"] > 0
+    # the staged first token waits for the decision's prompt and then the first visible stage's new part
+    assert out["staged"]["prefill_tokens_to_first_visible_median"] > out["direct"]["prefill_tokens_to_first_visible_median"] > 0
 
 
 def test_cold_per_run_empties_the_cache_once_and_a_run_shares_its_prefix(backend, loaded):

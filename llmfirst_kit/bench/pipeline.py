@@ -1,5 +1,5 @@
-"""``llmfirst bench pipeline``: user-visible TTFT, E2E, kit overhead, the kit's time between stages and the
-strategy decision's own latency of presets, interleaved per query (every preset on a query before the next
+"""``llmfirst bench pipeline``: user-visible TTFT, E2E, kit overhead, the kit's time between stages, the
+strategy decision's own latency and the prompt tokens evaluated before the first visible token of presets, interleaved per query (every preset on a query before the next
 query, the order reversed every other round).
 
 Every preset is warmed the same way before anything is measured: one warm-up run of each, on the first
@@ -47,6 +47,21 @@ def decision_s(rec: RunRecord, stage_names: set[str]) -> float | None:
     return sum(s for s in spans if s is not None) if calls else None
 
 
+def prefill_tokens_to_first_visible(rec: RunRecord) -> int | None:
+    """Prompt tokens the calls up to and including the first visible stage's evaluated (the KV cache's share
+    left out): what the first visible token waits for, since a prefill costs about the same per token. None
+    when a call did not report it (a backend without that count) or nothing visible ran."""
+    total = 0
+    for stage in rec.stages:
+        n = stage.call.server.get("prompt_eval_tokens")
+        if n is None:
+            return None
+        total += n
+        if stage.visible:
+            return total
+    return None
+
+
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 4)
 
@@ -86,7 +101,8 @@ async def pipeline(model: str | None = None, presets: tuple[str, ...] = ("direct
                         "decision_s": _r(decision_s(rec, strategy_stages[p]))}
 
     per: dict[str, dict[str, list[Any]]] = {p: {"ttft": [], "e2e": [], "overhead": [], "gaps": [], "decision": [],
-                                                "round": [], "warm_query_ttft": [], "errors": []} for p in presets}
+                                                "round": [], "warm_query_ttft": [], "errors": [], "prefill": []}
+           for p in presets}
     rounds = list(itertools.chain.from_iterable(queries for _ in range(repeats)))
     for (i, q), p in interleave(presets, list(enumerate(rounds)), alternate=True):
         be.empty_caches()  # cold per run: within the run, calls share their prefix
@@ -99,6 +115,7 @@ async def pipeline(model: str | None = None, presets: tuple[str, ...] = ("direct
         per[p]["e2e"].append(run_e2e_s(rec))
         per[p]["overhead"].append(kit_overhead_s(rec))
         per[p]["gaps"].extend(stage_gaps_s(rec))
+        per[p]["prefill"].append(prefill_tokens_to_first_visible(rec))
         d = decision_s(rec, strategy_stages[p])
         if d is not None:
             per[p]["decision"].append(d)
@@ -119,6 +136,7 @@ async def pipeline(model: str | None = None, presets: tuple[str, ...] = ("direct
             "e2e_s_median": _r(median(per[p]["e2e"])),
             "kit_overhead_ms_per_run_median": _r(median([x * 1000 for x in per[p]["overhead"]])),
             "stage_gap_ms_median": _r(median([x * 1000 for x in per[p]["gaps"]])),
+            "prefill_tokens_to_first_visible_median": median(per[p]["prefill"]),
             "runs": len(per[p]["ttft"]), "errors": per[p]["errors"],
         }
         if strategy_stages[p]:
