@@ -1,6 +1,6 @@
 """``llmfirst bench pipeline``: user-visible TTFT, E2E, kit overhead, the kit's time between stages, the
-strategy decision's own latency and the prompt tokens evaluated before the first visible token of presets, interleaved per query (every preset on a query before the next
-query, the order reversed every other round).
+strategy decision's own latency and the prompt tokens evaluated before the first visible token of presets,
+interleaved per query (every preset on a query before the next query, the order reversed every other round).
 
 Every preset is warmed the same way before anything is measured: one warm-up run of each, on the first
 query, so models are loaded, their weights touched and grammars built; what that first run cost beyond a

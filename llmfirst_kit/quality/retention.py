@@ -47,7 +47,8 @@ def judgment_outcome(judgment: Any, labels: tuple[str, str] = ("baseline", "cand
         return winner
     first = get("shown_first")
     second = labels[1] if first == labels[0] else labels[0]
-    return {first: float(probs.get("A", 0.0)), second: float(probs.get("B", 0.0)), "tie": float(probs.get("tie", 0.0))}
+    return {first: float(probs.get("A", 0.0)), second: float(probs.get("B", 0.0)),
+            "tie": float(probs.get("tie", 0.0))}
 
 
 def outcome_probabilities(outcome: Outcome, names: tuple[str, ...] = OUTCOMES) -> dict[str, float] | None:
@@ -151,8 +152,8 @@ def retention(outcomes_by_query: Mapping[str, Sequence[Outcome]], *, positions: 
               target: float = QUALITY_TARGET, level: float = DEFAULT_LEVEL, n_boot: int = DEFAULT_BOOTSTRAP,
               seed: int = 0) -> Retention:
     """Retention of a configuration: ``outcomes_by_query`` maps each query to its judgments' outcomes (two:
-    baseline shown first, candidate shown first; verdicts or probabilities, see :func:`judgment_outcome`); ``positions`` are the raw verdicts (``"A"``/``"B"``/``"tie"``)
-    for the first-position rate."""
+    baseline shown first, candidate shown first; verdicts or probabilities, see :func:`judgment_outcome`);
+    ``positions`` are the raw verdicts (``"A"``/``"B"``/``"tie"``) for the first-position rate."""
     scores = [query_score(o) for o in outcomes_by_query.values()]
     decided = [s for s in scores if s is not None]
     flat = [hard_outcome(o) for os in outcomes_by_query.values() for o in os]
@@ -167,4 +168,5 @@ def retention(outcomes_by_query: Mapping[str, Sequence[Outcome]], *, positions: 
 
 
 __all__ = ["OUTCOMES", "QUALITY_TARGET", "Retention", "bootstrap_ci", "first_position_rate", "hard_outcome",
-           "judgment_outcome", "order_disagreement", "outcome_probabilities", "query_score", "retention", "win_or_tie_share"]
+           "judgment_outcome", "order_disagreement", "outcome_probabilities", "query_score", "retention",
+           "win_or_tie_share"]

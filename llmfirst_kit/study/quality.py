@@ -477,4 +477,5 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
 
 __all__ = ["ANSWER_STAGES", "JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "comparison_plan",
            "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version", "study_queries",
-           "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes", "quality_columns", "read_judgments"]
+           "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes", "quality_columns",
+           "read_judgments"]
