@@ -244,7 +244,8 @@ def load_sweep(result: dict[str, Any], *, title: str | None = None) -> go.Figure
 
 def judge_gate(gates: dict[str, Any], *, title: str | None = None) -> go.Figure:
     """The judge gate: per judge, the share of planted pairs of each kind in which it preferred the real answer
-    in both orders, and its overall gate accuracy; the threshold dashed (below it, no quality verdict)."""
+    (both orders averaged, ``quality.gate.pair_correct``), and its overall gate accuracy; the threshold dashed
+    (below it, no quality verdict)."""
     fig = go.Figure()
     threshold = None
     for i, (judge, g) in enumerate(gates.items()):
@@ -260,7 +261,7 @@ def judge_gate(gates: dict[str, Any], *, title: str | None = None) -> go.Figure:
     if threshold is not None:
         fig.add_hline(y=threshold, line_dash="dash", line_color="#d62728",
                       annotation_text=f"threshold {threshold:g}", annotation_position="top left")
-    fig.update_layout(title=title or "Judge gate: real answer preferred in both orders", barmode="group",
+    fig.update_layout(title=title or "Judge gate: real answer preferred, both orders averaged", barmode="group",
                       yaxis={"range": [0, 1.1], "title": "share of pairs"}, xaxis_title="planted bad answer",
                       legend_title="judge")
     return fig
