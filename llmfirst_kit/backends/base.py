@@ -40,7 +40,10 @@ class CallRequest:
     stop: list[str] = field(default_factory=list)
     json_schema: dict[str, Any] | None = None  # structured output: the answer must match this schema
     # a choice among a few options, read from the next-token probabilities after one prefill (no decoding);
-    # the call's text is the most probable option; backends with capabilities.next_token_choice only
+    # the call's text is the most probable option; backends with capabilities.next_token_choice only. Each
+    # option is read by its first token as written: after a reply_prefix that ends in a word, give the options
+    # their leading space (" simple"), as the reply would go on (without it the 0.5B's strategy choice looked
+    # informative by accident, reading tokens it would not write)
     choices: list[str] | None = None
     # the model's reply continues from this text (a prefill of the assistant's turn, not shown as output): e.g.
     # the judge's own reasons, so that a choice read after them is conditioned on them; embedded backend only
