@@ -27,6 +27,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
+from .retention import first_position_rate, judgment_outcome, outcome_probabilities
+
 KINDS = ("other_query", "truncated", "wrong_language", "prompt_echo", "empty")
 GATE_THRESHOLD = 0.9
 REAL, PLANTED = "real", "planted"
@@ -121,8 +123,6 @@ def pair_correct(outcomes: Sequence[Any]) -> bool:
     """A pair passes when the real answer's probability, averaged over its judgments (both orders; an
     undecided judgment counts as not preferring it), is above 0.5. Outcomes are verdicts (``"real"``,
     ``"planted"``, ``"tie"``, None) or probabilities over them (:func:`~.retention.judgment_outcome`)."""
-    from .retention import outcome_probabilities
-
     if not outcomes:
         return False
     real = [0.0 if o is None else outcome_probabilities(o, GATE_OUTCOMES)[REAL] for o in outcomes]
@@ -161,8 +161,6 @@ class GateResult:
 def gate_result(judged: Sequence[tuple[GatePair, Sequence[Any]]], *, threshold: float = GATE_THRESHOLD,
                 judge_model: str = "", judge_backend: str = "") -> GateResult:
     """The gate's figures from pairs and their judgments (:class:`~.judge.Judgment` objects or their dicts)."""
-    from .retention import first_position_rate, judgment_outcome
-
     def get(j: Any, key: str) -> Any:
         return j.get(key) if isinstance(j, dict) else getattr(j, key)
 

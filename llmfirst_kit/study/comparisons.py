@@ -59,9 +59,10 @@ def comparison_rows(res: StudyResults) -> list[dict[str, Any]]:
     spec, p = res.spec, res.spec["parameters"]
     n_boot, seed = int(spec.get("bootstrap_samples") or 2000), int(p.get("seed") or 0)
     version = judge_version(spec)
-    lines = [ln for ln in read_judgments(res.directory) if ln.get("prompt_version") == version]
+    logged = read_judgments(res.directory)  # read once: the gate's lines and the comparisons' come from it
+    lines = [ln for ln in logged if ln.get("prompt_version") == version]
     baseline = cell_answers(res.runs, res.baseline_cell) if res.baseline_cell else {}
-    gates = gate_results(res.directory, None, float(spec.get("gate_threshold") or 0.9), gate_runs(spec, baseline),
+    gates = gate_results(res.directory, logged, float(spec.get("gate_threshold") or 0.9), gate_runs(spec, baseline),
                          version=version)
     rows = []
     for cand, ref in comparison_plan(res):
