@@ -35,6 +35,7 @@ def asset(name: str) -> Path:
 STUDY_NOTEBOOK = asset("study.ipynb")
 SUMMARY_NOTEBOOK = asset("study_summary.ipynb")
 QUERIES = asset("queries/queries.jsonl")
+CALIBRATION_QUERIES = asset("queries/calibration.jsonl")  # a choice's prior (pipeline.calibration)
 TEXTS = {"en": asset("text/harbour_en.txt"), "ko": asset("text/library_ko.txt")}
 
-__all__ = ["QUERIES", "STUDY_NOTEBOOK", "SUMMARY_NOTEBOOK", "TEXTS", "asset"]
+__all__ = ["CALIBRATION_QUERIES", "QUERIES", "STUDY_NOTEBOOK", "SUMMARY_NOTEBOOK", "TEXTS", "asset"]

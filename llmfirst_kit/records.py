@@ -84,7 +84,9 @@ class DecisionRecord:
     model's value, or the configured default when the model made no decision (``source`` "kit default",
     ``status`` "undecided"). ``method`` says how the decision was read: ``"structured output"`` (JSON schema),
     ``"next-token choice"`` (the options' next-token probabilities after one prefill, kept in
-    ``probabilities``; ``mass`` = their share of all probability) or ``"free text"`` (the rewritten query:
+    ``probabilities``; ``mass`` = their share of all probability; a calibrated choice keeps the model's
+    probabilities, the prior they were divided by and the calibrated ones, which decided, in ``calibration``
+    and ``probabilities``) or ``"free text"`` (the rewritten query:
     ``structured`` False, not a decision among options, so not counted in decision compliance). A strategy
     also records its ``plan``: which later stages run, which wait for a decision, which are skipped, and
     each stage's budget.
@@ -100,6 +102,7 @@ class DecisionRecord:
     cut_by_limit: bool = False  # the token limit, not the model, ended the decision's call
     probabilities: dict[str, float] | None = None
     mass: float | None = None
+    calibration: dict[str, Any] | None = None  # method, prior, queries, computed_s (this run), raw probabilities
     plan: dict[str, Any] | None = None
     structured: bool = True
 

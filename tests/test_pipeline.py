@@ -9,12 +9,15 @@ from dataclasses import replace
 import fastjsonschema
 import pytest
 
+from llmfirst_kit.backends import CallRequest
 from llmfirst_kit.backends.embedded import EmbeddedBackend
 from llmfirst_kit.errors import ContextOverflow, InvalidInput, UnknownModel
 from llmfirst_kit.events import Decision, Error, RunEnd, StageEnd, StageStart, Token
 from llmfirst_kit.compliance import Transcript, decision_compliance, sink_compliance
 from llmfirst_kit.metrics import kit_overhead_s, run_metrics, user_ttft_s
-from llmfirst_kit.pipeline import PRESETS, STRATEGIES, STRATEGY_SCHEMA, Pipeline, Stage, preset, with_model
+from llmfirst_kit.pipeline import (PRESETS, STRATEGIES, STRATEGY_SCHEMA, SYSTEM_PROMPT, Pipeline, Stage, preset,
+                                   strategy_stage, with_model)
+from llmfirst_kit.pipeline.calibration import calibration_queries, forget_priors
 from llmfirst_kit.sinks.console import ConsoleSink
 
 from conftest import TEST_MODEL
@@ -147,7 +150,9 @@ async def test_strategy_is_a_choice_in_one_forward_pass_and_shapes_the_run(backe
     assert chosen == max(probs, key=probs.get) and 0 < decision.mass <= 1
     fastjsonschema.validate(STRATEGY_SCHEMA, decision.value)
     strategy_call = rec.stages[0].call
-    assert strategy_call.output_tokens == 1 and strategy_call.choice["chosen"] == chosen  # no decoding
+    assert strategy_call.output_tokens == 1  # no decoding
+    # the call's own probabilities are the model's, before calibration (see the calibration tests)
+    assert decision.calibration["raw"] == dict(zip(strategy_call.choice["options"], strategy_call.choice["probabilities"]))
     [ev] = [e for e in events if isinstance(e, Decision)]
     assert ev.name == "strategy" and ev.value == decision.value
     # the plan follows the choice: a stage runs only for the strategies it runs for, with that strategy's budget
@@ -160,6 +165,59 @@ async def test_strategy_is_a_choice_in_one_forward_pass_and_shapes_the_run(backe
         assert s.call.params["max_tokens"] == plan["budgets"][s.name] == budget
         # and the stage was told its budget, in words, in its instruction
         assert any(f"at most about {round(budget * 0.6)} words" in p for p in rec.kit_prompts), s.name
+
+
+def _strategy_prompt(query: str) -> list[dict[str, str]]:
+    """The strategy decision's prompt, written out here as the kit lays it out (system, query, task)."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": query},
+            {"role": "user", "content": f"Your task: {strategy_stage().instruction}"}]
+
+
+async def test_calibrated_strategy_divides_the_models_probabilities_by_its_prior(backend):
+    forget_priors()
+    pipe = Pipeline(stages=[strategy_stage()], backend=backend, model=TEST_MODEL)
+    first = (await pipe.run(QUERY)).decisions["strategy"]
+    cal = first.calibration
+    assert cal["method"] == "batch" and cal["queries"] == len(calibration_queries()) == 12 and cal["computed_s"] > 0
+    # the prior, computed here on its own: the model's probabilities on each calibration query, averaged
+    probs = []
+    for q in calibration_queries():
+        rec = await backend.call(CallRequest(messages=_strategy_prompt(q), model=TEST_MODEL, max_tokens=1,
+                                             choices=list(STRATEGIES))).collect()
+        probs.append(dict(zip(rec.choice["options"], rec.choice["probabilities"])))
+    for o in STRATEGIES:
+        assert cal["prior"][o] == pytest.approx(sum(p[o] for p in probs) / len(probs), abs=1e-4)
+    # the decision's probabilities: raw / prior, renormalised; the decision is the largest
+    ratios = {o: cal["raw"][o] / cal["prior"][o] for o in STRATEGIES}
+    for o in STRATEGIES:
+        assert first.probabilities[o] == pytest.approx(ratios[o] / sum(ratios.values()), abs=1e-5)
+    assert first.value["strategy"] == max(ratios, key=ratios.get)
+    # once per process: the next run finds the prior and says it computed nothing
+    again = (await pipe.run("What is the boiling point of water?")).decisions["strategy"]
+    assert again.calibration["computed_s"] is None and again.calibration["prior"] == cal["prior"]
+
+
+@pytest.mark.parametrize("query,raw,decided,analysis", [
+    # SmolLM2-135M says "simple" to nearly everything (raw 0.93 here); this query raises "analytical" most
+    # above the model's habit (calibrated 0.60 vs simple 0.33), so the analysis runs
+    ("Write a study plan for learning machine learning from scratch in six months, month by month.",
+     "simple", "analytical", True),
+    # here "simple" stays ahead after calibration (0.48 vs 0.27), so the analysis is skipped
+    ("1킬로미터는 몇 미터인가요?", "simple", "simple", False),
+])
+async def test_calibration_moves_the_decision_only_where_the_query_does(backend, query, raw, decided, analysis):
+    rec = await make("staged", backend).run(query)
+    decision = rec.decisions["strategy"]
+    cal = decision.calibration
+    assert max(cal["raw"], key=cal["raw"].get) == raw and decision.value == {"strategy": decided}
+    assert ("analysis" in [s.name for s in rec.stages]) is analysis and decision.source == "model"
+
+
+def test_a_calibrated_choice_must_see_only_the_query(backend):
+    stages = preset("staged", analysis_first=True)
+    assert stages[1].name == "strategy" and not stages[1].calibrate  # its prior would need an analysis per query
+    with pytest.raises(InvalidInput, match="must see only the query"):
+        Pipeline(stages=[stages[0], replace(stages[1], calibrate=True)], backend=backend, model=TEST_MODEL).validate()
 
 
 async def test_invalid_structured_output_is_retried_once_then_undecided(backend):

@@ -57,7 +57,9 @@ class Stage:
     an earlier stage (a stage that did not run is left out). ``decision`` names what a structured stage
     decides (``"strategy"`` shapes the run; ``"quality"`` is the judge's review). ``choices``: the decision
     is one of these options, read from the model's next-token probabilities after one prefill where the
-    backend can (``capabilities.next_token_choice``), else as structured output (``schema``).
+    backend can (``capabilities.next_token_choice``), else as structured output (``schema``). ``calibrate``:
+    those probabilities are divided by the model's prior over the options (:mod:`.calibration`); such a stage
+    sees only the query (a choice asked for as structured output has no probabilities and is not calibrated).
 
     The strategy decision shapes the later stages: ``runs_for`` lists the strategies for which a stage runs
     (empty: always) and ``budgets`` its max tokens per strategy; otherwise ``max_tokens``, else the
@@ -77,6 +79,7 @@ class Stage:
     schema: dict[str, Any] | None = None
     decision: str | None = None
     choices: tuple[str, ...] = ()
+    calibrate: bool = False
     runs_for: tuple[str, ...] = ()
     budgets: tuple[tuple[str, int], ...] = ()
     when: tuple[str, str] | tuple[()] = ()
@@ -90,7 +93,7 @@ class Stage:
 def strategy_stage() -> Stage:
     return Stage(
         name="strategy", visible=False, schema=STRATEGY_SCHEMA, decision="strategy", choices=STRATEGIES,
-        max_tokens=24, query_first=True,
+        calibrate=True, max_tokens=24, query_first=True,
         instruction=("Decide how the query above should be answered: simple (a short factual reply), analytical "
                      "(a reasoned explanation) or comprehensive (a long, structured treatment). Reply with one "
                      "word: simple, analytical or comprehensive."),
@@ -164,7 +167,9 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
                                                    "right; the facts you state must be correct."),
         ]
         if analysis_first:  # the analysis runs before the decision, whatever it will be; the decision sees it
-            stages[0], stages[1] = replace(stages[1], runs_for=(), budgets=()), replace(stages[0], sees=(*q, "analysis"))
+            # (uncalibrated: its prior would need an analysis of every calibration query)
+            stages[0], stages[1] = (replace(stages[1], runs_for=(), budgets=()),
+                                    replace(stages[0], sees=(*q, "analysis"), calibrate=False))
     elif name == "cascade":
         stages = [
             Stage(name="opening", sees=("query",), model=fast_model or "smollm2-135m", overlap=True, max_tokens=48,

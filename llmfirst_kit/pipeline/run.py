@@ -31,11 +31,12 @@ import fastjsonschema
 
 from ..backends import Backend, CallRequest, get_backend
 from ..engine import cpu_model
-from ..errors import InvalidInput
+from ..errors import BackendError, InvalidInput
 from ..events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
 from ..metrics import DEFAULT_SLO, SLO, call_metrics, run_metrics
 from ..records import DecisionRecord, RunRecord, StageRecord, new_id
 from ..sinks.jsonl import RunLog
+from .calibration import PLACEHOLDER, Prior, calibrated, option_prior
 from .presets import DEFAULT_STRATEGY, PRESETS, SYSTEM_PROMPT, Stage, parse_preset, preset
 
 # ----------------------------------------------------------------------------------------- pipeline
@@ -103,6 +104,9 @@ class Pipeline:
                                        f"set overlap=False on {ref!r}")
             if stage.schema is not None or stage.decision is not None:
                 self._check_structured(stage)
+            if stage.calibrate and (set(stage.sees) - {"query", "rewrite"} or stage.data):
+                raise InvalidInput(f"stage {stage.name!r} is calibrated, so it must see only the query: its prior is "
+                                   f"measured on other queries; set calibrate=False or sees=('query',)")
             if any(not isinstance(n, int) or n <= 0 for _, n in stage.budgets):
                 raise InvalidInput(f"stage {stage.name!r}: every budget must be a positive number of tokens")
         for stage in self.stages:
@@ -323,22 +327,55 @@ class Run:
         return bool(stage.choices) and self.pipeline.backend.capabilities.next_token_choice
 
     async def _choice(self, stage: Stage, emit: Callable[[Event], None]) -> None:
-        """A decision among ``stage.choices``, read from the next-token probabilities after one prefill."""
+        """A decision among ``stage.choices``, read from the next-token probabilities after one prefill;
+        a ``calibrate`` stage's probabilities are divided by the model's prior first (its decision is the
+        largest result). The prior is measured before the decision's call, so that the stages after it find
+        the decision's prompt in the KV cache."""
+        prior = await self._prior(stage) if stage.calibrate else None
         text, call_id = await self._call(stage, emit, stage.name)
         crec = self.record.stages[-1].call
         name = stage.decision or stage.name
         decided = crec.status == "ok" and crec.choice is not None
-        value = {name: crec.choice["chosen"]} if decided else None
+        probabilities = dict(zip(crec.choice["options"], crec.choice["probabilities"])) if decided else None
+        calibration = None
+        if prior is not None:
+            calibration = {"method": "batch", "prior": prior.probabilities, "queries": prior.queries,
+                           "computed_s": prior.computed_s, "raw": probabilities}
+            if probabilities is not None:
+                probabilities = {o: round(p, 6) for o, p in calibrated(probabilities, prior.probabilities).items()}
+        value = {name: max(probabilities, key=probabilities.__getitem__)} if probabilities else None
         used = value if decided else self._default(name)
         decision = DecisionRecord(
             value=value, used=used, status="decided" if decided else "undecided",
             source="model" if decided else "kit default", method="next-token choice", call_id=call_id,
-            problem=None if decided else (crec.error or "no choice"),
-            probabilities=dict(zip(crec.choice["options"], crec.choice["probabilities"])) if decided else None,
-            mass=crec.choice["mass"] if decided else None)
-        self._decided(stage, decision, text)
+            problem=None if decided else (crec.error or "no choice"), probabilities=probabilities,
+            mass=crec.choice["mass"] if decided else None, calibration=calibration)
+        self._decided(stage, decision, value[name] if value else text)
         emit(Decision(run_id=self.record.run_id, t_ns=time.perf_counter_ns(), stage=stage.name, name=name,
                       value=value, status=decision.status, call_id=call_id, used=used, source=decision.source))
+
+    async def _prior(self, stage: Stage) -> Prior:
+        """The model's prior over the stage's options: its probabilities on the calibration queries, each asked
+        with this stage's prompt (computed once per process for a backend, model, prompt and options)."""
+        pipe = self.pipeline
+        model = stage.model or pipe.model
+
+        def messages_for(query: str) -> list[dict[str, str]]:
+            other = Run(pipe, query, labels={}, warmup=True)
+            other.outputs["rewrite"] = query  # a stage that sees the rewritten query: a calibration query in its place
+            return other._messages(stage)
+
+        async def probabilities_of(messages: list[dict[str, str]]) -> dict[str, float]:
+            rec = await pipe.backend.call(CallRequest(messages=messages, model=model, max_tokens=1,
+                                                      temperature=pipe.temperature, seed=pipe.seed,
+                                                      choices=list(stage.choices), cache=pipe.cache)).collect()
+            if rec.status != "ok" or rec.choice is None:
+                raise BackendError(rec.error or "the backend returned no choice")
+            return dict(zip(rec.choice["options"], rec.choice["probabilities"]))
+
+        key = (pipe.backend.name, getattr(pipe.backend, "host", None), pipe.backend.resolve_model(model),
+               json.dumps(messages_for(PLACEHOLDER), ensure_ascii=False), stage.choices)
+        return await option_prior(key, list(stage.choices), messages_for, probabilities_of)
 
     def _default(self, name: str) -> Any:
         """What the run goes on with when the model made no decision ``name``: the configured default strategy
