@@ -8,14 +8,17 @@ and the interval / verdict arithmetic, on figures that go either way."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import pytest
 
 from conftest import TEST_MODEL, TEST_THREADS
 from llmfirst_kit.bench import _ab
+from llmfirst_kit.bench.decisions import decisions
 from llmfirst_kit.bench.overhead import kit_once, overhead, raw_once
 from llmfirst_kit.bench.pipeline import pipeline
+from llmfirst_kit.errors import InvalidInput
 from llmfirst_kit.environment import memory_read_bandwidth, usable_cores
 from llmfirst_kit.pipeline import Pipeline
 
@@ -137,6 +140,34 @@ def test_cold_per_run_empties_the_cache_once_and_a_run_shares_its_prefix(backend
     first, last = rec.stages[0].call, rec.stages[-1].call
     assert first.server["prompt_eval_tokens"] == first.prompt_tokens  # cold at the run's start
     assert last.server["prompt_eval_tokens"] < last.prompt_tokens  # the answer reused the decision's prefix
+
+
+# ------------------------------------------------------------------------------------------ decisions
+
+def test_decisions_reads_raw_and_calibrated_choices_from_one_call_and_scores_both(backend, tmp_path):
+    rows = [  # SmolLM2-135M says "simple" to all three; calibrated, it moves to comprehensive for two of them
+        {"id": "ko-c02", "category": "comprehensive", "lang": "ko",
+         "query": "기후 변화의 원인과 영향, 그리고 개인과 국가가 할 수 있는 대응 방안을 체계적으로 정리해 주세요."},
+        {"id": "en-s02", "category": "simple", "lang": "en", "query": "How many bytes are in a kilobyte?"},
+        {"id": "ko-s02", "category": "simple", "lang": "ko", "query": "1킬로미터는 몇 미터인가요?"},
+        {"id": "nolabel", "query": "Why is the sky blue?"},  # no category: not scored, not run
+    ]
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    out = asyncio.run(decisions(TEST_MODEL, path, backend=backend))
+    got = {r["id"]: (r["raw"], r["calibrated"]) for r in out["rows"]}
+    assert got == {"ko-c02": ("simple", "comprehensive"), "en-s02": ("simple", "comprehensive"),
+                   "ko-s02": ("simple", "simple")}
+    # calibration helped one query and hurt another: the same agreement (2 of 3), a gain of 0 either way
+    assert out["raw"]["agreement"] == out["calibrated"]["agreement"] == round(2 / 3, 4) and out["agreement_gain"] == 0
+    assert out["raw"]["distribution"] == {"simple": 3, "analytical": 0, "comprehensive": 0}
+    assert out["calibrated"]["by_label"] == {"simple": {"comprehensive": 1, "simple": 1}, "comprehensive": {"comprehensive": 1}}
+    assert out["by_language"] == {"en": {"raw": 1.0, "calibrated": 0.0}, "ko": {"raw": 0.5, "calibrated": 1.0}}
+    assert out["calibration_queries"] == 12 and set(out["prior"]) == {"simple", "analytical", "comprehensive"}
+    assert out["decision_s"]["median"] > 0
+    path.write_text(json.dumps(rows[-1]), encoding="utf-8")
+    with pytest.raises(InvalidInput, match="category label"):
+        asyncio.run(decisions(TEST_MODEL, path, backend=backend))
 
 
 # ---------------------------------------------------------------------------------------------- bandwidth

@@ -1,11 +1,12 @@
 """Benchmarks: side-by-side ratios measured in one run (:mod:`._ab`, the interleaved A/B runner) --
-``overhead`` (kit vs raw llama-cpp-python), ``pipeline`` (presets' user-visible TTFT), ``engine`` (extra
-buffers on vs off) -- and load: ``ws_load`` (concurrent WebSocket clients) and ``load_sweep`` (latency and
+``overhead`` (kit vs raw llama-cpp-python), ``pipeline`` (presets' user-visible TTFT), ``decisions`` (the
+strategy decision's choices and their agreement with labels, raw vs calibrated), ``engine`` (extra buffers on
+vs off) -- and load: ``ws_load`` (concurrent WebSocket clients) and ``load_sweep`` (latency and
 throughput against concurrency). Each is a ``llmfirst bench`` command.
 
 The names below are imported on first use (``from llmfirst_kit.bench import sweep`` loads only the load
-sweep, not the server). The overhead and pipeline benchmarks are ``bench.overhead.overhead`` and
-``bench.pipeline.pipeline`` (their modules' names)."""
+sweep, not the server). The overhead, pipeline and decisions benchmarks are ``bench.overhead.overhead``,
+``bench.pipeline.pipeline`` and ``bench.decisions.decisions`` (their modules' names)."""
 
 from __future__ import annotations
 

@@ -91,6 +91,26 @@ def pipeline(model: str | None, presets: str, rounds: int, max_tokens: int, thre
     return _print(asyncio.run(repeat(once, repeats, keys, goals)), as_json)
 
 
+@command.command("decisions", short_help="the strategy decision over a query set: choices, agreement with labels, "
+                                         "raw vs calibrated")
+@click.option("--model", default=None)
+@click.option("--queries", "queries_path", default=None, help="a JSONL/CSV query set with category labels "
+              "(default: the kit's 72 queries)")
+@click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
+@click.option("--rows", "show_rows", is_flag=True, help="also print each query's choices")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def decisions(model: str | None, queries_path: str | None, threads: int | None, show_rows: bool,
+              as_json: bool) -> int:
+    """the strategy decision over a query set: distribution, agreement with labels, raw vs calibrated"""
+    from ..bench.decisions import decisions as run
+    from ..data import QUERIES
+
+    result = asyncio.run(run(model=model, queries=queries_path or QUERIES, n_threads=threads))
+    if not (show_rows or as_json):
+        result.pop("rows")
+    return _print(result, as_json)
+
+
 @command.command("view", short_help="a run with and without the live notebook view attached")
 @click.option("--model", default="smollm2-135m")
 @click.option("--runs", type=POSITIVE, default=3)

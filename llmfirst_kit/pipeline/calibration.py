@@ -72,7 +72,7 @@ async def option_prior(key: Any, options: list[str], messages_for: Callable[[str
                                f"{exc}") from exc
             for option in options:
                 sums[option] += probs[option]
-        prior = Prior({o: s / len(queries) for o, s in sums.items()}, len(queries))
+        prior = Prior({o: round(s / len(queries), 6) for o, s in sums.items()}, len(queries))
         _PRIORS[key] = prior
         return Prior(prior.probabilities, prior.queries, round(time.perf_counter() - start, 4))
 
