@@ -146,18 +146,18 @@ def test_cold_per_run_empties_the_cache_once_and_a_run_shares_its_prefix(backend
 
 def test_decisions_reads_raw_and_calibrated_choices_from_one_call_and_scores_both(backend, tmp_path):
     rows = [  # SmolLM2-135M says "simple" to all three; calibrated, it moves to comprehensive for two of them
-        {"id": "ko-c02", "category": "comprehensive", "lang": "ko",
-         "query": "기후 변화의 원인과 영향, 그리고 개인과 국가가 할 수 있는 대응 방안을 체계적으로 정리해 주세요."},
-        {"id": "en-s02", "category": "simple", "lang": "en", "query": "How many bytes are in a kilobyte?"},
-        {"id": "ko-s02", "category": "simple", "lang": "ko", "query": "1킬로미터는 몇 미터인가요?"},
+        {"id": "ko-c08", "category": "comprehensive", "lang": "ko",
+         "query": "URL을 입력한 순간부터 첫 화면이 그려질 때까지 웹 브라우저가 페이지를 불러와 렌더링하는 과정을 빠짐없이 설명해 주세요."},
+        {"id": "en-s06", "category": "simple", "lang": "en", "query": "What is the chemical symbol for gold?"},
+        {"id": "ko-s06", "category": "simple", "lang": "ko", "query": "HTML은 무엇의 약자인가요?"},
         {"id": "nolabel", "query": "Why is the sky blue?"},  # no category: not scored, not run
     ]
     path = tmp_path / "q.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     out = asyncio.run(decisions(TEST_MODEL, path, backend=backend))
     got = {r["id"]: (r["raw"], r["calibrated"]) for r in out["rows"]}
-    assert got == {"ko-c02": ("simple", "comprehensive"), "en-s02": ("simple", "comprehensive"),
-                   "ko-s02": ("simple", "simple")}
+    assert got == {"ko-c08": ("simple", "comprehensive"), "en-s06": ("simple", "comprehensive"),
+                   "ko-s06": ("simple", "simple")}
     # calibration helped one query and hurt another: the same agreement (2 of 3), a gain of 0 either way
     assert out["raw"]["agreement"] == out["calibrated"]["agreement"] == round(2 / 3, 4) and out["agreement_gain"] == 0
     assert out["raw"]["distribution"] == {"simple": 3, "analytical": 0, "comprehensive": 0}

@@ -168,9 +168,10 @@ async def test_strategy_is_a_choice_in_one_forward_pass_and_shapes_the_run(backe
 
 
 def _strategy_prompt(query: str) -> list[dict[str, str]]:
-    """The strategy decision's prompt, written out here as the kit lays it out (system, query, task)."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": query},
-            {"role": "user", "content": f"Your task: {strategy_stage().instruction}"}]
+    """The strategy decision's prompt, written out here as the kit lays it out: the system prompt, then one
+    user turn, the query first and the task after it."""
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"{query}\n\nYour task: {strategy_stage().instruction}"}]
 
 
 async def test_calibrated_strategy_divides_the_models_probabilities_by_its_prior(backend):
@@ -198,12 +199,11 @@ async def test_calibrated_strategy_divides_the_models_probabilities_by_its_prior
 
 
 @pytest.mark.parametrize("query,raw,decided,analysis", [
-    # SmolLM2-135M says "simple" to nearly everything (raw 0.93 here); this query raises "analytical" most
-    # above the model's habit (calibrated 0.60 vs simple 0.33), so the analysis runs
-    ("Write a study plan for learning machine learning from scratch in six months, month by month.",
-     "simple", "analytical", True),
-    # here "simple" stays ahead after calibration (0.48 vs 0.27), so the analysis is skipped
-    ("1킬로미터는 몇 미터인가요?", "simple", "simple", False),
+    # SmolLM2-135M says "simple" to every query (raw 0.92 here); this one raises "analytical" most above the
+    # model's habit (calibrated 0.50 vs comprehensive 0.28, simple 0.22), so the analysis runs
+    ("What is the capital of Australia?", "simple", "analytical", True),
+    # here "simple" stays ahead after calibration (0.64 vs 0.25), so the analysis is skipped
+    ("HTML은 무엇의 약자인가요?", "simple", "simple", False),
 ])
 async def test_calibration_moves_the_decision_only_where_the_query_does(backend, query, raw, decided, analysis):
     rec = await make("staged", backend).run(query)

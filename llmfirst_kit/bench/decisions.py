@@ -44,11 +44,11 @@ async def decisions(model: str | None = None, queries: str | Path = QUERIES, *, 
     be = backend or get_backend("embedded", **({"n_threads": n_threads} if n_threads else {}))
     if not be.capabilities.next_token_choice:
         raise InvalidInput(f"the {be.name} backend cannot read a choice from next-token probabilities, so there is "
-                           f"nothing to calibrate; use --backend embedded")
+                           f"nothing to calibrate; pass the embedded backend (get_backend('embedded'))")
     qs = [q for q in load_queries(queries) if q.category in STRATEGIES]
     if not qs:
         raise InvalidInput(f"no query in {str(queries)!r} has a category label ({', '.join(STRATEGIES)}); the "
-                           f"agreement needs one (see llmfirst_kit/assets/queries/README)")
+                           f"agreement needs one (the format: llmfirst_kit/assets/README.md)")
     pipe = Pipeline(stages=[strategy_stage()], name="strategy", backend=be, model=model)
     rows: list[dict[str, Any]] = []
     calibration: dict[str, Any] = {}

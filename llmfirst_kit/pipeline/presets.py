@@ -67,8 +67,9 @@ class Stage:
     ``when`` = (decision, key): the stage runs only when the model made that decision with ``key`` true (the
     revision runs when the judge decided ``revise``; an undecided review revises nothing).
     ``overlap`` starts the stage without waiting for it, so the next stage runs at the same time.
-    ``query_first`` lays the prompt out as system prompt, the user's query, then the task: stages laid out so
-    share their prompt prefix, which the KV cache keeps (the decision's prefill is mostly the answer's).
+    ``query_first`` lays the prompt out as system prompt, then one user turn with the user's query first and the
+    task after it: stages laid out so share their prompt prefix, which the KV cache keeps (the decision's
+    prefill is mostly the answer's).
     """
 
     name: str
