@@ -2,9 +2,8 @@
 ICLR 2024; after Zhao et al., "Calibrate Before Use", 2021).
 
 A small model's probabilities over a choice's options carry a prior that no query causes: asked how a
-query should be answered, the 0.5B model put ``analytical`` first for 70 of the 72 study queries, simple
-and comprehensive ones alike, although its probabilities still moved with the query (``simple`` got 0.28
-on simple queries, 0.19 on analytical ones). The prior is the mean of the model's option probabilities over
+query should be answered, the 0.5B model put ``analytical`` first for 63 of the 72 study queries, simple
+and comprehensive ones alike, although its probabilities still moved with the query. The prior is the mean of the model's option probabilities over
 the **calibration queries** (``assets/queries/calibration.jsonl``: 12 queries, half Korean, of every kind,
 none of them in the study's query set, no labels), each asked with the very prompt the decision uses. A
 calibrated choice divides each option's probability by its prior and renormalises; the decision is the
