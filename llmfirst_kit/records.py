@@ -102,7 +102,7 @@ class DecisionRecord:
     cut_by_limit: bool = False  # the token limit, not the model, ended the decision's call
     probabilities: dict[str, float] | None = None
     mass: float | None = None
-    calibration: dict[str, Any] | None = None  # method, prior, queries, computed_s (this run), raw probabilities
+    calibration: dict[str, Any] | None = None  # method, prior, queries, computed_s / file (this run), raw
     plan: dict[str, Any] | None = None
     structured: bool = True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from dataclasses import replace
 
 import fastjsonschema
@@ -17,6 +18,7 @@ from llmfirst_kit.compliance import Transcript, decision_compliance, sink_compli
 from llmfirst_kit.metrics import kit_overhead_s, run_metrics, user_ttft_s
 from llmfirst_kit.pipeline import (PRESETS, STRATEGIES, STRATEGY_SCHEMA, SYSTEM_PROMPT, Pipeline, Stage, preset,
                                    strategy_stage, with_model)
+from llmfirst_kit.pipeline import calibration
 from llmfirst_kit.pipeline.calibration import calibration_queries, forget_priors
 from llmfirst_kit.sinks.console import ConsoleSink
 
@@ -174,12 +176,14 @@ def _strategy_prompt(query: str) -> list[dict[str, str]]:
             {"role": "user", "content": f"{query}\n\nYour task: {strategy_stage().instruction}"}]
 
 
-async def test_calibrated_strategy_divides_the_models_probabilities_by_its_prior(backend):
+async def test_calibrated_strategy_divides_the_models_probabilities_by_its_prior(backend, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "priors_dir", lambda: tmp_path)
     forget_priors()
     pipe = Pipeline(stages=[strategy_stage()], backend=backend, model=TEST_MODEL)
     first = (await pipe.run(QUERY)).decisions["strategy"]
     cal = first.calibration
     assert cal["method"] == "batch" and cal["queries"] == len(calibration_queries()) == 12 and cal["computed_s"] > 0
+    assert cal["file"] is None and len(list(tmp_path.glob("*.json"))) == 1  # computed, and kept on disk
     # the prior, computed here on its own: the model's probabilities on each calibration query, averaged
     probs = []
     for q in calibration_queries():
@@ -196,6 +200,17 @@ async def test_calibrated_strategy_divides_the_models_probabilities_by_its_prior
     # once per process: the next run finds the prior and says it computed nothing
     again = (await pipe.run("What is the boiling point of water?")).decisions["strategy"]
     assert again.calibration["computed_s"] is None and again.calibration["prior"] == cal["prior"]
+    # a new process (memory emptied) reads it from disk; a torn file is computed again and replaced
+    [stored] = tmp_path.glob("*.json")
+    forget_priors()
+    read = (await pipe.run(QUERY)).decisions["strategy"]
+    assert read.calibration["file"] == str(stored) and read.calibration["computed_s"] is None
+    assert read.calibration["prior"] == cal["prior"] and read.value == first.value
+    stored.write_text('{"key": ', encoding="utf-8")
+    forget_priors()
+    redone = (await pipe.run(QUERY)).decisions["strategy"]
+    assert redone.calibration["computed_s"] > 0 and redone.calibration["prior"] == cal["prior"]
+    assert json.loads(stored.read_text(encoding="utf-8"))["probabilities"] == cal["prior"]
 
 
 @pytest.mark.parametrize("query,raw,decided,analysis", [

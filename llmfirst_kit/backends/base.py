@@ -118,6 +118,11 @@ class Backend(ABC):
     async def aclose(self) -> None:
         """Release connections (the Ollama client); nothing to do for in-process backends."""
 
+    def model_identity(self, model: str | None) -> str | None:
+        """What identifies ``model``'s weights and the engine that runs them, for results kept on disk across
+        processes (a choice's calibration prior); None when unknown here (then nothing is kept on disk)."""
+        return None
+
     def structured_output_problem(self, model: str | None) -> str | None:
         """Why ``model`` cannot return JSON-schema output, or None if it can."""
         return None

@@ -236,6 +236,14 @@ class EmbeddedBackend(Backend):
     def environment(self) -> dict[str, Any]:
         return {"engine": engine.choice().summary(), "n_threads": self.n_threads}
 
+    def model_identity(self, model: str | None) -> str | None:
+        """The model file's sha256, the llama-cpp-python version and the engine configuration."""
+        import llama_cpp
+
+        config = engine.choice()
+        return (f"{resolve(model or self.default_model).sha256} llama-cpp-python {llama_cpp.__version__} "
+                f"engine {config.config} on {config.cpu_model}")
+
     def empty_caches(self) -> bool:
         """Every model loaded in this process, its KV cache emptied under its lock (no decode meanwhile)."""
         for loaded in loaded_models():  # copies of one file (another n_ctx) share a lock: taken one at a time

@@ -10,20 +10,28 @@ calibrated choice divides each option's probability by its prior and renormalise
 option with the largest result, i.e. the option this query raised most above the model's habit.
 
 Nothing looks at the query: the prior is the model's own output on other queries, the same for every query,
-and the decision is still the model's probabilities, rescaled. The prior is computed once per process for a
-(backend, model, prompt, options) and kept in memory; the run that computes it records how long it took.
+and the decision is still the model's probabilities, rescaled. The prior is computed once for a (backend,
+model, prompt, options, calibration queries) and kept in memory; where the backend can say what identifies the
+model's weights and engine (``Backend.model_identity``: the embedded model's sha256, llama-cpp-python's version,
+the engine configuration), it is also kept in ``$LLMFIRST_CACHE/priors/``, so a later process reads it
+instead of computing it again (~4 s on the 0.5B). The run that computed it records how long it took; one
+that read it from disk records the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from .._fs import atomic_write
 from ..data import CALIBRATION_QUERIES
 from ..errors import KitError
+from ..models.files import cache_dir
 
 PLACEHOLDER = "\x00query\x00"  # stands for the query when a prompt is used as the prior's key
 
@@ -31,15 +39,17 @@ PLACEHOLDER = "\x00query\x00"  # stands for the query when a prompt is used as t
 @dataclass(frozen=True)
 class Prior:
     """The mean option probabilities over the calibration queries (``probabilities``), how many queries they
-    came from, and the seconds it took to compute them (in the run that computed them; None elsewhere)."""
+    came from, the seconds it took to compute them (in the run that computed them; None elsewhere) and the
+    file it was read from (in the first run of a process that read it from disk)."""
 
     probabilities: dict[str, float]
     queries: int
     computed_s: float | None = None
+    file: str | None = None
 
 
-_PRIORS: dict[Any, Prior] = {}
-_LOCKS: dict[Any, asyncio.Lock] = {}
+_PRIORS: dict[str, Prior] = {}
+_LOCKS: dict[str, asyncio.Lock] = {}
 
 
 def calibration_queries() -> list[str]:
@@ -48,18 +58,44 @@ def calibration_queries() -> list[str]:
     return [row["query"] for row in rows]
 
 
-async def option_prior(key: Any, options: list[str], messages_for: Callable[[str], list[dict[str, str]]],
+def priors_dir() -> Path:
+    return cache_dir() / "priors"
+
+
+def _stored(path: Path, key: dict[str, Any], options: list[str]) -> Prior | None:
+    """The prior kept in ``path`` for exactly ``key``; None if there is none, or it is unreadable or for another
+    key (a hash collision, a torn file): then it is computed again and the file replaced."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data["key"] == key and sorted(data["probabilities"]) == sorted(options):
+            return Prior({o: float(data["probabilities"][o]) for o in options}, int(data["queries"]), None, str(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+async def option_prior(key: dict[str, Any], options: list[str], messages_for: Callable[[str], list[dict[str, str]]],
                        probabilities_of: Callable[[list[dict[str, str]]], Awaitable[dict[str, float]]]) -> Prior:
     """The prior of a choice: ``probabilities_of(messages_for(q))`` averaged over the calibration queries
-    ``q``, computed once for ``key`` (with ``computed_s`` set on the Prior returned to the caller that computed
-    it). A calibration call that fails raises KitError naming the query, and nothing is kept."""
-    known = _PRIORS.get(key)
+    ``q``, once for ``key`` (what the prior depends on, JSON-able; the calibration queries are added to it),
+    with ``computed_s`` set on the Prior returned to the caller that computed it. With ``key["model_identity"]``
+    set, the prior is read from and written to ``priors_dir()``. A calibration call that fails raises KitError
+    naming the query, and nothing is kept."""
+    key = {**key, "calibration_queries": hashlib.sha256(CALIBRATION_QUERIES.read_bytes()).hexdigest()}
+    name = json.dumps(key, sort_keys=True, ensure_ascii=False)
+    known = _PRIORS.get(name)
     if known is not None:
-        return known
-    lock = _LOCKS.setdefault(key, asyncio.Lock())
+        return replace(known, file=None)
+    lock = _LOCKS.setdefault(name, asyncio.Lock())
     async with lock:  # two runs deciding at once compute the prior once
-        if key in _PRIORS:
-            return _PRIORS[key]
+        if name in _PRIORS:
+            return replace(_PRIORS[name], file=None)
+        path = priors_dir() / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json" \
+            if key.get("model_identity") else None
+        stored = _stored(path, key, options) if path is not None and path.is_file() else None
+        if stored is not None:
+            _PRIORS[name] = stored
+            return stored
         start = time.perf_counter()
         sums = dict.fromkeys(options, 0.0)
         queries = calibration_queries()
@@ -72,8 +108,12 @@ async def option_prior(key: Any, options: list[str], messages_for: Callable[[str
             for option in options:
                 sums[option] += probs[option]
         prior = Prior({o: round(s / len(queries), 6) for o, s in sums.items()}, len(queries))
-        _PRIORS[key] = prior
-        return Prior(prior.probabilities, prior.queries, round(time.perf_counter() - start, 4))
+        _PRIORS[name] = prior
+        computed_s = round(time.perf_counter() - start, 4)
+        if path is not None:
+            atomic_write(path, json.dumps({"key": key, "probabilities": prior.probabilities, "queries": prior.queries,
+                                           "computed_s": computed_s}, ensure_ascii=False, indent=1))
+        return replace(prior, computed_s=computed_s)
 
 
 def calibrated(probabilities: dict[str, float], prior: dict[str, float]) -> dict[str, float]:
@@ -87,9 +127,9 @@ def calibrated(probabilities: dict[str, float], prior: dict[str, float]) -> dict
 
 
 def forget_priors() -> None:
-    """Drop every prior kept in memory (tests; a changed calibration file)."""
+    """Drop every prior kept in memory, as a new process starts (the files in ``priors_dir()`` stay)."""
     _PRIORS.clear()
     _LOCKS.clear()
 
 
-__all__ = ["PLACEHOLDER", "Prior", "calibrated", "calibration_queries", "forget_priors", "option_prior"]
+__all__ = ["PLACEHOLDER", "Prior", "calibrated", "calibration_queries", "forget_priors", "option_prior", "priors_dir"]

@@ -341,7 +341,7 @@ class Run:
         calibration = None
         if prior is not None:
             calibration = {"method": "batch", "prior": prior.probabilities, "queries": prior.queries,
-                           "computed_s": prior.computed_s, "raw": probabilities}
+                           "computed_s": prior.computed_s, "file": prior.file, "raw": probabilities}
             if probabilities is not None:
                 probabilities = {o: round(p, 6) for o, p in calibrated(probabilities, prior.probabilities).items()}
         value = {name: max(probabilities, key=probabilities.__getitem__)} if probabilities else None
@@ -374,8 +374,9 @@ class Run:
                 raise BackendError(rec.error or "the backend returned no choice")
             return dict(zip(rec.choice["options"], rec.choice["probabilities"]))
 
-        key = (pipe.backend.name, getattr(pipe.backend, "host", None), pipe.backend.resolve_model(model),
-               json.dumps(messages_for(PLACEHOLDER), ensure_ascii=False), stage.choices)
+        key = {"backend": pipe.backend.name, "host": getattr(pipe.backend, "host", None),
+               "model": pipe.backend.resolve_model(model), "model_identity": pipe.backend.model_identity(model),
+               "prompt": messages_for(PLACEHOLDER), "options": list(stage.choices)}
         return await option_prior(key, list(stage.choices), messages_for, probabilities_of)
 
     def _default(self, name: str) -> Any:
