@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from llmfirst_kit.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from llmfirst_kit.cli.ask import metrics_line, summary
+from llmfirst_kit.metrics import SLO, call_metrics, run_metrics
+from llmfirst_kit.pipeline import Pipeline
 from llmfirst_kit.compliance import Transcript, sink_compliance
 from llmfirst_kit.records import CallRecord, RunRecord
 from llmfirst_kit.sinks.jsonl import read_log
@@ -86,6 +90,22 @@ def test_ask_staged_with_review_json(capsys):
     assert data["quality"] is None or 0 <= data["quality"] <= 100
     for s in data["stages"]:
         assert {"name", "model", "text", "visible", "ttft_s", "tpot_s", "e2e_s", "output_tokens"} <= set(s)
+
+
+def test_ask_slo_verdict_is_the_users_wait_not_the_answer_calls(backend):
+    # A staged run's answer call starts after the invisible decision: an SLO between the answer call's TTFT and
+    # the user-visible TTFT is met by the call and missed by the run, and the verdict shown is the run's.
+    pipe = Pipeline.from_preset("staged", backend=backend, model=TEST_MODEL, max_tokens=16)
+    rec = asyncio.run(pipe.run("What is rain?"))
+    answer = [s for s in rec.stages if s.visible][-1].call
+    call_ttft, user = call_metrics(answer).ttft_s, run_metrics(rec).user_ttft_s
+    assert call_ttft < user
+    pipe.slo = SLO(ttft_s=(call_ttft + user) / 2, tpot_s=10.0, e2e_s=600.0)
+    assert call_metrics(answer, pipe.slo).slo.ttft is True
+    data = summary(rec, pipe)
+    assert data["slo"] == {"ttft": False, "tpot": True, "e2e": True} and "ttft:MISS" in metrics_line(data)
+    pipe.slo = SLO(ttft_s=user + 1.0, tpot_s=10.0, e2e_s=600.0)
+    assert summary(rec, pipe)["slo"]["ttft"] is True
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -12,7 +12,7 @@ import click
 from ..backends import BACKENDS, DEFAULT_BACKEND, backend_options, get_backend
 from ..compliance import Transcript, sink_compliance
 from ..events import Error
-from ..metrics import SLOVerdict, call_metrics, run_metrics
+from ..metrics import call_metrics, run_metrics
 from ..models import DEFAULT_MODEL
 from ..pipeline import PRESET_NAMES, Pipeline
 from ..records import RunRecord
@@ -27,7 +27,9 @@ STAGE_FIELDS = ("ttft_s", "tpot_s", "e2e_s", "output_tokens")
 
 
 def summary(rec: RunRecord, pipe: Pipeline, transcript: Transcript | None = None) -> dict[str, Any]:
-    """The --json object: the answer call's metrics at the top level, the run's beside them. ``compliance`` is
+    """The --json object: the answer call's metrics at the top level, the run's beside them; ``slo`` is the
+    run's verdict (the user-visible TTFT, the answer's TPOT, the run's E2E: what a user waits for, the paper's
+    goals), not the answer call's, which in a staged run starts after the invisible stages. ``compliance`` is
     the figure of the sink that shows it: the terminal's ``transcript``, or else this object itself (its
     ``text`` and its stages' texts are what it presents as the models' words)."""
     visible = [s for s in rec.stages if s.visible]
@@ -39,7 +41,7 @@ def summary(rec: RunRecord, pipe: Pipeline, transcript: Transcript | None = None
         "text": answer.text if answer else "", "model": answer.model if answer else rec.labels.get("model"),
         "backend": rec.labels.get("backend"), "preset": rec.preset,
         **{k: getattr(cm, k, None) for k in ANSWER_FIELDS},
-        "slo": (cm.slo if cm else SLOVerdict()).as_dict(),
+        "slo": rm.slo.as_dict(),
         "user_ttft_s": rm.user_ttft_s, "run_e2e_s": rm.e2e_s, "model_calls": rm.model_calls,
         "kit_overhead_s": rm.kit_overhead_s, "compliance": None, "sink": None,
         "prompt_echo_chars": rm.prompt_echo_chars, "decision_compliance": rm.decision_compliance,
