@@ -21,6 +21,7 @@ that read it from disk records the file.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
@@ -58,6 +59,12 @@ def calibration_queries() -> list[str]:
     return [row["query"] for row in rows]
 
 
+@functools.cache
+def _calibration_digest() -> str:
+    """The calibration file's sha256 (package data: read once a process, not at every decision)."""
+    return hashlib.sha256(CALIBRATION_QUERIES.read_bytes()).hexdigest()
+
+
 def priors_dir() -> Path:
     return cache_dir() / "priors"
 
@@ -75,13 +82,15 @@ def _stored(path: Path, key: dict[str, Any], options: list[str]) -> Prior | None
 
 
 async def option_prior(key: dict[str, Any], options: list[str], messages_for: Callable[[str], list[dict[str, str]]],
-                       probabilities_of: Callable[[list[dict[str, str]]], Awaitable[dict[str, float]]]) -> Prior:
+                       probabilities_of: Callable[[list[dict[str, str]]], Awaitable[dict[str, float]]],
+                       model_identity: Callable[[], str | None] = lambda: None) -> Prior:
     """The prior of a choice: ``probabilities_of(messages_for(q))`` averaged over the calibration queries
     ``q``, once for ``key`` (what the prior depends on, JSON-able; the calibration queries are added to it),
-    with ``computed_s`` set on the Prior returned to the caller that computed it. With ``key["model_identity"]``
-    set, the prior is read from and written to ``priors_dir()``. A calibration call that fails raises KitError
-    naming the query, and nothing is kept."""
-    key = {**key, "calibration_queries": hashlib.sha256(CALIBRATION_QUERIES.read_bytes()).hexdigest()}
+    with ``computed_s`` set on the Prior returned to the caller that computed it. When it is not in memory and
+    ``model_identity()`` names the weights and engine, the prior is read from and written to ``priors_dir()``
+    (the identity joins the key there; it is asked for only then, not at every decision). A calibration call
+    that fails raises KitError naming the query, and nothing is kept."""
+    key = {**key, "calibration_queries": _calibration_digest()}
     name = json.dumps(key, sort_keys=True, ensure_ascii=False)
     known = _PRIORS.get(name)
     if known is not None:
@@ -90,8 +99,10 @@ async def option_prior(key: dict[str, Any], options: list[str], messages_for: Ca
     async with lock:  # two runs deciding at once compute the prior once
         if name in _PRIORS:
             return replace(_PRIORS[name], file=None)
-        path = priors_dir() / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json" \
-            if key.get("model_identity") else None
+        identity = model_identity()
+        key = {**key, "model_identity": identity}
+        stored_as = json.dumps(key, sort_keys=True, ensure_ascii=False)
+        path = priors_dir() / f"{hashlib.sha256(stored_as.encode()).hexdigest()[:32]}.json" if identity else None
         stored = _stored(path, key, options) if path is not None and path.is_file() else None
         if stored is not None:
             _PRIORS[name] = stored

@@ -375,9 +375,10 @@ class Run:
             return dict(zip(rec.choice["options"], rec.choice["probabilities"]))
 
         key = {"backend": pipe.backend.name, "host": getattr(pipe.backend, "host", None),
-               "model": pipe.backend.resolve_model(model), "model_identity": pipe.backend.model_identity(model),
-               "prompt": messages_for(PLACEHOLDER), "options": list(stage.choices)}
-        return await option_prior(key, list(stage.choices), messages_for, probabilities_of)
+               "model": pipe.backend.resolve_model(model), "prompt": messages_for(PLACEHOLDER),
+               "options": list(stage.choices)}
+        return await option_prior(key, list(stage.choices), messages_for, probabilities_of,
+                                  lambda: pipe.backend.model_identity(model))
 
     def _default(self, name: str) -> Any:
         """What the run goes on with when the model made no decision ``name``: the configured default strategy
