@@ -16,6 +16,8 @@ import math
 import statistics
 from typing import Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar
 
+from ..metrics import median_ci
+
 A = TypeVar("A")
 R = TypeVar("R")
 T = TypeVar("T")
@@ -41,6 +43,15 @@ def median(values: Iterable[float | None]) -> float | None:
     """The median of the values measured (None for none)."""
     present = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(present) if present else None
+
+
+def median_interval(values: Sequence[float]) -> dict[str, float | None]:
+    """The median with its distribution-free 95 % interval (``metrics.median_ci``) and that interval's actual
+    coverage, rounded for a report."""
+    low, high, coverage = median_ci(list(values))
+    r = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    return {"median": r(median(values)), "ci_low": r(low), "ci_high": r(high),
+            "ci_coverage": None if coverage is None else round(coverage, 3)}
 
 
 # Student t, 0.975 quantile, df = 1..30 (beyond: the Cornish-Fisher expansion around the normal quantile)

@@ -17,11 +17,10 @@ from typing import Any
 from ..backends import Backend, get_backend
 from ..data import QUERIES
 from ..errors import InvalidInput
-from ..metrics import median_ci
 from ..pipeline import STRATEGIES, Pipeline, strategy_stage
 from ..quality.retention import bootstrap_ci
 from ..study.queries import load_queries
-from ._ab import median
+from ._ab import median_interval
 from .pipeline import decision_s
 
 
@@ -63,8 +62,6 @@ async def decisions(model: str | None = None, queries: str | Path = QUERIES, *, 
                      "calibrated": d.value["strategy"], "decision_s": decision_s(rec, {"strategy"})})
     labels = [r["label"] for r in rows]
     gain = [float(r["calibrated"] == r["label"]) - float(r["raw"] == r["label"]) for r in rows]
-    latencies = [r["decision_s"] for r in rows]
-    low, high, _ = median_ci(latencies)
     out: dict[str, Any] = {
         "benchmark": "decisions", "model": be.resolve_model(model), "queries": len(rows),
         "prior": calibration["prior"], "calibration_queries": calibration["queries"],
@@ -76,7 +73,7 @@ async def decisions(model: str | None = None, queries: str | Path = QUERIES, *, 
                                            [r["label"] for r in rows if r["lang"] == lang])["agreement"]
                                for k in ("raw", "calibrated")}
                         for lang in sorted({r["lang"] for r in rows})},
-        "decision_s": {"median": median(latencies), "ci_low": low, "ci_high": high},
+        "decision_s": median_interval([r["decision_s"] for r in rows]),
         "rows": rows,
     }
     return out

@@ -22,10 +22,10 @@ import itertools
 from typing import Any
 
 from ..backends import Backend, get_backend
-from ..metrics import NS, kit_overhead_s, median_ci, run_e2e_s, stage_gaps_s, user_ttft_s
+from ..metrics import NS, kit_overhead_s, run_e2e_s, stage_gaps_s, user_ttft_s
 from ..pipeline import Pipeline
 from ..records import RunRecord
-from ._ab import interleave, median, ratio_interval, verdict
+from ._ab import interleave, median, median_interval, ratio_interval, verdict
 
 PIPELINE_QUERIES = (
     "What is the difference between a process and a thread?",
@@ -64,13 +64,6 @@ def prefill_tokens_to_first_visible(rec: RunRecord) -> int | None:
 
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 4)
-
-
-def _interval(values: list[float]) -> dict[str, Any]:
-    low, high, coverage = median_ci(values)
-    m = median(values)
-    return {"median": _r(m), "ci_low": _r(low), "ci_high": _r(high),
-            "ci_coverage": None if coverage is None else round(coverage, 3)}
 
 
 async def pipeline(model: str | None = None, presets: tuple[str, ...] = ("direct", "staged"),
@@ -132,7 +125,7 @@ async def pipeline(model: str | None = None, presets: tuple[str, ...] = ("direct
     base_by_round = dict(per[base_name]["round"])
     for p in presets:
         row: dict[str, Any] = {
-            "user_ttft_s": _interval([v for v in per[p]["ttft"] if v is not None]),
+            "user_ttft_s": median_interval([v for v in per[p]["ttft"] if v is not None]),
             "e2e_s_median": _r(median(per[p]["e2e"])),
             "kit_overhead_ms_per_run_median": _r(median([x * 1000 for x in per[p]["overhead"]])),
             "stage_gap_ms_median": _r(median([x * 1000 for x in per[p]["gaps"]])),
@@ -140,7 +133,7 @@ async def pipeline(model: str | None = None, presets: tuple[str, ...] = ("direct
             "runs": len(per[p]["ttft"]), "errors": per[p]["errors"],
         }
         if strategy_stages[p]:
-            row["decision_s"] = _interval(per[p]["decision"])
+            row["decision_s"] = median_interval(per[p]["decision"])
         if p != base_name:
             base_med, med = out[base_name]["user_ttft_s"]["median"], row["user_ttft_s"]["median"]
             row[f"user_ttft_ratio_vs_{base_name}"] = med / base_med if med and base_med else None
