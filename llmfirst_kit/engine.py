@@ -222,30 +222,41 @@ def run_probe(*, use_extra_bufts: bool, model: str = PROBE_MODEL, tokens: int = 
 _CONSTRUCT_LOCK = threading.Lock()
 
 
-def new_llama(model_path: str, *, use_extra_bufts: bool | None = None, **kwargs: Any) -> Any:
-    """``llama_cpp.Llama(model_path, **kwargs)`` loaded with this machine's engine configuration.
+def new_llama(model_path: str, *, use_extra_bufts: bool | None = None, n_seq_max: int = 1, **kwargs: Any) -> Any:
+    """``llama_cpp.Llama(model_path, **kwargs)`` loaded with this machine's engine configuration, and a context
+    of ``n_seq_max`` sequences sharing one unified KV cache of ``n_ctx`` cells (the batched decode loop's).
 
-    llama-cpp-python has no argument for ``use_extra_bufts``: ``Llama.__init__`` fills its model params
-    from ``llama_model_default_params()``, so that function is wrapped for the duration of the
-    construction (under a lock; every ``Llama`` of the kit is built here)."""
+    llama-cpp-python has no argument for ``use_extra_bufts`` nor ``n_seq_max``: ``Llama.__init__`` fills its
+    model and context params from ``llama_model_default_params()`` and ``llama_context_default_params()``, so
+    those functions are wrapped for the duration of the construction (under a lock; every ``Llama`` of the kit
+    is built here)."""
     import llama_cpp
     import llama_cpp.llama as llama_module
 
     extra = choice().use_extra_bufts if use_extra_bufts is None else use_extra_bufts
     kwargs.setdefault("verbose", False)
     with _CONSTRUCT_LOCK:
-        original = llama_module.llama_cpp.llama_model_default_params
+        model_defaults = llama_module.llama_cpp.llama_model_default_params
+        context_defaults = llama_module.llama_cpp.llama_context_default_params
 
-        def params() -> Any:
-            p = original()
+        def model_params() -> Any:
+            p = model_defaults()
             p.use_extra_bufts = extra
             return p
 
-        llama_module.llama_cpp.llama_model_default_params = params
+        def context_params() -> Any:
+            p = context_defaults()
+            p.n_seq_max = n_seq_max
+            p.kv_unified = True
+            return p
+
+        llama_module.llama_cpp.llama_model_default_params = model_params
+        llama_module.llama_cpp.llama_context_default_params = context_params
         try:
             return llama_cpp.Llama(model_path=str(model_path), **kwargs)
         finally:
-            llama_module.llama_cpp.llama_model_default_params = original
+            llama_module.llama_cpp.llama_model_default_params = model_defaults
+            llama_module.llama_cpp.llama_context_default_params = context_defaults
 
 
 def use_in_this_process() -> EngineChoice:

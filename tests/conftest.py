@@ -30,6 +30,18 @@ def backend():
 
 
 @pytest.fixture(scope="session")
+def serial_backend():
+    """The same model decoding one call at a time (``parallel=1``: a second copy, sharing the first one's step
+    lock), for tests of what waits in the queue."""
+    return get_backend("embedded", model=TEST_MODEL, n_threads=TEST_THREADS, parallel=1)
+
+
+@pytest.fixture(scope="session")
+def serial_loaded(serial_backend):
+    return serial_backend.load(TEST_MODEL)
+
+
+@pytest.fixture(scope="session")
 def loaded(backend):
     """The backend's shared ``LoadedModel`` (counters ``calls`` and ``tokens_decoded``, the ``Llama``)."""
     return backend.load(TEST_MODEL)

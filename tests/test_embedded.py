@@ -93,33 +93,40 @@ async def test_greedy_is_deterministic(backend):
     assert a.output_tokens == b.output_tokens == 32
 
 
+def decode_spy(monkeypatch) -> list[int]:
+    """A spy (not a fake) on ``llama_decode``: how many tokens each step really evaluated."""
+    import llama_cpp
+
+    steps: list[int] = []
+    real = llama_cpp.llama_decode
+
+    def spy(ctx, batch):
+        steps.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", spy)
+    return steps
+
+
 async def test_cache_reuse_evaluates_less_of_the_prompt(backend, loaded, monkeypatch):
-    # a spy (not a fake): count the prompt tokens llama.cpp really evaluates (evals that fill prompt positions;
-    # the prompt is evaluated batch by batch, then the decode evaluates one sampled token per step)
-    evals: list[tuple[int, int]] = []  # (tokens already in the cache, tokens evaluated)
-    real_eval = loaded.llm.eval
-    monkeypatch.setattr(loaded.llm, "eval",
-                        lambda tokens: (evals.append((loaded.llm.n_tokens, len(tokens))), real_eval(tokens))[1])
-
-    def prompt_evaluated(n_prompt: int) -> int:
-        return sum(n for before, n in evals if before < n_prompt)
-
-    evals.clear()
+    # a call alone: its first step evaluates the prompt (one chunk, it is short), each later step one token
+    await wait_until_idle(loaded, 0.05)
+    steps = decode_spy(monkeypatch)
     cold = await backend.call(ask(SHORT, max_tokens=4, cache="cold")).collect()
-    assert cold.server["prompt_eval_tokens"] == cold.prompt_tokens == prompt_evaluated(cold.prompt_tokens)
+    assert cold.server["prompt_eval_tokens"] == cold.prompt_tokens == steps[0] and steps[1:] == [1, 1, 1]
 
-    evals.clear()
+    steps.clear()
     warm = await backend.call(ask(SHORT, max_tokens=4, cache="reuse")).collect()
     assert warm.prompt_tokens == cold.prompt_tokens
     assert warm.server["prompt_eval_tokens"] < cold.server["prompt_eval_tokens"]
-    assert warm.server["prompt_eval_tokens"] == prompt_evaluated(warm.prompt_tokens)  # reported = evaluated
+    assert warm.server["prompt_eval_tokens"] == steps[0]  # reported = evaluated
     assert warm.text == cold.text
 
     # a prompt sharing only the chat template's opening is evaluated from the first difference on
-    evals.clear()
+    steps.clear()
     other = await backend.call(ask("What is 3+3?", max_tokens=4, cache="reuse")).collect()
     assert 0 < other.server["prompt_eval_tokens"] < other.prompt_tokens
-    assert other.server["prompt_eval_tokens"] == prompt_evaluated(other.prompt_tokens)
+    assert other.server["prompt_eval_tokens"] == steps[0]
 
 
 async def test_structured_output(backend):
@@ -186,26 +193,27 @@ async def test_cancelling_the_consumer_stops_decoding(backend, loaded):
     decoded = stopped - base
     # stopped within one token step of the last delivered token (not at max_tokens=200)
     assert delivered <= decoded <= delivered + 2, (decoded, delivered)
-    assert not loaded.busy and loaded.lock.waiting == 0
+    assert not loaded.busy and loaded.engine.waiting == 0
     # the model is free for the next call
     assert (await backend.call(ask(SHORT, max_tokens=4)).collect()).status == "ok"
 
 
 async def test_cancelling_during_prefill_stops_within_one_batch(backend, loaded, monkeypatch):
-    # a spy on llama.cpp's eval (not a fake): which prompt batches were really evaluated
     import threading
+
+    import llama_cpp
 
     evaluated: list[int] = []
     started = threading.Event()
-    real_eval = loaded.llm.eval
+    real = llama_cpp.llama_decode
 
-    def spy(tokens):
-        evaluated.append(len(tokens))
+    def spy(ctx, batch):  # a spy on llama.cpp's decode (not a fake): which prompt chunks were really evaluated
+        evaluated.append(batch.n_tokens)
         started.set()
-        return real_eval(tokens)
+        return real(ctx, batch)
 
-    monkeypatch.setattr(loaded.llm, "eval", spy)
     await wait_until_idle(loaded, 0.05)
+    monkeypatch.setattr(llama_cpp, "llama_decode", spy)
     call = backend.call(ask("apple " * 2800, max_tokens=4, cache="cold"))
     task = asyncio.create_task(call.collect())
     while not started.is_set():
@@ -215,24 +223,25 @@ async def test_cancelling_during_prefill_stops_within_one_batch(backend, loaded,
         await task
     while loaded.busy:
         await asyncio.sleep(0.01)
-    prompt = call.record.prompt_tokens or len(loaded.format_prompt([{"role": "user", "content": "apple " * 2800}]))
+    prompt = len(loaded.format_prompt([{"role": "user", "content": "apple " * 2800}]))
     n_batch = loaded.llm.n_batch
-    assert prompt > 4 * n_batch  # several batches to evaluate
-    # stopped at the next batch boundary: the batch in flight when cancelled, at most one more
+    assert prompt > 4 * n_batch  # several chunks to evaluate
+    # stopped at the next chunk boundary: the chunk in flight when cancelled, at most one more
     assert sum(evaluated) <= 2 * n_batch < prompt, (evaluated, prompt)
     assert call.record.status == "cancelled" and call.record.chunk_ns == []
     assert (await backend.call(ask(SHORT, max_tokens=4)).collect()).status == "ok"
 
 
-async def test_another_num_ctx_shares_the_model_files_lock(backend):
+async def test_another_num_ctx_shares_the_model_files_step_lock(backend):
     # policy: a second copy for another context size never decodes at the same time as the first
     from llmfirst_kit.backends import embedded
 
     copy = backend.load(TEST_MODEL, n_ctx=1024)
     try:
-        assert copy.n_ctx == 1024 and copy.lock is backend.load(TEST_MODEL).lock
+        assert copy.n_ctx == 1024 and copy.engine.step_lock is backend.load(TEST_MODEL).engine.step_lock
     finally:  # unload the copy: later tests (the Ollama API's /api/ps) expect the one shared model
-        embedded._LOADED.pop((str(copy.resolved.path), copy.n_ctx, copy.n_threads), None)
+        embedded._LOADED.pop((str(copy.resolved.path), copy.n_ctx, copy.n_threads, copy.parallel), None)
+        copy.engine.close()
         copy.llm.close()
 
 
@@ -252,38 +261,41 @@ async def test_break_stops_decoding(backend, loaded):
     assert not loaded.busy
 
 
-async def test_concurrent_calls_queue_without_interleaving(backend):
-    calls = [backend.call(ask(q, max_tokens=16)) for q in (LONG, SHORT, "Name three colors.")]
+async def test_one_call_at_a_time_queues_without_interleaving(serial_backend):
+    calls = [serial_backend.call(ask(q, max_tokens=16)) for q in (LONG, SHORT, "Name three colors.")]
     recs = await asyncio.gather(*(c.collect() for c in calls))
     assert [r.status for r in recs] == ["ok", "ok", "ok"]
     assert all(r.output_tokens and r.chunk_ns for r in recs)
+    assert all(r.server["batch"]["max"] == 1 and r.server["batch"]["parallel"] == 1 for r in recs)
     spans = sorted((r.chunk_ns[0], r.chunk_ns[-1], r.server["queue_ns"]) for r in recs)
     for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
-        assert end < start, "token streams of concurrent calls interleaved"
+        assert end < start, "token streams of one-at-a-time calls interleaved"
     # the later a call ran, the longer it queued for the model
     queued = [q for _, _, q in spans]
     assert queued == sorted(queued)
 
 
-async def test_cancelled_while_queued(backend, loaded):
+async def test_cancelled_while_queued(serial_backend, serial_loaded):
+    loaded = serial_loaded
     calls = loaded.calls
-    first = backend.call(ask(LONG, max_tokens=32))
+    first = serial_backend.call(ask(LONG, max_tokens=32))
     t1 = asyncio.create_task(first.collect())
-    while not first.record.chunk_ns:  # the first call holds the model
+    while not first.record.chunk_ns:  # the first call holds the only sequence
         await asyncio.sleep(0.005)
-    second = backend.call(ask(LONG, max_tokens=32))
+    second = serial_backend.call(ask(LONG, max_tokens=32))
     t2 = asyncio.create_task(second.collect())
-    while loaded.lock.waiting == 0:  # the second call waits for it
+    while loaded.engine.waiting == 0:  # the second call waits for it
         assert not t1.done(), "the first call ended before the second one queued"
         await asyncio.sleep(0.001)
     t2.cancel()
     with pytest.raises(asyncio.CancelledError):
         await t2
+    assert loaded.engine.waiting == 0  # it left the queue at once
     assert (await t1).status == "ok"
     await wait_until_idle(loaded)
     assert second.record.status == "cancelled" and second.record.chunk_ns == []
     assert loaded.calls == calls + 1  # the cancelled call gave up its place: it never got the model
-    assert loaded.lock.waiting == 0 and not loaded.busy
+    assert loaded.engine.waiting == 0 and not loaded.busy
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -379,7 +391,7 @@ async def test_error_mid_decoding_keeps_the_text(backend, loaded, monkeypatch):
     assert rec.chunk_tokens == [1, 1, 1]
     # the worker hands over the error, then releases the model: give it a moment to get there
     await wait_until_idle(loaded, 0.05)
-    assert not loaded.busy and loaded.lock.waiting == 0
+    assert not loaded.busy and loaded.engine.waiting == 0
     after = await backend.call(ask(LONG, max_tokens=8)).collect()
     assert after.status == "ok" and after.text == reference.record.text
 

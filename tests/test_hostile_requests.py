@@ -45,12 +45,12 @@ LONG = "Write a long story about a dragon."  # at temperature 0 SmolLM2 writes 1
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
-    """The kit's server with a queue cap of 1 (one call decoding, one waiting); it decodes with the test model
-    instance, so the test can see that model's queue."""
-    config = ServerConfig(default_model=TEST_MODEL, n_threads=loaded.n_threads, max_queue=1)
+def server(serial_loaded):
+    """The kit's server with one sequence and a queue cap of 1 (one call decoding, one waiting); it decodes with
+    the test's serial model instance, so the test can see that model's queue."""
+    config = ServerConfig(default_model=TEST_MODEL, n_threads=serial_loaded.n_threads, max_queue=1, parallel=1)
     with ServerThread(config=config) as srv:
-        assert srv.app.state.kit.embedded.load(TEST_MODEL) is loaded
+        assert srv.app.state.kit.embedded.load(TEST_MODEL) is serial_loaded
         yield srv
 
 
@@ -232,7 +232,7 @@ async def _wait_for(condition) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_past_the_queue_cap_requests_get_503_and_the_admitted_ones_complete(server, loaded):
+async def test_past_the_queue_cap_requests_get_503_and_the_admitted_ones_complete(server, serial_loaded):
     async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as http:
         body = {"model": TEST_MODEL, "prompt": LONG, "options": {"num_predict": 1500, "temperature": 0}}
         async with http.stream("POST", "/api/generate", json=body) as long_call:  # decodes: holds the model
@@ -248,7 +248,7 @@ async def test_past_the_queue_cap_requests_get_503_and_the_admitted_ones_complet
             for _, answer in refused:
                 assert answer[0]["error"].startswith("server busy, ") and "--max-queue" in answer[0]["error"]
                 assert "LLMFIRST_MAX_QUEUE" in answer[0]["error"]
-            assert loaded.lock.waiting == 1
+            assert serial_loaded.engine.waiting == 1
             # the queue is still full: the OpenAI API and the WebSocket refuse too, each in its own shape
             async with http.stream("POST", "/v1/chat/completions", json={
                     "model": TEST_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
@@ -273,7 +273,7 @@ async def test_past_the_queue_cap_requests_get_503_and_the_admitted_ones_complet
         again = await http.post("/api/generate", json={"model": TEST_MODEL, "prompt": "Hi", "stream": False,
                                                        "options": {"num_predict": 3}})
         assert again.status_code == 200 and again.json()["done"] is True
-    assert loaded.lock.waiting == 0
+    assert serial_loaded.engine.waiting == 0
 
 
 # ----------------------------------------------------------------------------- WebSocket backend choice

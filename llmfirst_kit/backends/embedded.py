@@ -5,37 +5,38 @@ Why a decode loop of our own (on ``Llama.generate``) rather than ``create_chat_c
 - exact counts: every sampled token passes through this loop, so output tokens are counted, not
   estimated, and each chunk knows how many tokens it carries;
 - every token is stamped with ``perf_counter_ns()`` the moment its text is known;
-- cancellation is checked after every token, so decoding stops within one token step;
+- cancellation is checked at every step, so decoding stops within one token step (a prompt being evaluated
+  stops within one prefill chunk);
 - text is decoded incrementally (linear time); llama-cpp-python's stream re-detokenizes the whole
   completion for every token.
 
 The prompt is built exactly as llama-cpp-python builds it (the GGUF's Jinja chat template, or a named
 chat format), and sampling uses the same ``generate`` call and parameters.
 
-Threading: decoding runs in a worker thread and hands chunks to the event loop with
-``call_soon_threadsafe``; the loop never blocks. One ``Llama`` per model file, shared by every backend
-instance in the process and guarded by a FIFO lock, so concurrent calls queue fairly.
+Threading and batching: one ``Llama`` per model file, shared by every backend instance in the process, and one
+decode loop per ``Llama`` (:mod:`llmfirst_kit.backends.batching`) in a thread of its own: concurrent calls are
+sequences of one batch, admitted in arrival order into ``parallel`` sequence slots (``$LLMFIRST_PARALLEL``). The
+loop hands chunks to the event loop with ``call_soon_threadsafe``; the event loop never blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import codecs
-import collections
 import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 from .. import engine
 from ..engine import default_threads
-from ..errors import BackendError, ContextOverflow, InvalidInput, QueueFull
+from ..errors import ContextOverflow, InvalidInput
 from ..models import DEFAULT_MODEL, REGISTRY, ResolvedModel, resolve
 from ..records import CallRecord
 from .base import Backend, CallRequest, Chunk
+from .batching import BatchEngine, Sampling, Sequence
 from .schema_guard import MAX_GRAMMAR_CHARS, NO_FETCH, schema_problem
 
 DEFAULT_N_CTX = 4096
@@ -43,84 +44,62 @@ DEFAULT_MAX_QUEUE = 64  # calls that may wait for one model (Ollama's OLLAMA_MAX
 MAX_QUEUE_ENV = "LLMFIRST_MAX_QUEUE"
 
 
-def max_queue_from_env() -> int:
-    """The queue cap from LLMFIRST_MAX_QUEUE, else DEFAULT_MAX_QUEUE."""
-    raw = os.environ.get(MAX_QUEUE_ENV, "").strip()
+# Sequences decoded together per model (llama.cpp server's --parallel, Ollama's OLLAMA_NUM_PARALLEL). Chosen by
+# measurement on 2-core machines (docs/batching.md): the 0.5B default model still gets a token within 100 ms at
+# 8 sequences while the machine gives ~3x the tokens of one.
+DEFAULT_PARALLEL = 8
+PARALLEL_ENV = "LLMFIRST_PARALLEL"
+KV_CELLS_PER_SEQUENCE = 1024  # the shared KV cache holds max(n_ctx, this x parallel) cells
+
+
+def _whole_number_from_env(name: str, default: int, what: str, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_MAX_QUEUE
-    if not raw.isdigit():
-        raise InvalidInput(f"{MAX_QUEUE_ENV}={raw!r} is not a whole number; set it to how many calls may wait "
-                           f"for a model (e.g. {DEFAULT_MAX_QUEUE}), or unset it")
+        return default
+    if not raw.isdigit() or int(raw) < minimum:
+        raise InvalidInput(f"{name}={raw!r} is not a whole number of at least {minimum}; set it to {what} "
+                           f"(e.g. {default}), or unset it")
     return int(raw)
 
 
-class FifoLock:
-    """A lock granted in arrival order; a waiter can give up when its call is cancelled.
+def max_queue_from_env() -> int:
+    """The queue cap from LLMFIRST_MAX_QUEUE, else DEFAULT_MAX_QUEUE."""
+    return _whole_number_from_env(MAX_QUEUE_ENV, DEFAULT_MAX_QUEUE, "how many calls may wait for a model", 0)
 
-    The queue is capped at admission: :meth:`admit` takes a call's place in the queue (its ticket is the
-    call's ``cancelled`` event) before its decode thread exists, and raises QueueFull when ``max_waiting``
-    calls already wait behind the one holding the lock; the thread's :meth:`acquire` then waits in that
-    place. Without an admission, ``acquire`` queues at the back (no cap)."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._queue: collections.deque[object] = collections.deque()
-
-    def admit(self, ticket: threading.Event, max_waiting: int, what: str = "the model") -> None:
-        with self._cond:
-            if len(self._queue) > max_waiting:
-                raise QueueFull(
-                    f"server busy, {what} is answering one call and {len(self._queue) - 1} more wait (at most "
-                    f"{max_waiting} may wait); retry later, or raise the cap (llmfirst serve --max-queue N, or "
-                    f"{MAX_QUEUE_ENV}=N)")
-            self._queue.append(ticket)
-
-    def withdraw(self, ticket: threading.Event) -> None:
-        """Give up an admission whose thread never started."""
-        with self._cond:
-            if ticket in self._queue:
-                self._queue.remove(ticket)
-                self._cond.notify_all()
-
-    def acquire(self, cancelled: threading.Event) -> bool:
-        with self._cond:
-            if any(entry is cancelled for entry in self._queue):
-                me: object = cancelled  # admitted: wait in the place taken then
-            else:
-                me = object()
-                self._queue.append(me)
-            while self._queue[0] is not me:
-                self._cond.wait(0.05)
-                if cancelled.is_set():
-                    self._queue.remove(me)
-                    self._cond.notify_all()
-                    return False
-            return True
-
-    def release(self) -> None:
-        with self._cond:
-            self._queue.popleft()
-            self._cond.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        return max(0, len(self._queue) - 1)
+def parallel_from_env() -> int:
+    """Sequences decoded at once per model, from LLMFIRST_PARALLEL, else DEFAULT_PARALLEL."""
+    return _whole_number_from_env(PARALLEL_ENV, DEFAULT_PARALLEL, "how many calls a model decodes at once", 1)
 
 
 @dataclass
 class LoadedModel:
-    """A loaded ``Llama`` and its bookkeeping (shared process-wide)."""
+    """A loaded ``Llama``, its decode loop and its bookkeeping (shared process-wide)."""
 
     resolved: ResolvedModel
     llm: Any
-    n_ctx: int
+    n_ctx: int  # the most one call may hold: prompt + max_tokens
     n_threads: int
     load_s: float
-    lock: FifoLock = field(default_factory=FifoLock)
+    engine: BatchEngine
     formatter: Any = None
-    calls: int = 0
-    tokens_decoded: int = 0  # every token sampled by this model (for tests of cancellation)
-    busy: bool = False
+
+    @property
+    def parallel(self) -> int:
+        return self.engine.parallel
+
+    @property
+    def calls(self) -> int:
+        return self.engine.calls
+
+    @property
+    def tokens_decoded(self) -> int:
+        """Every token sampled by this model (for tests of cancellation)."""
+        return self.engine.tokens_decoded
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.busy
 
     def format_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Messages -> prompt tokens, as llama-cpp-python builds them. (The chat format's stop strings are
@@ -140,7 +119,7 @@ def fold_system_message(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return rest
 
 
-_LOADED: dict[tuple[str, int, int], LoadedModel] = {}
+_LOADED: dict[tuple[str, int, int, int], LoadedModel] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -150,6 +129,7 @@ def _close_all() -> None:
     a traceback (its ``llama_cpp`` globals are already gone). A model still decoding is left alone."""
     for key, loaded in list(_LOADED.items()):
         if not loaded.busy:
+            loaded.engine.close()
             loaded.llm.close()
             _LOADED.pop(key, None)
 
@@ -159,23 +139,28 @@ def loaded_models() -> list[LoadedModel]:
     return list(_LOADED.values())
 
 
-def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None) -> LoadedModel:
-    """Load (once per process) the model's ``Llama``; later calls return the same object.
+def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
+               parallel: int | None = None) -> LoadedModel:
+    """Load (once per process) the model's ``Llama`` and start its decode loop; later calls return the same.
 
-    Policy for a request asking another ``num_ctx``: a second copy is loaded (the weights are memory-mapped,
-    so only its KV cache is new memory) and kept, but it shares the first copy's lock: calls to one model file
-    decode one at a time, whatever context they asked for."""
+    ``n_ctx`` is the most one call may hold (prompt + max_tokens); the KV cache is one pool of
+    max(n_ctx, 1024 x parallel) cells shared by the ``parallel`` sequences. Policy for a request asking another
+    ``num_ctx`` (or another ``parallel``): a second copy is loaded (the weights are memory-mapped, so mostly its
+    KV cache is new memory) and kept, but it shares the first copy's step lock: copies of one model file never
+    decode at the same time on the same cores."""
     from llama_cpp import llama_chat_format
 
     resolved = resolve(name_or_path)
     n_threads = n_threads or default_threads()
-    key = (str(resolved.path), n_ctx, n_threads)
+    parallel = parallel or parallel_from_env()
+    key = (str(resolved.path), n_ctx, n_threads, parallel)
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
+        kv_cells = max(n_ctx, KV_CELLS_PER_SEQUENCE * parallel)
         t0 = time.perf_counter()
-        llm = engine.new_llama(str(resolved.path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                               chat_format=resolved.chat_format)
+        llm = engine.new_llama(str(resolved.path), n_ctx=kv_cells, n_threads=n_threads, n_threads_batch=n_threads,
+                               chat_format=resolved.chat_format, n_seq_max=parallel)
         load_s = time.perf_counter() - t0
         if resolved.chat_format:
             formatter = getattr(llama_chat_format, f"format_{resolved.chat_format.replace('-', '_')}")
@@ -188,13 +173,13 @@ def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_thread
                 stop_token_ids=[eos],
             )
         else:
+            llm.close()
             raise InvalidInput(f"{resolved.path} has no chat template; register it in llmfirst_kit.models "
                                f"with a chat_format (e.g. 'gemma', 'chatml')")
-        # One decode per model file at a time: copies of a file loaded for another n_ctx (or thread count)
-        # share its FIFO lock, so they never decode at once on the same cores (and share the queue cap).
-        lock = next((lm.lock for (path, _, _), lm in _LOADED.items() if path == key[0]), None) or FifoLock()
+        step_lock = next((lm.engine.step_lock for (path, *_), lm in _LOADED.items() if path == key[0]), None)
+        loop = BatchEngine(llm, parallel=parallel, kv_cells=kv_cells, name=resolved.name, step_lock=step_lock)
         loaded = LoadedModel(resolved=resolved, llm=llm, n_ctx=n_ctx, n_threads=n_threads, load_s=load_s,
-                             formatter=formatter, lock=lock)
+                             engine=loop, formatter=formatter)
         _LOADED[key] = loaded
         return loaded
 
@@ -211,30 +196,31 @@ class Prepared:
     choice_tokens: list[int] | None = None  # a choice call: the first token of each option
 
 
-_DONE = object()
-
-
 class EmbeddedBackend(Backend):
     """Stream from a GGUF model in-process (llama-cpp-python)."""
 
     name = "embedded"
 
     def __init__(self, model: str | None = None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
-                 max_queue: int | None = None):
-        """``max_queue``: how many calls may wait for a model while it answers another (default
-        ``$LLMFIRST_MAX_QUEUE``, else 64); one more is refused with QueueFull before it takes a thread."""
+                 max_queue: int | None = None, parallel: int | None = None):
+        """``max_queue``: how many calls may wait for a model while all its sequences are taken (default
+        ``$LLMFIRST_MAX_QUEUE``, else 64); one more is refused with QueueFull. ``parallel``: how many calls a
+        model decodes at once (default ``$LLMFIRST_PARALLEL``, else 8). ``n_ctx``: the most one call may hold."""
         self.default_model = model or DEFAULT_MODEL
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
         self.max_queue = max_queue_from_env() if max_queue is None else max_queue
         if self.max_queue < 0:
             raise InvalidInput(f"max_queue must be 0 or more, got {self.max_queue}")
+        self.parallel = parallel_from_env() if parallel is None else parallel
+        if not isinstance(self.parallel, int) or self.parallel < 1:
+            raise InvalidInput(f"parallel must be a whole number of at least 1, got {self.parallel!r}")
 
     def resolve_model(self, model: str | None) -> str:
         return resolve(model or self.default_model).name
 
     def environment(self) -> dict[str, Any]:
-        return {"engine": engine.choice().summary(), "n_threads": self.n_threads}
+        return {"engine": engine.choice().summary(), "n_threads": self.n_threads, "parallel": self.parallel}
 
     def model_identity(self, model: str | None) -> str | None:
         """The model file's sha256, the llama-cpp-python version and the engine configuration."""
@@ -245,13 +231,10 @@ class EmbeddedBackend(Backend):
                 f"engine {config.config} on {config.cpu_model}")
 
     def empty_caches(self) -> bool:
-        """Every model loaded in this process, its KV cache emptied under its lock (no decode meanwhile)."""
-        for loaded in loaded_models():  # copies of one file (another n_ctx) share a lock: taken one at a time
-            loaded.lock.acquire(threading.Event())
-            try:
-                loaded.llm.reset()
-            finally:
-                loaded.lock.release()
+        """Every model loaded in this process, its KV cache emptied (waits for the calls it is decoding)."""
+        for loaded in loaded_models():
+            with loaded.engine.exclusive():
+                pass
         return True
 
     def grammars_built(self) -> int:
@@ -266,14 +249,15 @@ class EmbeddedBackend(Backend):
         return None
 
     def load(self, model: str | None = None, n_ctx: int | None = None) -> LoadedModel:
-        return load_model(model or self.default_model, n_ctx=n_ctx or self.n_ctx, n_threads=self.n_threads)
+        return load_model(model or self.default_model, n_ctx=n_ctx or self.n_ctx, n_threads=self.n_threads,
+                          parallel=self.parallel)
 
     async def prepare(self, request: CallRequest) -> Prepared:
         model = request.model or self.default_model
         n_ctx = request.num_ctx or self.n_ctx
         key_before = set(_LOADED)
         loaded = await asyncio.to_thread(self.load, model, n_ctx)
-        cold = (str(loaded.resolved.path), loaded.n_ctx, loaded.n_threads) not in key_before
+        cold = (str(loaded.resolved.path), loaded.n_ctx, loaded.n_threads, loaded.parallel) not in key_before
         tokens = await asyncio.to_thread(loaded.format_prompt, request.messages)
         if request.reply_prefix:  # the reply continues from this text: its tokens follow the generation prompt
             tokens = tokens + loaded.llm.tokenize(request.reply_prefix.encode("utf-8"), add_bos=False, special=False)
@@ -295,29 +279,33 @@ class EmbeddedBackend(Backend):
     async def generate(self, prepared: Prepared, record: CallRecord) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
+        loaded, req = prepared.loaded, prepared.request
 
-        def put(item: Any) -> None:
+        def deliver(item: Any) -> None:  # from the engine's thread
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop is gone: nobody is listening any more
-                cancelled.set()
+                seq.cancelled.set()
 
-        loaded = prepared.loaded
+        seq = Sequence(
+            prompt=prepared.prompt_tokens, max_tokens=req.max_tokens, stop=prepared.stop, deliver=deliver,
+            detokenize=lambda tokens: loaded.llm.detokenize(tokens),
+            sampling=Sampling(temperature=req.temperature, top_k=req.top_k if req.top_k is not None else 40,
+                              top_p=req.top_p if req.top_p is not None else 0.95,
+                              seed=req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little"),
+                              grammar=prepared.grammar),
+            choice_tokens=prepared.choice_tokens, choice_options=req.choices, reuse_cache=req.cache == "reuse")
         record.model_info = {**loaded.resolved.info(), "engine": engine.choice().config}
         record.cold_load = prepared.cold_load
         record.load_s = loaded.load_s if prepared.cold_load else None
-        worker = threading.Thread(target=_decode, args=(prepared, put, cancelled), daemon=True,
-                                  name=f"llmfirst-decode-{record.call_id}")
-        loaded.lock.admit(cancelled, self.max_queue, loaded.resolved.name)  # QueueFull: no thread, no place
-        try:
-            worker.start()
-        except BaseException:
-            loaded.lock.withdraw(cancelled)
-            raise
+        loaded.engine.submit(seq, self.max_queue)  # QueueFull: refused before it takes a place
+        ended = False
         try:
             while True:
                 item = await queue.get()
+                if item is None:
+                    ended = True
+                    return
                 if isinstance(item, Chunk):
                     yield item
                 elif isinstance(item, dict):  # final statistics
@@ -325,16 +313,17 @@ class EmbeddedBackend(Backend):
                     record.output_tokens = item["output_tokens"]
                     record.finish_reason = item["finish_reason"]
                     record.token_count_source = "llama.cpp tokenizer (exact)"
-                    record.server = {"queue_ns": item["queue_ns"], "prompt_eval_tokens": item["prompt_eval_tokens"]}
+                    record.server = {k: item[k] for k in ("queue_ns", "prompt_eval_tokens", "batch",
+                                                          "incomplete_utf8_bytes_dropped") if k in item}
                     if "choice" in item:
                         record.choice = item["choice"]
                         record.token_count_source = "a choice: one forward pass, no decoding"
                 elif isinstance(item, BaseException):
+                    ended = True
                     raise item
-                elif item is _DONE:
-                    return
         finally:
-            cancelled.set()  # no-op after a normal end; otherwise the worker stops at its next token
+            if not ended:  # the consumer left: the call leaves the queue, or stops at the next step
+                loaded.engine.withdraw(seq)
 
 
 def first_tokens(loaded: LoadedModel, options: list[str]) -> list[int]:
@@ -346,23 +335,6 @@ def first_tokens(loaded: LoadedModel, options: list[str]) -> list[int]:
         raise InvalidInput(f"choices {same} begin with the same token for {loaded.resolved.name}; a choice is read "
                            f"from the first token only, so use options that begin differently")
     return ids
-
-
-def _choose(llm: Any, prepared: Prepared) -> dict[str, Any]:
-    """After the whole prompt was evaluated: the options' first-token probabilities (softmax over the full
-    vocabulary; ``mass`` is their total, i.e. how much the model wanted one of them at all)."""
-    import numpy as np
-
-    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float64)
-    top = logits.max()
-    log_z = top + np.log(np.exp(logits - top).sum())
-    p = np.exp(logits[prepared.choice_tokens] - log_z)
-    options = list(prepared.request.choices or [])
-    mass = float(p.sum())
-    probs = (p / mass).tolist() if mass > 0 else [1 / len(options)] * len(options)
-    best = int(np.argmax(p))
-    return {"options": options, "probabilities": [round(x, 6) for x in probs], "chosen": options[best],
-            "mass": round(mass, 6)}
 
 
 _GRAMMARS: dict[tuple[str, str], Any] = {}  # (schema JSON, model file) -> checked LlamaGrammar
@@ -441,135 +413,3 @@ def _nesting(gbnf: str) -> int:
         elif ch == ")":
             depth -= 1
     return deepest
-
-
-def _decode(prepared: Prepared, put: Callable[[Any], None], cancelled: threading.Event) -> None:
-    """Worker thread: wait for the model, decode token by token, hand chunks to the loop."""
-    import llama_cpp
-
-    loaded, req = prepared.loaded, prepared.request
-    llm = loaded.llm
-    t_queued = time.perf_counter_ns()
-    if not loaded.lock.acquire(cancelled):
-        put(_DONE)
-        return
-    try:
-        queue_ns = time.perf_counter_ns() - t_queued
-        loaded.busy = True
-        loaded.calls += 1
-        if req.cache == "cold":
-            llm.reset()
-        cached_prefix = _common_prefix(llm, prepared.prompt_tokens) if req.cache == "reuse" else 0
-        llm.set_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little"))
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = llm._model.vocab
-        stops = prepared.stop
-        holdback = max((len(s) for s in stops), default=1) - 1
-        pending_text = ""
-        pending_tokens = 0
-        output_tokens = 0
-        finish = "length"
-
-        def emit(text: str, n: int) -> None:
-            put(Chunk(text=text, t_ns=time.perf_counter_ns(), tokens=n))
-
-        if not _prefill(llm, prepared.prompt_tokens[:-1], cancelled):
-            put(_DONE)
-            return
-        if prepared.choice_tokens is not None:  # one forward pass: the last prompt token gives the logits
-            llm.eval(prepared.prompt_tokens[llm.n_tokens:])  # the rest of the prompt: its last token gives the logits
-            choice = _choose(llm, prepared)
-            emit(choice["chosen"], 1)
-            put({"prompt_tokens": len(prepared.prompt_tokens), "output_tokens": 1, "finish_reason": "stop",
-                 "queue_ns": queue_ns, "prompt_eval_tokens": len(prepared.prompt_tokens) - cached_prefix,
-                 "choice": choice})
-            put(_DONE)
-            return
-        gen = llm.generate(
-            prepared.prompt_tokens, temp=req.temperature, top_k=req.top_k if req.top_k is not None else 40,
-            top_p=req.top_p if req.top_p is not None else 0.95, min_p=0.05, repeat_penalty=1.0,
-            grammar=prepared.grammar,
-        )
-        try:
-            for token in gen:
-                loaded.tokens_decoded += 1
-                if cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                output_tokens += 1
-                pending_tokens += 1
-                pending_text += utf8.decode(llm.detokenize([token]))
-                if stops:
-                    hit = min((i for i in (pending_text.find(s) for s in stops) if i >= 0), default=-1)
-                    if hit >= 0:
-                        pending_text = pending_text[:hit]
-                        finish = "stop"
-                        break
-                    safe = len(pending_text) - holdback if holdback else len(pending_text)
-                    if safe > 0:
-                        emit(pending_text[:safe], pending_tokens)
-                        pending_text, pending_tokens = pending_text[safe:], 0
-                elif pending_text:
-                    emit(pending_text, pending_tokens)
-                    pending_text, pending_tokens = "", 0
-                if output_tokens >= req.max_tokens:
-                    break
-        finally:
-            gen.close()
-        pending_text += utf8.decode(b"", final=True)
-        if pending_text and finish != "cancelled":
-            emit(pending_text, pending_tokens)
-        if finish == "cancelled":
-            put(_DONE)
-            return
-        put({"prompt_tokens": len(prepared.prompt_tokens), "output_tokens": output_tokens, "finish_reason": finish,
-             "queue_ns": queue_ns, "prompt_eval_tokens": len(prepared.prompt_tokens) - cached_prefix})
-        put(_DONE)
-    except Exception as exc:  # surfaced in the consumer as an error event; text so far is kept
-        put(BackendError(f"llama.cpp failed while decoding: {type(exc).__name__}: {exc}"))
-    finally:
-        loaded.busy = False
-        loaded.lock.release()
-
-
-def _prefill(llm: Any, tokens: list[int], cancelled: threading.Event) -> bool:
-    """Evaluate the prompt (all but its last token) one batch at a time, checking for cancellation between
-    batches, so a cancelled call stops within one prefill batch (``Llama.generate`` would evaluate the
-    whole prompt first). ``generate`` then finds these tokens cached and evaluates the rest in one batch.
-    False if cancelled."""
-    keep = 0
-    for a, b in zip(llm._input_ids[: llm.n_tokens], tokens):
-        if a != b:
-            break
-        keep += 1
-    if keep < llm.n_tokens:
-        if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):  # no partial removal: start from an empty cache
-            llm.reset()
-            keep = 0
-        llm.n_tokens = keep
-    # whole batches only: the rest, with the prompt's last token, is evaluated by ``generate`` in one batch.
-    # (Evaluating everything but the last token here would cost a forward pass of its own for that token:
-    # one decode step, ~36 ms of TTFT on the 0.5B model, measured by ``bench overhead``.)
-    full = (len(tokens) - keep) // llm.n_batch
-    if full and (len(tokens) - keep) % llm.n_batch == 0:
-        full -= 1
-    for i in range(keep, keep + full * llm.n_batch, llm.n_batch):
-        if cancelled.is_set():
-            return False
-        llm.eval(tokens[i: i + llm.n_batch])
-    return not cancelled.is_set()
-
-
-def _common_prefix(llm: Any, tokens: list[int]) -> int:
-    """How many prompt tokens llama-cpp-python will find already in its KV cache (and not evaluate)."""
-    n = 0
-    for a, b in zip(llm._input_ids[: llm.n_tokens], tokens):
-        if a != b:
-            break
-        n += 1
-    if n == len(tokens) and not (llm.n_tokens == len(tokens) and not getattr(llm, "_requires_eval", True)):
-        n -= 1  # as Llama.generate does: the whole prompt is cached, but its last token is replayed for logits
-    return max(n, 0)

@@ -47,6 +47,7 @@ class EmbeddedOptions(_Options):
     n_ctx: int = 4096
     n_threads: int | None = None
     max_queue: int | None = None
+    parallel: int | None = None
 
 
 class OllamaOptions(_Options):

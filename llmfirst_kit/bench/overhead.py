@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import threading
 import time
 from typing import Any
 
@@ -54,14 +53,11 @@ def _timing(t0: int, stamps: list[int], tokens: int) -> dict[str, float | None]:
 def raw_once(loaded: LoadedModel, messages: list[dict[str, str]], max_tokens: int, *, seed: int = 0,
              expect_tokens: list[int] | None = None) -> dict[str, Any]:
     """The baseline: a plain ``Llama.generate`` loop, cold cache, incremental detokenization, each token
-    stamped as the loop (its own consumer) gets its text. Holds the model's lock, like a kit call."""
+    stamped as the loop (its own consumer) gets its text. Has the model to itself (no kit call decodes meanwhile)."""
     import llama_cpp
 
-    llm = loaded.llm
-    vocab = llm._model.vocab
-    ticket = threading.Event()
-    loaded.lock.acquire(ticket)
-    try:
+    with loaded.engine.exclusive() as llm:  # no kit call decodes meanwhile; the cache is emptied before and after
+        vocab = llm._model.vocab
         t0 = time.perf_counter_ns()
         llm.reset()  # cold: evaluate the whole prompt
         tokens = loaded.format_prompt(messages)  # chat template + tokenize, as the kit does in its call
@@ -89,8 +85,6 @@ def raw_once(loaded: LoadedModel, messages: list[dict[str, str]], max_tokens: in
         if tail:
             stamps.append(time.perf_counter_ns())
             parts.append(tail)
-    finally:
-        loaded.lock.release()
     if expect_tokens is not None and tokens != expect_tokens:
         raise AssertionError("the raw side's prompt tokens differ from the kit's")
     return {**_timing(t0, stamps, count), "text": "".join(parts), "output_tokens": count,

@@ -22,17 +22,20 @@ REMOTE_BACKENDS = tuple(name for name in BACKENDS if not capabilities(name).in_p
 @click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
 @click.option("--max-queue", type=int, default=None,
               help="calls that may wait per model; more get 503 (default $LLMFIRST_MAX_QUEUE, else 64)")
+@click.option("--parallel", type=POSITIVE, default=None,
+              help="calls each model decodes at once, in one batch (default $LLMFIRST_PARALLEL, else 8)")
 @click.option("--allow-backend", "allow_backend", multiple=True, type=click.Choice(REMOTE_BACKENDS),
               help="let WebSocket runs use this backend (your Ollama server / OpenAI key); repeatable")
 @click.option("--ws-idle-timeout", type=float, default=300.0,
               help="close a WebSocket without messages or runs after this many seconds (0: never)")
 def command(host: str, port: int, token: str | None, model: str | None, threads: int | None, max_queue: int | None,
-            allow_backend: tuple[str, ...], ws_idle_timeout: float) -> int:
+            parallel: int | None, allow_backend: tuple[str, ...], ws_idle_timeout: float) -> int:
     """WebSocket + Ollama-compatible HTTP API over the embedded models"""
     from ..serve import ServerConfig, serve
 
     default = ServerConfig.model_fields["allowed_backends"].default  # the server's own backend
     config = ServerConfig(default_model=model or DEFAULT_MODEL, n_threads=threads, max_queue=max_queue,
+                          parallel=parallel,
                           allowed_backends=(*default, *allow_backend), idle_timeout_s=ws_idle_timeout or None)
     serve(host, port, token, config=config)
     return EXIT_OK

@@ -231,7 +231,8 @@ def list_models() -> list[dict[str, Any]]:
 
 
 def running_models() -> list[dict[str, Any]]:
-    """``/api/ps``: every loaded model (one row per context size)."""
+    """``/api/ps``: every loaded model (one row per context size), with its batch: ``parallel`` sequences decoded
+    at once (Ollama's OLLAMA_NUM_PARALLEL), how many are decoding and how many calls wait."""
     out = []
     for lm in loaded_models():
         name = lm.resolved.name
@@ -239,7 +240,8 @@ def running_models() -> list[dict[str, Any]]:
             continue
         out.append({"name": name + TAG, "model": name + TAG, "size": lm.resolved.path.stat().st_size,
                     "digest": lm.resolved.sha256, "details": _details(name, lm.llm.metadata),
-                    "size_vram": 0, "context_length": lm.n_ctx})
+                    "size_vram": 0, "context_length": lm.n_ctx, "parallel": lm.parallel,
+                    "active": lm.engine.active, "waiting": lm.engine.waiting})
     return out
 
 

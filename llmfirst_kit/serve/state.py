@@ -16,7 +16,7 @@ class ServerState:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.embedded = EmbeddedBackend(model=config.default_model, n_threads=config.n_threads,
-                                        max_queue=config.max_queue)
+                                        max_queue=config.max_queue, parallel=config.parallel)
         self._backends: dict[str, Backend] = {self.embedded.name: self.embedded}
         self._backends_lock = threading.Lock()  # runs are built in worker threads
         self.connections = 0
