@@ -233,6 +233,8 @@ class BatchEngine:
             if not free or reserved + seq.need > self.kv_cells:
                 return  # the head waits (arrival order): for a slot, or for cells held by running calls
             self._waiting.popleft()
+            if len(free) == self.parallel:  # alone: lay the cache out as a fresh one would be (below)
+                self._settle_alone(seq)
             slot, shared, source = self._place(seq, free)
             # cells held by idle slots' caches give way, least recently used first, when a call needs them
             idle = sorted((i for i in free if i != slot and self._cached[i]), key=lambda i: self._last_used[i])
@@ -252,6 +254,28 @@ class BatchEngine:
             seq.sampler = self._sampler(seq.sampling) if seq.choice_tokens is None else None
             self._slots[slot] = seq
             self.calls += 1
+
+    def _settle_alone(self, seq: Sequence) -> None:
+        """A call admitted while no other decodes keeps at most the one cached prefix it will reuse; a cold one
+        starts from an empty cache. Where a sequence's cells lie in the shared cache changes how llama.cpp groups
+        its float sums, so without this a call alone at temperature 0 could answer differently from the same call
+        alone a minute earlier, depending on what earlier calls left in the cache."""
+        import llama_cpp as L
+
+        if not seq.reuse_cache:
+            L.llama_memory_clear(self._mem, True)
+            self._cached = [[] for _ in range(self.parallel)]
+            return
+        limit = len(seq.prompt) - 1
+        keep = max(range(self.parallel), key=lambda i: _common_prefix(self._cached[i], seq.prompt, limit))
+        if not _common_prefix(self._cached[keep], seq.prompt, limit):
+            L.llama_memory_clear(self._mem, True)
+            self._cached = [[] for _ in range(self.parallel)]
+            return
+        for i in range(self.parallel):
+            if i != keep and self._cached[i]:
+                L.llama_memory_seq_rm(self._mem, i, -1, -1)
+                self._cached[i] = []
 
     def _place(self, seq: Sequence, free: list[int]) -> tuple[int, int, int]:
         """(slot, tokens of its prompt already in the cache, the slot holding them)."""

@@ -10,6 +10,7 @@ was not computed from.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,14 @@ def _reading(choices: list[str], labels: list[str]) -> dict[str, Any]:
 
 
 async def decisions(model: str | None = None, queries: str | Path = QUERIES, *, n_threads: int | None = None,
-                    backend: Backend | None = None) -> dict[str, Any]:
+                    backend: Backend | None = None, concurrency: int = 8) -> dict[str, Any]:
     """The strategy decision on every query of ``queries`` (a JSONL/CSV query set with ``category`` labels):
     the raw reading (the most probable option) against the calibrated one (the decision the pipeline takes),
-    the difference in agreement with a paired 95 % bootstrap interval, and the decision's latency."""
+    the difference in agreement with a paired 95 % bootstrap interval, and the decision's latency. The first
+    query is decided alone (it computes or reads the prior), the others ``concurrency`` at a time (on the embedded
+    engine, sequences of one batch), so ``decision_s`` is the latency under that load (``concurrency`` says it)."""
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise InvalidInput(f"concurrency must be a whole number of at least 1, got {concurrency!r}")
     be = backend or get_backend("embedded", **({"n_threads": n_threads} if n_threads else {}))
     if not be.capabilities.next_token_choice:
         raise InvalidInput(f"the {be.name} backend cannot read a choice from next-token probabilities, so there is "
@@ -49,21 +54,24 @@ async def decisions(model: str | None = None, queries: str | Path = QUERIES, *, 
         raise InvalidInput(f"no query in {str(queries)!r} has a category label ({', '.join(STRATEGIES)}); the "
                            f"agreement needs one (the format: llmfirst_kit/assets/README.md)")
     pipe = Pipeline(stages=[strategy_stage()], name="strategy", backend=be, model=model)
-    rows: list[dict[str, Any]] = []
-    calibration: dict[str, Any] = {}
-    for q in qs:
-        rec = await pipe.run(q.query, labels=q.labels())
+    gate = asyncio.Semaphore(concurrency)
+
+    async def decide(q: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        async with gate:
+            rec = await pipe.run(q.query, labels=q.labels())
         d = rec.decisions["strategy"]
         if not d.by_model or not d.calibration:
             raise InvalidInput(f"query {q.id}: the model made no decision ({d.problem}); nothing to compare")
         raw = d.calibration["raw"]
-        calibration = calibration or d.calibration  # the first: it says how long computing the prior took
-        rows.append({"id": q.id, "lang": q.lang, "label": q.category, "raw": max(raw, key=raw.get),
-                     "calibrated": d.value["strategy"], "decision_s": decision_s(rec, {"strategy"})})
+        return d.calibration, {"id": q.id, "lang": q.lang, "label": q.category, "raw": max(raw, key=raw.get),
+                               "calibrated": d.value["strategy"], "decision_s": decision_s(rec, {"strategy"})}
+
+    calibration, first = await decide(qs[0])  # the first: it says how long computing the prior took
+    rows = [first] + [row for _, row in await asyncio.gather(*(decide(q) for q in qs[1:]))]
     labels = [r["label"] for r in rows]
     gain = [float(r["calibrated"] == r["label"]) - float(r["raw"] == r["label"]) for r in rows]
     out: dict[str, Any] = {
-        "benchmark": "decisions", "model": be.resolve_model(model), "queries": len(rows),
+        "benchmark": "decisions", "model": be.resolve_model(model), "queries": len(rows), "concurrency": concurrency,
         "prior": calibration["prior"], "calibration_queries": calibration["queries"],
         "calibration_s": calibration["computed_s"],
         "raw": _reading([r["raw"] for r in rows], labels),

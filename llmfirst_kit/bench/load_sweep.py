@@ -571,17 +571,18 @@ def target_of(backend: Backend) -> str:
 @contextlib.asynccontextmanager
 async def load_target(backend: str = DEFAULT_BACKEND, *, host: str | None = None, base_url: str | None = None,
                       serve_kit: bool = False, model: str | None = None,
-                      n_threads: int | None = None) -> AsyncIterator[Backend]:
+                      n_threads: int | None = None, parallel: int | None = None) -> AsyncIterator[Backend]:
     """The backend to load: by name, or (``serve_kit``) the kit's own server started on a free loopback
     port and reached through the API of ``backend`` when that is a server's (``openai``: its /v1 routes,
-    ``ollama``: its /api routes), else (an in-process backend named) its Ollama-compatible API."""
+    ``ollama``: its /api routes), else (an in-process backend named) its Ollama-compatible API. ``parallel``: the
+    sequences the kit's embedded engine decodes at once (``--serve-kit`` and the embedded backend)."""
     if serve_kit:
         from ..models import DEFAULT_MODEL
         from ..serve import ServerConfig, ServerThread
 
         name = model or DEFAULT_MODEL
         client = KIT_SERVER_API if capabilities(backend).in_process else backend
-        with ServerThread(config=ServerConfig(default_model=name, n_threads=n_threads)) as srv:
+        with ServerThread(config=ServerConfig(default_model=name, n_threads=n_threads, parallel=parallel)) as srv:
             target = get_backend(client, **backend_options(client, model=name, host=srv.url,
                                                            base_url=f"{srv.url}/v1"))
             try:
@@ -589,7 +590,8 @@ async def load_target(backend: str = DEFAULT_BACKEND, *, host: str | None = None
             finally:
                 await target.aclose()
         return
-    target = get_backend(backend, **backend_options(backend, host=host, base_url=base_url, n_threads=n_threads))
+    target = get_backend(backend, **backend_options(backend, host=host, base_url=base_url, n_threads=n_threads,
+                                                    parallel=parallel))
     try:
         yield target
     finally:

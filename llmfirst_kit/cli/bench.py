@@ -64,6 +64,36 @@ def engine(model: str, runs: int, max_tokens: int, threads: int | None, as_json:
     return _print(compare(model=model, runs=runs, tokens=max_tokens, n_threads=threads), as_json)
 
 
+@command.command("batch", short_help="the embedded engine's batch curve: aggregate tokens/s and step time per batch size")
+@click.option("--model", default=DEFAULT_MODEL)
+@click.option("--sizes", default="1,2,4,8,16", help="comma-separated batch sizes (default 1,2,4,8,16)")
+@click.option("--max-tokens", type=POSITIVE, default=48)
+@click.option("--rounds", type=POSITIVE, default=2, help="interleaved rounds over the sizes; medians (default 2)")
+@click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def batch(model: str, sizes: str, max_tokens: int, rounds: int, threads: int | None, as_json: bool) -> int:
+    """aggregate decode tokens/s and step time when 1, 2, 4, 8, 16 calls decode together"""
+    from ..bench.batch import batch_curve
+    from ..bench.load_sweep import parse_concurrency
+
+    from ..errors import InvalidInput
+
+    try:
+        levels = parse_concurrency(sizes)
+    except InvalidInput:
+        raise InvalidInput(f"--sizes must be positive whole numbers separated by commas, e.g. 1,2,4,8,16; "
+                           f"got {sizes!r}") from None
+    result = asyncio.run(batch_curve(model=model, sizes=levels, max_tokens=max_tokens,
+                                     rounds=rounds, n_threads=threads))
+    if as_json:
+        return _print(result, True)
+    print(f"{result['model']} on {result['cpu_model']} (engine {result['engine']}, {result['n_threads']} threads)")
+    print(f"{'sequences':>9} {'tokens/s':>9} {'step ms':>8} {'x one':>6}")
+    for row in result["rows"]:
+        print(f"{row['sequences']:>9} {row['aggregate_tokens_per_s']:>9} {row['step_ms']:>8} {row['vs_one']:>6}")
+    return EXIT_OK
+
+
 @command.command("pipeline", short_help="user-visible TTFT of presets, interleaved, every preset warmed")
 @click.option("--model", default=None)
 @click.option("--presets", default="direct,staged,staged:analysis-first,cascade",
@@ -97,15 +127,18 @@ def pipeline(model: str | None, presets: str, rounds: int, max_tokens: int, thre
 @click.option("--queries", "queries_path", default=None, help="a JSONL/CSV query set with category labels "
               "(default: the kit's 72 queries)")
 @click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
+@click.option("--concurrency", type=POSITIVE, default=8,
+              help="queries decided at once after the first (default 8; 1: one after another)")
 @click.option("--rows", "show_rows", is_flag=True, help="also print each query's choices")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def decisions(model: str | None, queries_path: str | None, threads: int | None, show_rows: bool,
+def decisions(model: str | None, queries_path: str | None, threads: int | None, concurrency: int, show_rows: bool,
               as_json: bool) -> int:
     """the strategy decision over a query set: distribution, agreement with labels, raw vs calibrated"""
     from ..bench.decisions import decisions as run
     from ..data import QUERIES
 
-    result = asyncio.run(run(model=model, queries=queries_path or QUERIES, n_threads=threads))
+    result = asyncio.run(run(model=model, queries=queries_path or QUERIES, n_threads=threads,
+                             concurrency=concurrency))
     if not (show_rows or as_json):
         result.pop("rows")
     return _print(result, as_json)
@@ -175,12 +208,15 @@ def serve(clients: int, queries: int, model: str, preset: str, max_tokens: int, 
 @click.option("--from-file", is_flag=True,
               help="send nothing: rebuild the summary (and the --html chart) from --jsonl")
 @click.option("--threads", type=POSITIVE, default=None, help="decoding threads (embedded, --serve-kit)")
+@click.option("--parallel", type=POSITIVE, default=None,
+              help="calls the embedded engine decodes at once (embedded, --serve-kit; default $LLMFIRST_PARALLEL, "
+                   "else 8); --parallel 1 is one call at a time")
 @click.option("--html", default=None, help="write the latency-vs-load chart to this HTML file")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def load(backend: str, model: str | None, host: str | None, base_url: str | None, serve_kit: bool, arrival: str,
          concurrency: str, rates: str | None, seed: int, requests: int, max_tokens: int, max_error_rate: float,
          time_limit: float, client_cpu_bound: float | None, jsonl: str | None, from_file: bool,
-         threads: int | None, html: str | None, as_json: bool) -> int:
+         threads: int | None, parallel: int | None, html: str | None, as_json: bool) -> int:
     """latency, throughput and goodput against load (a bounded, resumable load sweep)"""
     from ..bench.load_sweep import (CLOSED_LOOP, format_sweep, load_target, parse_concurrency, parse_rates,
                                     summarize_file, sweep)
@@ -201,13 +237,14 @@ def load(backend: str, model: str | None, host: str | None, base_url: str | None
 
         async def run() -> dict[str, Any]:
             async with load_target(backend, host=host, base_url=base_url, serve_kit=serve_kit, model=model,
-                                   n_threads=threads) as target:
+                                   n_threads=threads, parallel=parallel) as target:
                 return await sweep(target, model=model, concurrency=levels or (1,), requests=requests,
                                    max_tokens=max_tokens, max_error_rate=max_error_rate, time_limit_s=time_limit,
                                    arrival=arrival, rates=rate_levels, seed=seed, jsonl=jsonl,
                                    client_cpu_bound=CLIENT_CPU_BOUND if client_cpu_bound is None else client_cpu_bound,
                                    # a new port each run: named so that a rerun with the same --jsonl resumes
-                                   target_name=f"serve-kit:{target.name}" if serve_kit else None)
+                                   target_name=(f"serve-kit:{target.name}" + (f":parallel={parallel}" if parallel
+                                                                              else "")) if serve_kit else None)
 
         result = asyncio.run(run())
     if html:

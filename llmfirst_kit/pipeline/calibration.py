@@ -110,12 +110,15 @@ async def option_prior(key: dict[str, Any], options: list[str], messages_for: Ca
         start = time.perf_counter()
         sums = dict.fromkeys(options, 0.0)
         queries = calibration_queries()
-        for q in queries:
+        async def probabilities(q: str) -> dict[str, float]:
             try:
-                probs = await probabilities_of(messages_for(q))
+                return await probabilities_of(messages_for(q))
             except KitError as exc:
                 raise KitError(f"calibrating the choice among {options} failed on the calibration query {q!r}: "
                                f"{exc}") from exc
+
+        # the calibration queries at once: on the embedded engine they are sequences of one batch
+        for probs in await asyncio.gather(*(probabilities(q) for q in queries)):
             for option in options:
                 sums[option] += probs[option]
         prior = Prior({o: round(s / len(queries), 6) for o, s in sums.items()}, len(queries))

@@ -246,23 +246,25 @@ class PairwiseJudge:
 
     async def compare(self, query: str, answer_1: str, answer_2: str, labels: tuple[str, str] = ("baseline", "candidate")
                       ) -> list[Judgment]:
-        """Both orders: answer 1 as A then answer 2 as A. Each judgment's ``winner`` is a label or ``"tie"``."""
-        out = []
-        for order, (a, b), (la, lb) in ((ORDERS[0], (answer_1, answer_2), labels),
-                                         (ORDERS[1], (answer_2, answer_1), labels[::-1])):
+        """Both orders: answer 1 as A, and answer 2 as A, judged at once (on the embedded engine the two calls
+        share its batch). Each judgment's ``winner`` is a label or ``"tie"``."""
+
+        async def one(order: str, a: str, b: str, la: str, lb: str) -> Judgment:
             t0 = time.perf_counter()
             v = await self.judge(query, a, b)
             winner = {"A": la, "B": lb, "tie": "tie"}.get(v.verdict) if v.verdict else None
             first = v.records[0] if v.records else None
-            out.append(Judgment(
+            return Judgment(
                 order=order, shown_first=la, verdict=v.verdict, winner=winner, reasons=v.reasons, status=v.status,
                 problem=v.problem, judge_model=(first.model if first and first.model else (self.model or "")),
                 judge_backend=self.backend.name, call_ids=[r.call_id for r in v.records],
                 prompt_tokens=first.prompt_tokens if first else None,
                 output_tokens=sum(r.output_tokens or 0 for r in v.records) if v.records else None,
                 seconds=time.perf_counter() - t0, method=v.method, probabilities=v.probabilities,
-                reasons_cut=v.reasons_cut))
-        return out
+                reasons_cut=v.reasons_cut)
+
+        return list(await asyncio.gather(one(ORDERS[0], answer_1, answer_2, *labels),
+                                         one(ORDERS[1], answer_2, answer_1, *labels[::-1])))
 
 
 __all__ = ["JUDGE_DATA", "JUDGE_SYSTEM", "JUDGE_TASK", "ORDERS", "REASONS_END", "REASONS_TOKENS", "REPLY_OPEN", "VERDICTS", "VERDICT_LEAD",

@@ -21,12 +21,14 @@ to the same queries, which another cell produced; and the judge model is loaded 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from ..backends import DEFAULT_BACKEND
 from ..errors import KitError
@@ -222,6 +224,20 @@ def gate_runs(spec: Mapping[str, Any], baseline: Mapping[str, RunRecord],
     return {a.query_id: baseline[a.query_id].run_id for a in reals}
 
 
+JUDGE_CONCURRENCY = 4  # pairs judged at once (two calls each, both orders): the embedded engine batches them
+
+
+async def _at_once(jobs: list[Callable[[], Awaitable[None]]], limit: int = JUDGE_CONCURRENCY) -> None:
+    """Run ``jobs`` with at most ``limit`` in flight (each logs its own judgment as it ends)."""
+    gate = asyncio.Semaphore(limit)
+
+    async def run(job: Callable[[], Awaitable[None]]) -> None:
+        async with gate:
+            await job()
+
+    await asyncio.gather(*(run(job) for job in jobs))
+
+
 async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable[[str], Any] = print
                             ) -> dict[str, Any]:
     """Gate every judge the study needs, then judge every finished configuration against the baseline.
@@ -254,19 +270,27 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
     for model, backend in needed:
         judge = judges.setdefault((model, backend), _make_judge(model, backend, spec))
         t0 = time.perf_counter()
+        jobs = []
         for pair in pairs:
             line = {"type": "gate", "judge": model, "judge_backend": backend, "prompt_version": version,
                     "kind": pair.kind,
                     "query_id": pair.query_id, "baseline_run_id": base_runs[pair.query_id], "candidate_run_id": None}
             if _key(line) in done:
                 continue
-            js = await judge.compare(pair.query, pair.real, pair.planted, labels=("real", "planted"))
-            log.append({**line, "pair": pair.to_dict(), "judgments": [j.to_dict() for j in js]})
-            counts["gate_pairs"] += 1
-            echo(f"gate {model} {pair.kind} {pair.query_id}: {' / '.join(str(j.winner) for j in js)} "
-                 f"({sum(j.seconds or 0 for j in js):.1f} s)")
+
+            async def gate_pair(pair: Any = pair, line: dict[str, Any] = line, judge: PairwiseJudge = judge,
+                                model: str = model) -> None:
+                js = await judge.compare(pair.query, pair.real, pair.planted, labels=("real", "planted"))
+                log.append({**line, "pair": pair.to_dict(), "judgments": [j.to_dict() for j in js]})
+                counts["gate_pairs"] += 1
+                echo(f"gate {model} {pair.kind} {pair.query_id}: {' / '.join(str(j.winner) for j in js)} "
+                     f"({sum(j.seconds or 0 for j in js):.1f} s)")
+
+            jobs.append(gate_pair)
+        await _at_once(jobs)
         if pairs:
             echo(f"gate {model}: {len(pairs)} pairs in {time.perf_counter() - t0:.0f} s")
+    jobs = []
     for cell, choice in plan:
         if choice.model is None:
             continue
@@ -286,11 +310,18 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
                 log.append({**line, "identical": True, "judgments": []})
                 counts["identical"] += 1
                 continue
-            js = await judge.compare(q.query, answer_text(b), answer_text(c), labels=("baseline", "candidate"))
-            log.append({**line, "identical": False, "judgments": [j.to_dict() for j in js]})
-            counts["pairs"] += 1
-            echo(f"judge {choice.model} {cell['id']} {qid}: {' / '.join(str(j.winner) for j in js)} "
-                 f"({sum(j.seconds or 0 for j in js):.1f} s)")
+
+            async def cell_pair(line: dict[str, Any] = line, q: Any = q, b: Any = b, c: Any = c,
+                                judge: PairwiseJudge = judge) -> None:
+                js = await judge.compare(q.query, answer_text(b), answer_text(c), labels=("baseline", "candidate"))
+                log.append({**line, "identical": False, "judgments": [j.to_dict() for j in js]})
+                counts["pairs"] += 1
+                echo(f"judge {line['judge']} {line['cell']} {line['query_id']}: "
+                     f"{' / '.join(str(j.winner) for j in js)} ({sum(j.seconds or 0 for j in js):.1f} s)")
+
+            jobs.append(cell_pair)
+    await _at_once(jobs)
+
     async def judge_pair(line: dict[str, Any], q: Any, ref: str, cand: str, echo_label: str) -> None:
         if _key(line) in done:
             return
@@ -306,6 +337,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
              f"({sum(j.seconds or 0 for j in js):.1f} s)")
 
     # head to head: each comparison's candidate against its reference, same model and quantization
+    jobs = []
     for cand, ref in versus:
         choice = judge_for(cand, spec)
         if choice.model is None or (choice.model, choice.backend) not in judges:
@@ -319,7 +351,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
             line = {"type": "versus", "judge": choice.model, "judge_backend": choice.backend,
                     "prompt_version": version, "cell": cand["id"], "reference_cell": ref["id"],
                     "query_id": qid, "baseline_run_id": r.run_id, "candidate_run_id": c.run_id}
-            await judge_pair(line, q, answer_text(r), answer_text(c), "versus")
+            jobs.append(functools.partial(judge_pair, line, q, answer_text(r), answer_text(c), "versus"))
     # revised against its own draft, in every run where the judge decided to revise
     for cell, choice in plan:
         if choice.model is None or not parse_preset(cell["preset"]).revise:
@@ -330,7 +362,9 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
             line = {"type": "revision", "judge": choice.model, "judge_backend": choice.backend,
                     "prompt_version": version, "cell": cell["id"], "query_id": qid,
                     "baseline_run_id": rec.run_id, "candidate_run_id": rec.run_id}
-            await judge_pair(line, queries[qid], answer_call(rec, ("answer",)).text, answer_text(rec), "revision")
+            jobs.append(functools.partial(judge_pair, line, queries[qid], answer_call(rec, ("answer",)).text,
+                                          answer_text(rec), "revision"))
+    await _at_once(jobs)
     for judge in judges.values():
         await judge.backend.aclose()
     return counts
