@@ -253,7 +253,8 @@ async def test_prompt_eval_cached_count_reports_the_reused_prefix(server, loaded
 
     await wait_until_idle(loaded)
     assert not loaded.busy
-    loaded.llm.reset()  # an empty KV cache, as after a fresh load (nothing else decodes in this test)
+    with loaded.engine.exclusive():  # an empty KV cache, as after a fresh load (nothing else decodes in this test)
+        pass
     fresh = await asyncio.to_thread(chat, SHORT)
     again = await asyncio.to_thread(chat, SHORT)
     other = await asyncio.to_thread(chat, "Name three rivers in Africa.")

@@ -144,6 +144,33 @@ def decisions(model: str | None, queries_path: str | None, threads: int | None, 
     return _print(result, as_json)
 
 
+@command.command("judge", short_help="subtle-error detection of the judge with and without reference facts; "
+                                     "judgments per minute one at a time vs batched")
+@click.option("--answer-model", default="qwen2.5-coder-1.5b", help="writes the correct and the fact-changed answers")
+@click.option("--judge-model", default="qwen2.5-coder-1.5b")
+@click.option("--queries", "queries_path", default=None, help="a JSONL/CSV query set with reference facts "
+              "(default: the kit's 72 queries)")
+@click.option("--limit", type=int, default=0, help="the first N queries only (default: all)")
+@click.option("--concurrency", type=POSITIVE, default=4, help="pairs judged at once (default 4)")
+@click.option("--speed-pairs", type=int, default=4, help="pairs of the throughput comparison (0: none; default 4)")
+@click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
+@click.option("--out", default=None, help="write every answer, pair and judgment to this JSON file")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def judge(answer_model: str, judge_model: str, queries_path: str | None, limit: int, concurrency: int,
+          speed_pairs: int, threads: int | None, out: str | None, as_json: bool) -> int:
+    """subtle-error detection of the judge (reference-free vs reference-guided), both orders; throughput"""
+    import sys
+
+    from ..bench.judge import judge_bench
+    from ..data import QUERIES
+
+    result = asyncio.run(judge_bench(answer_model=answer_model, judge_model=judge_model,
+                                     queries=queries_path or QUERIES, limit=limit, concurrency=concurrency,
+                                     speed_pairs=speed_pairs, n_threads=threads, out=out,
+                                     echo=lambda line: print(line, file=sys.stderr)))
+    return _print(result, as_json)
+
+
 @command.command("view", short_help="a run with and without the live notebook view attached")
 @click.option("--model", default="smollm2-135m")
 @click.option("--runs", type=POSITIVE, default=3)

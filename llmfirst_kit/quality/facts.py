@@ -9,7 +9,8 @@ with a Latin letter or digit must meet a word boundary there ("Au" is not found 
 words). Recall = recalled facts / facts.
 
 This is a lexical measurement of what answers contain, like exact match or ROUGE: it is computed after the
-fact, never decides anything and is never shown to a model, and the facts are never shown as an answer.
+fact, never decides anything and is never shown to a model (the facts themselves reach a reference-guided judge
+as data, :mod:`.judge`), and the facts are never shown as an answer.
 It undercounts paraphrases ("nine and a half million"), which is why the judge stays the quality verdict and
 recall is reported beside it.
 """
@@ -59,9 +60,15 @@ def key_fact_recall(answer: str, facts: Sequence[Mapping[str, Any]]) -> float | 
     return sum(recalled(answer, f) for f in facts) / len(facts)
 
 
+def reference_sentences(facts: Sequence[Mapping[str, Any]], lang: str) -> list[str]:
+    """The facts as sentences in the query's language (English where a fact has none): what a
+    reference-guided judge is shown."""
+    return [str(f.get(lang) or f.get("en")) for f in facts if f.get(lang) or f.get("en")]
+
+
 def mean_recall(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
-__all__ = ["fact_forms", "key_fact_recall", "mean_recall", "normalise", "recalled"]
+__all__ = ["fact_forms", "key_fact_recall", "mean_recall", "normalise", "recalled", "reference_sentences"]

@@ -10,7 +10,12 @@ query's reference key facts: a wrong "real" answer is not known-good), one of ea
   ``data/queries``), or else another query's answer in another language;
 - ``prompt_echo``: the kit's own prompt text (the instructions its pipelines give the answering model), as a
   model that only echoes its prompt would answer;
-- ``empty``: an empty answer.
+- ``empty``: an empty answer;
+- ``fact_changed`` (the subtle kind): the real answer with one key fact changed to a plausible wrong one,
+  written by a model told to change that fact and keep everything else (:func:`fact_changed_pairs`), and kept
+  only where the fact is no longer stated (its surface forms in both languages are gone: a check of the
+  evaluation, never shown to anyone) and the rest is still the real answer's length. A judge that cannot tell
+  a wrong fact from a right one fails here, where the gross kinds above let it pass.
 
 Each pair (real, planted) is judged in both orders. **Gate accuracy** = the share of pairs in which the judge,
 its two orders averaged, more likely than not prefers the real answer: the real answer's probability averaged
@@ -30,6 +35,8 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 from .retention import first_position_rate, judgment_outcome, outcome_probabilities
 
 KINDS = ("other_query", "truncated", "wrong_language", "prompt_echo", "empty")
+SUBTLE_KINDS = ("fact_changed",)  # built by a model (async), not from the answers alone
+ALL_KINDS = KINDS + SUBTLE_KINDS
 GATE_THRESHOLD = 0.9
 REAL, PLANTED = "real", "planted"
 
@@ -43,6 +50,7 @@ class RealAnswer:
     text: str
     lang: str = ""
     twin: str | None = None  # the id of the same query in the other language, if the data has one
+    facts: tuple[Any, ...] = ()  # the query's reference key facts (``data/queries``), for ``fact_changed``
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,84 @@ def planted_pairs(answers: Sequence[RealAnswer], *, kinds: Iterable[str] = KINDS
     return pairs
 
 
+# The generator's task. The fact to change is named (in the answer's language) so that the change is one the
+# reference can catch; the rest must stay as written, so that only the fact tells the two answers apart.
+FACT_CHANGE_SYSTEM = "You edit texts exactly as asked and reply with the edited text only."
+FACT_CHANGE_TASK = (
+    "Below, as JSON data, are an answer and one fact it states. Rewrite the answer so that this fact becomes wrong: "
+    "replace it with a plausible but false one (another name, number, date or reason), and keep every other "
+    "sentence exactly as it is, in the same language. Do not say that anything was changed. Reply with JSON: "
+    "{\"answer\": the rewritten answer}."
+)
+# the reply as structured output (the 1.5B echoed the data object back when asked for plain text)
+FACT_CHANGE_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"answer": {"type": "string"}},
+                                      "required": ["answer"]}
+FACT_CHANGE_TOKENS_MARGIN = 48  # the rewrite may be a little longer than the answer
+
+
+def fact_change_messages(answer: str, fact: str) -> list[dict[str, str]]:
+    import json
+
+    data = json.dumps({"answer": answer, "fact_to_make_wrong": fact}, ensure_ascii=False, indent=1)
+    return [{"role": "system", "content": FACT_CHANGE_SYSTEM},
+            {"role": "user", "content": f"{FACT_CHANGE_TASK}\n\n```json\n{data}\n```"}]
+
+
+def fact_change_problem(real: str, planted: str, fact: Any) -> str | None:
+    """Why a model's rewrite is not a usable ``fact_changed`` answer, or None. Evaluation only: the rewrite must
+    differ from the real answer, no longer state the fact (none of its forms, in either language, is found),
+    and keep the real answer's size (between half and twice its characters: an edit, not another answer)."""
+    from .facts import recalled
+
+    text = planted.strip()
+    if not text or text == real.strip():
+        return "the rewrite is empty or unchanged"
+    if recalled(text, fact):
+        return "the rewrite still states the fact"
+    if not 0.5 <= len(text) / max(1, len(real.strip())) <= 2.0:
+        return "the rewrite is not an edit of the answer (its length changed too much)"
+    return None
+
+
+async def fact_changed_pairs(backend: Any, answers: Sequence[RealAnswer], *, model: str | None = None,
+                             on_rejected: Callable[[RealAnswer, str], Any] | None = None) -> list[GatePair]:
+    """One ``fact_changed`` pair per real answer that states one of its query's facts: ``model`` on ``backend``
+    rewrites the answer with that fact made wrong (all answers at once: on the embedded engine, one batch). A
+    rewrite that fails :func:`fact_change_problem` is dropped (``on_rejected`` hears why), never repaired."""
+    import asyncio
+
+    from ..backends import CallRequest
+    from ..pipeline import parse_structured
+    from .facts import recalled
+
+    async def one(real: RealAnswer) -> GatePair | None:
+        fact = next((f for f in real.facts if recalled(real.text, f)), None)
+        if fact is None:
+            return None
+        stated = str(fact.get(real.lang) or fact.get("en") or "")
+        tokens = max(64, len(real.text) + FACT_CHANGE_TOKENS_MARGIN)  # a Korean character can be a token or two
+        rec = await backend.call(CallRequest(messages=fact_change_messages(real.text, stated), model=model,
+                                             max_tokens=tokens, temperature=0.0, seed=0,
+                                             json_schema=FACT_CHANGE_SCHEMA)).collect()
+        written = ""
+        if rec.status != "ok":
+            problem = rec.error or rec.status
+        elif rec.finish_reason == "length":
+            problem = "the rewrite was cut by its token limit"
+        else:
+            value, problem = parse_structured(rec.text, FACT_CHANGE_SCHEMA)
+            written = str(value["answer"]).strip() if problem is None else ""
+            problem = problem or fact_change_problem(real.text, written, fact)
+        if problem is not None:
+            if on_rejected is not None:
+                on_rejected(real, problem)
+            return None
+        return GatePair(query_id=real.query_id, query=real.query, kind="fact_changed", real=real.text,
+                        planted=written, source=f"fact: {stated}")
+
+    return [p for p in await asyncio.gather(*(one(a) for a in answers)) if p is not None]
+
+
 # --------------------------------------------------------------------------------------- formulas
 
 GATE_OUTCOMES = (REAL, PLANTED, "tie")
@@ -168,7 +254,7 @@ def gate_result(judged: Sequence[tuple[GatePair, Sequence[Any]]], *, threshold: 
     both = [bool(js) and all(get(j, "winner") == REAL for j in js) for _, js in judged]
     flat = [j for _, js in judged for j in js]
     by_kind: dict[str, float | None] = {}
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         ks = [c for (p, _), c in zip(judged, correct) if p.kind == kind]
         by_kind[kind] = sum(ks) / len(ks) if ks else None
     accuracy = sum(correct) / len(correct) if correct else None
@@ -186,8 +272,10 @@ def gate_result(judged: Sequence[tuple[GatePair, Sequence[Any]]], *, threshold: 
 
 async def run_gate(judge: Any, pairs: Sequence[GatePair], *, threshold: float = GATE_THRESHOLD,
                    on_pair: Callable[[GatePair, list[Any]], Awaitable[None] | None] | None = None,
-                   done: dict[tuple[str, str], list[Any]] | None = None) -> GateResult:
-    """Judge every pair in both orders with ``judge`` (a :class:`~llmfirst_kit.quality.judge.PairwiseJudge`).
+                   done: dict[tuple[str, str], list[Any]] | None = None,
+                   references: dict[str, list[str]] | None = None) -> GateResult:
+    """Judge every pair in both orders with ``judge`` (a :class:`~llmfirst_kit.quality.judge.PairwiseJudge`),
+    reference-guided where ``references`` has the pair's query id.
     ``done`` holds judgments of pairs judged before (key: query id, kind), e.g. read back to resume;
     ``on_pair`` is called with each newly judged pair (to append it to a log)."""
     import inspect
@@ -196,7 +284,8 @@ async def run_gate(judge: Any, pairs: Sequence[GatePair], *, threshold: float = 
     for pair in pairs:
         known = (done or {}).get((pair.query_id, pair.kind))
         if known is None:
-            known = await judge.compare(pair.query, pair.real, pair.planted, labels=(REAL, PLANTED))
+            known = await judge.compare(pair.query, pair.real, pair.planted, labels=(REAL, PLANTED),
+                                        reference=references.get(pair.query_id) if references else None)
             if on_pair is not None:
                 result = on_pair(pair, known)
                 if inspect.isawaitable(result):
@@ -205,5 +294,6 @@ async def run_gate(judge: Any, pairs: Sequence[GatePair], *, threshold: float = 
     return gate_result(judged, threshold=threshold, judge_model=judge.model_name, judge_backend=judge.backend.name)
 
 
-__all__ = ["GATE_THRESHOLD", "KINDS", "GatePair", "GateResult", "RealAnswer", "gate_result", "pair_correct",
+__all__ = ["ALL_KINDS", "GATE_THRESHOLD", "KINDS", "SUBTLE_KINDS", "GatePair", "GateResult", "RealAnswer",
+           "fact_change_messages", "fact_change_problem", "fact_changed_pairs", "gate_result", "pair_correct",
            "planted_pairs", "prompt_echoes", "run_gate"]

@@ -33,9 +33,10 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 from ..backends import DEFAULT_BACKEND
 from ..errors import KitError
 from ..pipeline import parse_preset
-from ..quality.facts import key_fact_recall, mean_recall
-from ..quality.gate import GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, gate_result, planted_pairs
-from ..quality.judge import PROMPT_VERSION, REASONS_TOKENS, PairwiseJudge
+from ..quality.facts import key_fact_recall, mean_recall, reference_sentences
+from ..quality.gate import (GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, fact_changed_pairs, gate_result,
+                            planted_pairs)
+from ..quality.judge import PROMPT_VERSION, REASONS_TOKENS, REFERENCE_PROMPT_VERSION, PairwiseJudge
 from ..quality.retention import Outcome, Retention, judgment_outcome, retention
 from ..records import RunRecord
 from .quantization import SHIPPED, safe_model_id
@@ -187,7 +188,7 @@ def gate_answers(baseline: Mapping[str, RunRecord], queries: Mapping[str, Any], 
         if recall is not None and recall < 1.0:
             continue
         by_lang.setdefault(q.lang, []).append(RealAnswer(query_id=qid, query=q.query, text=answer_text(rec),
-                                                         lang=q.lang, twin=q.twin))
+                                                         lang=q.lang, twin=q.twin, facts=tuple(q.facts)))
     out: list[RealAnswer] = []
     lists = list(by_lang.values())
     i = 0
@@ -198,9 +199,11 @@ def gate_answers(baseline: Mapping[str, RunRecord], queries: Mapping[str, Any], 
 
 
 def judge_version(spec: Mapping[str, Any]) -> str:
-    """What a study's judgments are made with: the judge's prompt version and its reasons budget
-    (``judge_max_tokens``). Stored with every judgment; a change in either means judging again."""
-    return f"{PROMPT_VERSION}+{int(spec.get('judge_max_tokens') or REASONS_TOKENS)}"
+    """What a study's judgments are made with: the judge's prompt version, its reasons budget
+    (``judge_max_tokens``) and, when it judges with references, the reference prompt's version. Stored with every
+    judgment; a change in any means judging again."""
+    version = f"{PROMPT_VERSION}+{int(spec.get('judge_max_tokens') or REASONS_TOKENS)}"
+    return f"{version}+ref-{REFERENCE_PROMPT_VERSION}" if spec.get("judge_references") else version
 
 
 def study_queries(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,6 +241,20 @@ async def _at_once(jobs: list[Callable[[], Awaitable[None]]], limit: int = JUDGE
     await asyncio.gather(*(run(job) for job in jobs))
 
 
+async def _fact_changed(judge: PairwiseJudge, reals: list[RealAnswer], done: Mapping[Any, dict[str, Any]],
+                        echo: Callable[[str], Any]) -> list[GatePair]:
+    """The gate's ``fact_changed`` pairs, written by the judge model from the real answers; those already in the
+    judgments log are read back (not written again), so a resumed study judges the same pairs."""
+    known = {ln["query_id"]: GatePair(**ln["pair"]) for ln in done.values()
+             if ln.get("type") == "gate" and ln.get("kind") == "fact_changed" and ln.get("judge") == judge.model
+             and ln.get("pair")}
+    missing = [a for a in reals if a.query_id not in known]
+    written = await fact_changed_pairs(judge.backend, missing, model=judge.model,
+                                       on_rejected=lambda a, why: echo(f"gate fact_changed {a.query_id}: {why}"))
+    by_id = {**known, **{p.query_id: p for p in written}}
+    return [by_id[a.query_id] for a in reals if a.query_id in by_id]
+
+
 async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable[[str], Any] = print
                             ) -> dict[str, Any]:
     """Gate every judge the study needs, then judge every finished configuration against the baseline.
@@ -265,10 +282,14 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
     versus = comparison_plan(res)
     needed = list(dict.fromkeys((j.model, j.backend) for _, j in plan if j.model))
     reals = gate_answers(baseline, queries, int(spec.get("gate_answers") or 8))
-    pairs = planted_pairs(reals, kinds=spec.get("gate_kinds") or KINDS, seed=int(p.get("seed") or 0))
+    kinds = list(spec.get("gate_kinds") or KINDS)
+    planted = planted_pairs(reals, kinds=[k for k in kinds if k in KINDS], seed=int(p.get("seed") or 0))
     base_runs = {a.query_id: baseline[a.query_id].run_id for a in reals}
+    refs = {qid: reference_sentences(q.facts, q.lang) for qid, q in queries.items()} \
+        if spec.get("judge_references") else {}
     for model, backend in needed:
         judge = judges.setdefault((model, backend), _make_judge(model, backend, spec))
+        pairs = planted + (await _fact_changed(judge, reals, done, echo) if "fact_changed" in kinds else [])
         t0 = time.perf_counter()
         jobs = []
         for pair in pairs:
@@ -280,7 +301,8 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
 
             async def gate_pair(pair: Any = pair, line: dict[str, Any] = line, judge: PairwiseJudge = judge,
                                 model: str = model) -> None:
-                js = await judge.compare(pair.query, pair.real, pair.planted, labels=("real", "planted"))
+                js = await judge.compare(pair.query, pair.real, pair.planted, labels=("real", "planted"),
+                                         reference=refs.get(pair.query_id))
                 log.append({**line, "pair": pair.to_dict(), "judgments": [j.to_dict() for j in js]})
                 counts["gate_pairs"] += 1
                 echo(f"gate {model} {pair.kind} {pair.query_id}: {' / '.join(str(j.winner) for j in js)} "
@@ -313,7 +335,8 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
 
             async def cell_pair(line: dict[str, Any] = line, q: Any = q, b: Any = b, c: Any = c,
                                 judge: PairwiseJudge = judge) -> None:
-                js = await judge.compare(q.query, answer_text(b), answer_text(c), labels=("baseline", "candidate"))
+                js = await judge.compare(q.query, answer_text(b), answer_text(c), labels=("baseline", "candidate"),
+                                         reference=refs.get(line["query_id"]))
                 log.append({**line, "identical": False, "judgments": [j.to_dict() for j in js]})
                 counts["pairs"] += 1
                 echo(f"judge {line['judge']} {line['cell']} {line['query_id']}: "
@@ -330,7 +353,8 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
             counts["identical"] += 1
             return
         js = await judges[(line["judge"], line["judge_backend"])].compare(q.query, ref, cand,
-                                                                          labels=("baseline", "candidate"))
+                                                                          labels=("baseline", "candidate"),
+                                                                          reference=refs.get(line["query_id"]))
         log.append({**line, "identical": False, "judgments": [j.to_dict() for j in js]})
         counts["pairs"] += 1
         echo(f"{echo_label} {line['cell']} {line['query_id']}: {' / '.join(str(j.winner) for j in js)} "

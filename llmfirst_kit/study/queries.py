@@ -1,5 +1,6 @@
 """A study's queries: loaded from JSONL or CSV, selected by id or by count. Labels (category, language) and
-reference key facts are stored beside each run for evaluation only; no model ever sees them.
+reference key facts are stored beside each run for evaluation; no answering model ever sees them (a
+reference-guided judge sees them as data, as MT-Bench's judge sees a reference answer).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class Query:
     lang: str = ""
     category: str = ""
     twin: str | None = None  # the same query in the other language (the judge gate's wrong-language answers)
-    facts: tuple[dict[str, Any], ...] = ()  # reference key facts, for key-fact recall only (never shown to a model)
+    facts: tuple[dict[str, Any], ...] = ()  # reference key facts: key-fact recall, the judge's references
 
     def labels(self) -> dict[str, str]:
         """Evaluation labels stored beside a run; never shown to a model."""

@@ -64,9 +64,12 @@ class QualitySettings(BaseModel):
                                   "read after them; default 160)")
     gate_answers: int = Field(8, description="baseline answers the judge gate plants bad answers from, 5 kinds each "
                               "(default 8)")
-    gate_kinds: Names = Field(("other_query", "truncated", "wrong_language", "prompt_echo", "empty"),
+    gate_kinds: Names = Field(("other_query", "truncated", "wrong_language", "prompt_echo", "empty", "fact_changed"),
                               description="kinds of planted bad answers: other_query, truncated, wrong_language, "
-                              "prompt_echo, empty (default all)")
+                              "prompt_echo, empty, fact_changed (one key fact made wrong by the judge model; "
+                              "default all)")
+    judge_references: bool = Field(True, description="reference-guided judging: the judge sees each query's "
+                                   "reference key facts as data (llmfirst bench judge measures both; default true)")
     gate_threshold: float = Field(0.9, description="gate accuracy below which a judge cannot judge: no quality "
                                   "verdict (default 0.9)")
     bootstrap_samples: int = Field(2000, description="bootstrap resamples of the retention interval (default 2000; "
@@ -119,7 +122,7 @@ class QualitySettings(BaseModel):
                           ("bootstrap_samples", 100)):
             if getattr(self, name) < low:
                 out.append(f"{name} must be >= {low}, got {getattr(self, name)}")
-        from ..quality.gate import KINDS
+        from ..quality.gate import ALL_KINDS as KINDS
 
         unknown = [k for k in self.gate_kinds if k not in KINDS]
         if unknown or not self.gate_kinds:
