@@ -45,9 +45,10 @@ MAX_QUEUE_ENV = "LLMFIRST_MAX_QUEUE"
 
 
 # Sequences decoded together per model (llama.cpp server's --parallel, Ollama's OLLAMA_NUM_PARALLEL). Chosen by
-# measurement on 2-core machines (docs/batching.md): the 0.5B default model still gets a token within 100 ms at
-# 8 sequences while the machine gives ~3x the tokens of one.
-DEFAULT_PARALLEL = 8
+# measurement on this project's 2-core machines (README, "Continuous batching"): at 4 a step of the 0.5B default
+# model stays near 60 ms on an AMD EPYC and 48 ms on a Xeon with AMX; at 8 the EPYC's step is ~100 ms and the
+# paper's TPOT target fails under load.
+DEFAULT_PARALLEL = 4
 PARALLEL_ENV = "LLMFIRST_PARALLEL"
 KV_CELLS_PER_SEQUENCE = 1024  # the shared KV cache holds max(n_ctx, this x parallel) cells
 
@@ -205,7 +206,7 @@ class EmbeddedBackend(Backend):
                  max_queue: int | None = None, parallel: int | None = None):
         """``max_queue``: how many calls may wait for a model while all its sequences are taken (default
         ``$LLMFIRST_MAX_QUEUE``, else 64); one more is refused with QueueFull. ``parallel``: how many calls a
-        model decodes at once (default ``$LLMFIRST_PARALLEL``, else 8). ``n_ctx``: the most one call may hold."""
+        model decodes at once (default ``$LLMFIRST_PARALLEL``, else 4). ``n_ctx``: the most one call may hold."""
         self.default_model = model or DEFAULT_MODEL
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()

@@ -82,11 +82,13 @@ async def _client_session(url: str, client: int, queries: int, request: dict[str
 async def bench_serve_async(clients: int = 20, queries: int = 3, *, model: str = "smollm2-135m",
                             preset: str = "direct", max_tokens: int = 32, timeout_s: float = 300.0,
                             url: str | None = None, token: str | None = None,
-                            n_threads: int | None = None, client_cpu_bound: float = CLIENT_CPU_BOUND) -> dict[str, Any]:
+                            n_threads: int | None = None, client_cpu_bound: float = CLIENT_CPU_BOUND,
+                            parallel: int | None = None) -> dict[str, Any]:
     """Load benchmark of the WebSocket API: ``clients`` concurrent connections, each sending ``queries``
     queries one after another. Starts its own server on a free loopback port unless given the ``url`` of a
     loopback one. Bounded: at most 200 clients x 50 queries, and ``timeout_s`` for the whole load, after which
-    it stops and reports what finished. ``n_threads`` sets the decoding threads of the server it starts.
+    it stops and reports what finished. ``n_threads`` and ``parallel`` set the decoding threads and the sequences
+    decoded at once of the server it starts.
     Returns client-side user-visible TTFT and E2E percentiles (p50/p95,
     from sending the query), the server's own figures, runs per minute, and every delivery problem found."""
     if not 0 < clients <= MAX_BENCH_CLIENTS or not 0 < queries <= MAX_BENCH_QUERIES:
@@ -96,10 +98,11 @@ async def bench_serve_async(clients: int = 20, queries: int = 3, *, model: str =
         raise InvalidInput(f"the load benchmark only targets loopback servers, not {url!r}")
     if url is not None:
         return await _bench(url, clients, queries, model, preset, max_tokens, timeout_s, token, client_cpu_bound)
-    config = ServerConfig(default_model=model, max_connections=clients + 8, preload=(model,), n_threads=n_threads)
+    config = ServerConfig(default_model=model, max_connections=clients + 8, preload=(model,), n_threads=n_threads,
+                          parallel=parallel)
     server = await asyncio.to_thread(ServerThread(config=config).start)
     try:
-        return await _bench(server.ws_url, clients, queries, model, preset, max_tokens, timeout_s, token,
+        return {"parallel": server.app.state.kit.embedded.parallel} | await _bench(server.ws_url, clients, queries, model, preset, max_tokens, timeout_s, token,
                             client_cpu_bound)
     finally:
         await asyncio.to_thread(server.stop)

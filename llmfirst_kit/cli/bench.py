@@ -194,14 +194,16 @@ def view(model: str, runs: int, max_tokens: int, repeats: int, as_json: bool) ->
 @click.option("--preset", default="direct")
 @click.option("--max-tokens", type=POSITIVE, default=32)
 @click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
+@click.option("--parallel", type=POSITIVE, default=None,
+              help="calls the server decodes at once (default $LLMFIRST_PARALLEL, else 4)")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def serve(clients: int, queries: int, model: str, preset: str, max_tokens: int, threads: int | None,
-          as_json: bool) -> int:
+          parallel: int | None, as_json: bool) -> int:
     """N concurrent WebSocket clients against the server, on loopback"""
     from ..bench.ws_load import bench_serve_async, format_bench
 
     result = asyncio.run(bench_serve_async(clients, queries, model=model, preset=preset, max_tokens=max_tokens,
-                                           n_threads=threads))
+                                           n_threads=threads, parallel=parallel))
     if not as_json:
         print(format_bench(result))
         return EXIT_OK
@@ -237,7 +239,7 @@ def serve(clients: int, queries: int, model: str, preset: str, max_tokens: int, 
 @click.option("--threads", type=POSITIVE, default=None, help="decoding threads (embedded, --serve-kit)")
 @click.option("--parallel", type=POSITIVE, default=None,
               help="calls the embedded engine decodes at once (embedded, --serve-kit; default $LLMFIRST_PARALLEL, "
-                   "else 8); --parallel 1 is one call at a time")
+                   "else 4); --parallel 1 is one call at a time")
 @click.option("--html", default=None, help="write the latency-vs-load chart to this HTML file")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def load(backend: str, model: str | None, host: str | None, base_url: str | None, serve_kit: bool, arrival: str,

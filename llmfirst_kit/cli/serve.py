@@ -23,7 +23,7 @@ REMOTE_BACKENDS = tuple(name for name in BACKENDS if not capabilities(name).in_p
 @click.option("--max-queue", type=int, default=None,
               help="calls that may wait per model; more get 503 (default $LLMFIRST_MAX_QUEUE, else 64)")
 @click.option("--parallel", type=POSITIVE, default=None,
-              help="calls each model decodes at once, in one batch (default $LLMFIRST_PARALLEL, else 8)")
+              help="calls each model decodes at once, in one batch (default $LLMFIRST_PARALLEL, else 4)")
 @click.option("--allow-backend", "allow_backend", multiple=True, type=click.Choice(REMOTE_BACKENDS),
               help="let WebSocket runs use this backend (your Ollama server / OpenAI key); repeatable")
 @click.option("--ws-idle-timeout", type=float, default=300.0,

@@ -57,7 +57,7 @@ class ServerConfig(BaseSettings):
     max_queue: int | None = Field(None, ge=0, description="calls that may wait per model, a whole number (e.g. 64; "
                                                           "unset: 64); one more is refused with 503")
     parallel: int | None = Field(None, ge=1, description="calls each embedded model decodes at once, a whole number "
-                                                         "(unset: $LLMFIRST_PARALLEL, else 8)")
+                                                         "(unset: $LLMFIRST_PARALLEL, else 4)")
     # backends a WebSocket run may pick: ollama and openai spend the operator's server or key (OPENAI_API_KEY)
     allowed_backends: Names = Field((DEFAULT_BACKEND,), description="backends a WebSocket run may pick "
                                                                "(comma-separated, e.g. embedded,ollama)")
