@@ -169,7 +169,7 @@ def call_metrics(rec: CallRecord, slo: SLO = DEFAULT_SLO) -> CallMetrics:
         token_count_source=rec.token_count_source,
         load_s=rec.load_s,
         cold_load=rec.cold_load,
-        slo=slo_verdict(t, p, e, slo),
+        slo=slo_verdict(t, p, e, slo) if rec.status == "ok" else SLOVerdict(),  # no verdict for what did not finish
     )
 
 
@@ -224,7 +224,7 @@ def run_metrics(run: RunRecord, slo: SLO = DEFAULT_SLO) -> RunMetrics:
         prompt_echo_chars=prompt_echo_chars(run),
         decision_compliance=decision_compliance(run),
         quality=None if run.quality is None else run.quality.get("score"),
-        slo=slo_verdict(ut, tp, e, slo),
+        slo=slo_verdict(ut, tp, e, slo) if run.status == "ok" else SLOVerdict(),  # a cut-short run has no verdict
     )
 
 

@@ -448,3 +448,45 @@ async def test_an_idle_websocket_is_closed_after_its_run(loaded):
             with pytest.raises(ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), TIMEOUT_S)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+
+
+# ----------------------------------------------------------------------------- malformed and oversized schemas
+
+NESTED_ARRAYS: dict[str, Any] = {"type": "array"}
+for _ in range(150):
+    NESTED_ARRAYS = {"type": "array", "items": NESTED_ARRAYS}
+
+MALFORMED = {
+    "ref-object": {"$ref": {}}, "ref-int": {"$ref": 5}, "ref-list": {"$ref": []},
+    "pattern-unclosed": {"type": "string", "pattern": "("},
+    "properties-list": {"type": "object", "properties": []}, "items-int": {"type": "array", "items": 5},
+    "additional-int": {"type": "object", "additionalProperties": 5}, "dependencies-int": {"dependencies": {"a": 5}},
+    "nested-arrays": NESTED_ARRAYS, "nested-groups": {"type": "string", "pattern": "(" * 3000 + ")" * 3000},
+    "properties-40k": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(40_000)}},
+}
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def test_malformed_and_oversized_schemas_are_400_and_cost_no_memory(server):
+    """Each hostile schema gets a 400 naming what is wrong (never a 500), on the same keep-alive connection,
+    and the server's memory does not grow with them (the checks run before any library compiles the schema)."""
+    import os
+
+    before = _rss_mb(os.getpid())
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as http:  # one connection for all of them
+        for name, schema in MALFORMED.items():
+            answer = http.post("/api/chat", json=ollama_chat(schema))
+            assert answer.status_code == 400, (name, answer.status_code, answer.text[:300])
+            error = answer.json()["error"]
+            assert "schema" in error and len(error) < 600, (name, error)
+        v1 = http.post("/v1/chat/completions", json={
+            "model": TEST_MODEL, "messages": QUESTION, "max_tokens": 8,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": MALFORMED["items-int"]}}})
+        assert v1.status_code == 400 and "items" in v1.json()["error"]["message"]
+        assert http.get("/api/version").status_code == 200  # the connection and the server are fine
+    assert _rss_mb(os.getpid()) - before < 50  # the server runs in this process (ServerThread)

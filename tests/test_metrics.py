@@ -464,3 +464,19 @@ def test_mbu_never_above_one_flags_the_bandwidth_instead():
     value, flag = m.mbu(1e9, 30, 28.6, explain=True)
     assert value is None and "bandwidth figure too low" in flag and "28.6 GB/s" in flag and "1.05" in flag
     assert m.mbu(None, 30, 28.6, explain=True) == (None, None)
+
+
+def test_runlog_a_deep_or_garbage_line_is_reported_and_the_rest_read(tmp_path):
+    """One line nested too deep for the parser does not make the log unreadable; a garbage last line that is not
+    a record's torn beginning is reported, not skipped as torn."""
+    path = tmp_path / "log.jsonl"
+    write_log(path, [call(call_id="a")])
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("[" * 100_000 + "\n")
+    RunLog(path).append(call(call_id="b"))
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("hello, not a record")
+    problems: list[str] = []
+    assert [r.call_id for r in read_log(path, problems=problems)] == ["a", "b"]
+    assert len(problems) == 2 and f"{path}:2:" in problems[0] and "RecursionError" in problems[0]
+    assert f"{path}:4:" in problems[1]

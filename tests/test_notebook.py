@@ -89,7 +89,7 @@ async def test_view_batches_updates_and_ends_with_the_record_text(backend, comm_
     assert view.messages <= 20 * seconds(rec) + EXTRA_MESSAGES, (view.messages, seconds(rec))
     assert_panels_match_record(view, rec)
     # the final header carries the run metrics
-    assert view.status == "ok" and "user TTFT" in view.header.value
+    assert view.status == "done" and "user TTFT" in view.header.value
     # the header's compliance is the view's own: its rendered panel text against the record
     own = view.compliance()
     assert f"compliance {own.compliance:.2f}" in view.header.value
@@ -142,7 +142,7 @@ async def test_an_undecided_decision_is_shown_as_undecided_with_the_kits_default
 async def test_view_as_a_plain_sink(backend):
     view = LiveView(show=False)
     rec = await make(backend).run("What is 2+2?", on_event=view.handle)
-    assert view.record is rec and view.status == "ok"
+    assert view.record is rec and view.status == "done"
     assert_panels_match_record(view, rec)
 
 
@@ -153,11 +153,13 @@ async def test_stop_button_cancels_a_background_run(backend, loaded):
     pipe = make(backend, max_tokens=400)
     pipe.stages = [Stage(name="answer", instruction="Write a very long essay about the sea.")]
     view = LiveView(show=False)
+    assert view.status == "waiting"
     task = view.start(pipe, "Why do cats purr?")
     assert isinstance(task, asyncio.Task)
     while sum(len(p.chunk_ns) for p in view._panels.values()) < 5:
         assert not task.done()
         await asyncio.sleep(0.01)
+    assert view.status == "streaming"  # the status follows the run
     view.stop_button.click()  # what a click in the page runs
     rec = await task
     before = loaded.tokens_decoded
@@ -167,6 +169,10 @@ async def test_stop_button_cancels_a_background_run(backend, loaded):
     assert 5 <= rec.stages[0].call.output_tokens < 400
     assert view.stopped_stages == ["answer"]
     assert "stopped during stage <b>answer</b>" in view.header.value
+    # a run cut short gets no SLO verdict: the header says why instead, and its metrics have none
+    assert view.status == "cancelled" and "run cancelled: no SLO verdict" in view.header.value
+    assert "SLO ttft" not in view.header.value and view.run_metrics.slo.as_dict() == {
+        "ttft": None, "tpot": None, "e2e": None}
     assert "stopped" in view.widget_html(rec.stages[0].call.call_id)
     assert view.stop_button.disabled
     assert_panels_match_record(view, rec)  # the partial text is kept, as the record has it

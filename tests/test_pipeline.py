@@ -229,6 +229,8 @@ async def test_calibration_moves_the_decision_only_where_the_query_does(backend,
     cal = decision.calibration
     assert max(cal["raw"], key=cal["raw"].get) == raw and decision.value == {"strategy": decided}
     assert ("analysis" in [s.name for s in rec.stages]) is analysis and decision.source == "model"
+    # the answer is told to use earlier stages' notes only when it has some (the simple path runs none)
+    assert any("notes from the earlier stages" in p for p in rec.kit_prompts) is analysis
 
 
 def test_a_calibrated_choice_must_see_only_the_query(backend):

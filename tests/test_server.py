@@ -175,6 +175,7 @@ MALFORMED = [
     (json.dumps({"query": SHORT, "max_tokens": "many"}), "invalid_field", "max_tokens must be an integer"),
     (json.dumps({"query": SHORT, "max_tokens": 0}), "invalid_field", "between 1 and"),
     (json.dumps({"query": "  "}), "invalid_input", '{"query": "your question"}'),
+    (json.dumps({"query": "Hi \ud800 there"}), "invalid_input", "send valid UTF-8 text"),  # a lone surrogate
     (json.dumps({"type": "dance"}), "invalid_field", "'run' (the default) or 'cancel'"),
     (json.dumps({"query": "y" * 70_000}), "message_too_large", "at most 65536 bytes"),
     ("[" * 100_000 + "]" * 100_000, "message_too_large", "bytes per message"),

@@ -57,6 +57,14 @@ class CallRequest:
         last = self.messages[-1].get("content", "")
         if not isinstance(last, str) or not last.strip():
             raise InvalidInput("the question is empty; pass a non-empty question")
+        for i, message in enumerate(self.messages):
+            text = message.get("content", "")
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:  # e.g. a lone surrogate ("\ud800") sent as a JSON escape
+                    raise InvalidInput(f"message {i} holds text that is not valid Unicode ({text[exc.start:exc.end]!r} "
+                                       f"at character {exc.start}, a lone surrogate); send valid UTF-8 text") from None
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidInput(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.cache not in ("reuse", "cold"):

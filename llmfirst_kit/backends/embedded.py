@@ -379,6 +379,8 @@ def grammar_problem(schema: dict[str, Any], loaded: LoadedModel) -> str | None:
         fastjsonschema.compile(copy.deepcopy(schema), handlers=NO_FETCH)
     except fastjsonschema.JsonSchemaDefinitionException as exc:
         return f"not a valid JSON schema: {exc}"
+    except Exception as exc:  # the validator's own failures on shapes the checks above did not foresee
+        return f"not a valid JSON schema ({type(exc).__name__}: {exc})"
     try:
         gbnf = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises AssertionError, KeyError... on what it does not know

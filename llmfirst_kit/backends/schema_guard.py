@@ -14,6 +14,12 @@ converter (``json_schema_to_gbnf``: schema -> grammar). Neither is safe on a hos
   The counts are added up while walking the schema and refused beyond :data:`MAX_SCHEMA_REPETITIONS`;
   an estimate of the characters they expand into (a count times the length of the repeated rule's name,
   which grows with property names) is refused beyond :data:`MAX_GRAMMAR_CHARS`.
+- size and shape: ``fastjsonschema.compile`` generates and compiles Python code for the whole schema before
+  any size check could run (one schema of 20,000 properties: +807 MB of memory, 2.3 s), its generated code
+  breaks on deep nesting, and both libraries raise on shapes they do not expect (``"$ref": {}``,
+  ``"properties": []``, ``"items": 5``, a ``pattern`` that is not a regular expression). So the walk also counts
+  the schema's nodes, its depth and its characters, checks each keyword's shape, and compiles each pattern
+  (bounded in length and group nesting) -- cheap, iterative code that runs before either library.
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ from typing import Any, Callable
 
 MAX_SCHEMA_REPETITIONS = 4096  # all repetition counts of one schema, added up (each is written out that often)
 MAX_GRAMMAR_CHARS = 256 * 1024  # the largest grammar (characters) a schema may turn into, estimated or made
+MAX_SCHEMA_NODES = 2000  # objects and arrays in one schema (each property is one)
+MAX_SCHEMA_DEPTH = 32  # nesting of objects and arrays
+MAX_SCHEMA_CHARS = 64 * 1024  # characters of keys and strings in one schema
+MAX_PATTERN_CHARS = 1000  # one pattern's length
+MAX_PATTERN_NESTING = 32  # one pattern's group nesting
+
+SCHEMA_OR_BOOL = ("additionalProperties", "additionalItems", "not", "contains", "propertyNames", "if", "then",
+                  "else", "unevaluatedItems", "unevaluatedProperties")
+SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+WHOLE_NUMBERS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
 
 ACCEPTED_REFS = "in-document references only ('#/...', e.g. '#/$defs/Item')"
 REPEAT_PAIRS = (("minItems", "maxItems"), ("minLength", "maxLength"))
@@ -38,10 +54,17 @@ def schema_problem(schema: Any) -> str | None:
     repetition counts that would expand into too large a grammar), or None."""
     if not isinstance(schema, dict):
         return None
+    problem = _size_problem(schema)
+    if problem:
+        return problem
     total = 0
     chars = 0
     largest: tuple[int, str] = (0, "")
     for node, path, kind in _walk(schema):
+        if kind == "schema":
+            problem = _shape_problem(node, path)
+            if problem:
+                return f"not a valid JSON schema: {problem}"
         ref = node.get("$ref")
         if isinstance(ref, str):
             problem = _ref_problem(schema, ref, path)
@@ -66,6 +89,102 @@ def schema_problem(schema: Any) -> str | None:
                 return (f"the grammar made from this JSON schema would be too large: its repetitions (the largest: "
                         f"{largest[1]}) expand into more than {MAX_GRAMMAR_CHARS} characters (MAX_GRAMMAR_CHARS); "
                         f"lower those limits or shorten the property names")
+    return None
+
+
+def _size_problem(schema: dict[str, Any]) -> str | None:
+    """Too many nodes, too deep or too many characters: counted without recursion, stopping at the first limit."""
+    nodes = chars = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, (dict, list)):
+            nodes += 1
+            if depth > MAX_SCHEMA_DEPTH:
+                return (f"this JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels (MAX_SCHEMA_DEPTH); "
+                        f"flatten it (use $defs and in-document $ref for shared parts)")
+            if nodes > MAX_SCHEMA_NODES:
+                return (f"this JSON schema has more than {MAX_SCHEMA_NODES} objects and arrays (MAX_SCHEMA_NODES); "
+                        f"a structured answer needs far fewer properties: simplify it")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, child in items:
+                chars += len(key) if isinstance(key, str) else 0
+                stack.append((child, depth + 1))
+        if chars > MAX_SCHEMA_CHARS:
+            return (f"this JSON schema has more than {MAX_SCHEMA_CHARS} characters of names and strings "
+                    f"(MAX_SCHEMA_CHARS); shorten it")
+    return None
+
+
+def _shape_problem(node: dict[str, Any], path: tuple[str, ...]) -> str | None:
+    """A keyword whose value has a shape no JSON schema allows (the libraries would raise on it), or None."""
+    def bad(key: str, expected: str) -> str:
+        text = repr(node[key])
+        return f"{key} at {_where(path)} must be {expected}, got {text if len(text) <= 60 else text[:57] + '...'}"
+
+    if "$ref" in node and not isinstance(node["$ref"], str):
+        return bad("$ref", "a string (an in-document reference such as '#/$defs/Item')")
+    for key in NAME_MAPS:
+        if key in node and not isinstance(node[key], dict):
+            return bad(key, "an object of schemas")
+    for key in SCHEMA_OR_BOOL:
+        if key in node and not isinstance(node[key], (dict, bool)):
+            return bad(key, "a schema (an object) or a boolean")
+    for key in SCHEMA_LISTS:
+        if key in node and not (isinstance(node[key], list) and all(isinstance(s, (dict, bool)) for s in node[key])):
+            return bad(key, "a list of schemas")
+    if "items" in node and not isinstance(node["items"], (dict, bool, list)):
+        return bad("items", "a schema (an object), a boolean or a list of schemas")
+    if isinstance(node.get("items"), list) and not all(isinstance(s, (dict, bool)) for s in node["items"]):
+        return bad("items", "a schema (an object), a boolean or a list of schemas")
+    if "required" in node and not (isinstance(node["required"], list)
+                                   and all(isinstance(r, str) for r in node["required"])):
+        return bad("required", "a list of property names")
+    if "enum" in node and not isinstance(node["enum"], list):
+        return bad("enum", "a list of values")
+    if "type" in node and not (isinstance(node["type"], str) or (
+            isinstance(node["type"], list) and all(isinstance(t, str) for t in node["type"]))):
+        return bad("type", "a type name or a list of type names")
+    for key in WHOLE_NUMBERS:
+        if key in node and not (_is_number(node[key]) and node[key] >= 0):
+            return bad(key, "a number of at least 0")
+    deps = node.get("dependencies", node.get("dependentRequired"))
+    key = "dependencies" if "dependencies" in node else "dependentRequired"
+    if deps is not None and not (isinstance(deps, dict) and all(
+            isinstance(v, (dict, bool)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+            for v in deps.values())):
+        return bad(key, "an object of schemas or lists of property names")
+    if "pattern" in node:
+        return _pattern_problem(node["pattern"], path)
+    return None
+
+
+def _pattern_problem(pattern: Any, path: tuple[str, ...]) -> str | None:
+    if not isinstance(pattern, str):
+        return f"pattern at {_where(path)} must be a string (a regular expression)"
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"pattern at {_where(path)} is longer than {MAX_PATTERN_CHARS} characters (MAX_PATTERN_CHARS); shorten it"
+    depth = deepest = 0
+    escaped = False
+    for ch in pattern:  # group nesting, before the regular-expression compiler recurses into it
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    if deepest > MAX_PATTERN_NESTING:
+        return (f"pattern at {_where(path)} nests groups deeper than {MAX_PATTERN_NESTING} (MAX_PATTERN_NESTING); "
+                f"simplify it")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"pattern at {_where(path)} is not a regular expression ({exc})"
     return None
 
 

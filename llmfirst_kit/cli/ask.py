@@ -74,7 +74,8 @@ def metrics_line(summary: dict[str, Any]) -> str:
     def f(v: Any, unit: str = "s", scale: float = 1.0) -> str:
         return "n/a" if v is None else f"{v * scale:.3f}{unit}" if unit == "s" else f"{v * scale:.1f}{unit}"
 
-    slo = " ".join(f"{k}:{'ok' if v else ('n/a' if v is None else 'MISS')}" for k, v in summary["slo"].items())
+    slo = " ".join(f"{k}:{'ok' if v else ('n/a' if v is None else 'MISS')}" for k, v in summary["slo"].items()) \
+        if summary["status"] == "ok" else f"no verdict: run {summary['status']}"  # nothing to judge of a cut run
     parts = [f"status={summary['status']}", f"preset={summary['preset']}", f"model={summary['model']}",
              f"user_ttft={f(summary['user_ttft_s'])}", f"ttft={f(summary['ttft_s'])}",
              f"tpot={f(summary['tpot_s'], 'ms', 1000)}", f"e2e={f(summary['e2e_s'])}",

@@ -89,6 +89,7 @@ class Stage:
     data: tuple[str, ...] = ()  # outputs passed as delimited data to judge, never as instructions
     replies: bool = False  # the stage replies to the user: the query is the user turn, the rest is context
     query_first: bool = False
+    notes_instruction: str = ""  # added to the task only when the stage is shown earlier stages' notes
 
 
 def strategy_stage() -> Stage:
@@ -164,8 +165,9 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
                                "include, what to avoid. Do not write the answer yet.")),
             Stage(name="answer", sees=(*q, "analysis", "reasoning"), replies=True, query_first=True,
                   budgets=(("simple", 128), ("analytical", 256), ("comprehensive", 512)),
-                  instruction=ANSWER_INSTRUCTION + " Use the notes from the earlier stages, if any, where they are "
-                                                   "right; the facts you state must be correct."),
+                  instruction=ANSWER_INSTRUCTION,
+                  notes_instruction=("Use the notes from the earlier stages where they are right; the facts you "
+                                     "state must be correct.")),
         ]
         if analysis_first:  # the analysis runs before the decision, whatever it will be; the decision sees it
             # (uncalibrated: its prior would need an analysis of every calibration query)

@@ -233,7 +233,9 @@ class Run:
                             f"<<<BEGIN {name.upper()}>>>\n{self.outputs[name]}\n<<<END {name.upper()}>>>")
         budget = "" if stage.schema is not None or stage.choices or not tokens else BUDGET_NOTE.format(
             words=max(8, round(tokens * WORDS_PER_TOKEN)))
-        task = f"{stage.instruction}{budget}{note}"
+        # what the stage is told of earlier notes only when it has some (the simple path runs no earlier stage)
+        with_notes = f" {stage.notes_instruction}" if stage.notes_instruction and sections else ""
+        task = f"{stage.instruction}{with_notes}{budget}{note}"
         self._kit_wrote(SYSTEM_PROMPT, task)
         notes = [NOTES_HEADER, *sections] if sections else []
         if notes:

@@ -101,6 +101,11 @@ class RunRequest(_ClientMessage):
         if len(value) > limit:
             raise PydanticCustomError("query_too_long", f"the query is {len(value)} characters; this server takes "
                                                         f"at most {limit}; shorten it")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate sent as a JSON escape ("\ud800")
+            raise PydanticCustomError("invalid_input", f"the query holds a lone surrogate at character {exc.start}, "
+                                                       "which is not valid Unicode; send valid UTF-8 text") from None
         return value
 
     @field_validator("max_tokens")

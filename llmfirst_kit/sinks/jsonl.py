@@ -50,10 +50,17 @@ class CorruptLog(ValueError):
     """Lines of a run log that are not records (other than a torn last line)."""
 
 
+def _torn(line: str, exc: Exception) -> bool:
+    """A record's beginning cut off: an object that ran out of text (not garbage, not a bad but whole line)."""
+    return (isinstance(exc, json.JSONDecodeError) and line.startswith('{"')
+            and (exc.pos >= len(line) - 8 or exc.msg.startswith("Unterminated string")))  # a cut word: "nu", "1."
+
+
 def read_log(path: str | os.PathLike[str], *, strict: bool = False,
              problems: list[str] | None = None) -> list[CallRecord | RunRecord]:
-    """Read a JSONL run log. A torn last line (a crash mid-write) is expected and skipped. Any other line
-    that is not a record is reported, never skipped silently: appended to ``problems`` as
+    """Read a JSONL run log. A torn last line (a crash mid-write: a record's beginning, cut off) is expected and
+    skipped. Any other line that is not a record (a garbage last line, a line nested too deep for the parser) is
+    reported, never skipped silently, and the rest of the log is read: appended to ``problems`` as
     ``"FILE:LINE: what"`` if given, else warned about (``strict=True``: raises :class:`CorruptLog`)."""
     out: list[CallRecord | RunRecord] = []
     found: list[str] = []
@@ -68,9 +75,11 @@ def read_log(path: str | os.PathLike[str], *, strict: bool = False,
             data = json.loads(line)
             kind = data.pop("kind", "call")
             out.append(RunRecord.from_dict(data) if kind == "run" else CallRecord.from_dict(data))
-        except (json.JSONDecodeError, AttributeError, TypeError, KeyError) as exc:
-            if i == last and isinstance(exc, json.JSONDecodeError):
-                continue  # the torn last line of a crash mid-write
+        except (ValueError, RecursionError, AttributeError, TypeError, KeyError) as exc:
+            # the torn last line of a crash mid-write: the beginning of a record, cut off (the parser ran out of
+            # text); any other bad line, the last one included, is reported
+            if i == last and _torn(line, exc):
+                continue
             found.append(f"{path}:{i + 1}: not a record ({type(exc).__name__}: {exc}; a line torn by an earlier "
                          f"crash, or corruption); it stays in the file: fix or delete it")
     if found:

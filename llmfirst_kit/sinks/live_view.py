@@ -105,7 +105,7 @@ class LiveView:
         self.flush_interval_s = flush_interval_s
         self.messages = 0
         self.record: RunRecord | None = None
-        self.status = "waiting"
+        self.status = "waiting"  # waiting -> streaming -> done | cancelled | failed (RUN_STATUS)
         self.stopped_stages: list[str] = []
         self.decisions: list[Decision] = []
         self.errors: list[Error] = []
@@ -173,6 +173,9 @@ class LiveView:
 
     def handle(self, event: Event) -> None:
         """Apply one pipeline event. Usable as a sink on its own: ``pipe.run(q, on_event=view.handle)``."""
+        if self.status == "waiting":  # the run has begun: every event before its end belongs to a streaming run
+            self.status = "streaming"
+            self._header_dirty = True
         if isinstance(event, Token):
             p = self._panels.get(event.call_id)
             if p is not None:
@@ -190,7 +193,6 @@ class LiveView:
             panels = sorted(self._panels.values(), key=lambda q: self._stage_order.get(q.stage, last))
             self.stages_box.children = tuple(q.widget for q in panels)
             self._charge(_comms_opened(p.widget) + 1)  # and the box's children changed
-            self.status = "running"
             self._dirty.add(event.call_id)
             self._header_dirty = True
         elif isinstance(event, StageEnd):
@@ -250,7 +252,7 @@ class LiveView:
             self._timer.cancel()
             self._timer = None
         self.record = record
-        self.status = record.status
+        self.status = RUN_STATUS.get(record.status, record.status)
         if self.run_metrics is None:
             self.run_metrics = run_metrics(record, self._slo)  # a stopped run has no RunEnd event
         calls = {s.call.call_id: s.call for s in record.stages}
@@ -345,7 +347,10 @@ class LiveView:
                      f"decisions by the model {_num(m.decision_compliance)}"]
             if m.quality is not None:
                 bits.append(f"quality {m.quality}")
-            bits.append("SLO " + " ".join(f"{k} {_verdict(v)}" for k, v in m.slo.as_dict().items()))
+            if rec is not None and rec.status not in ("ok", "running"):  # no verdict for what did not finish
+                bits.append(f"run {html.escape(rec.status)}: no SLO verdict")
+            else:
+                bits.append("SLO " + " ".join(f"{k} {_verdict(v)}" for k, v in m.slo.as_dict().items()))
         lines = [" · ".join(b for b in bits if b)]
         if self.stopped_stages:
             lines.append("stopped during stage " + ", ".join(f"<b>{html.escape(s)}</b>"
@@ -396,9 +401,12 @@ def _panel_html(p: _Panel, now_ns: int) -> str:
 _BODY_OPEN, _BODY_CLOSE = "<div style='white-space:pre-wrap'>", "</div></div>"  # a panel's text, between these
 
 
+RUN_STATUS = {"ok": "done", "cancelled": "cancelled", "error": "failed"}  # a record's status as the view says it
+
+
 def _badge(state: str) -> str:
-    colour = {"ok": "#2a7", "running": "#48c", "streaming": "#48c", "cancelled": "#c80", "stopped": "#c80",
-              "error": "#b00"}.get(state, "#777")
+    colour = {"ok": "#2a7", "done": "#2a7", "running": "#48c", "streaming": "#48c", "cancelled": "#c80",
+              "stopped": "#c80", "error": "#b00", "failed": "#b00"}.get(state, "#777")
     return f"<span style='color:{colour}'>{html.escape(state)}</span>"
 
 
