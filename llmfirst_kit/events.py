@@ -67,6 +67,23 @@ class Decision(Event):
     call_id: str
     used: Any = None  # what the run goes on with: the model's value, or the kit's default
     source: str = "model"  # model | kit default
+    probabilities: dict[str, float] | None = None  # a choice's option probabilities (calibrated where it was)
+    calibration: dict[str, Any] | None = None  # a calibrated choice: the model's raw probabilities and its prior
+
+    def how(self) -> str:
+        """How a choice was read, in one line a person understands (empty for other decisions): the option
+        probabilities the decision came from and, for a calibrated one, the model's raw probabilities and the
+        prior they were divided by -- so a raw option is never mistaken for the decision."""
+        def probs(p: dict[str, float]) -> str:
+            return " · ".join(f"{o.strip()} {v:.2f}" for o, v in sorted(p.items(), key=lambda kv: -kv[1]))
+
+        cal = self.calibration or {}
+        if cal.get("raw") and cal.get("prior") and self.probabilities:
+            return (f"calibrated: the model's next-token probabilities {probs(cal['raw'])}, divided by its prior on "
+                    f"{cal.get('queries', '?')} other queries ({probs(cal['prior'])}), give {probs(self.probabilities)}")
+        if self.probabilities:
+            return f"the model's next-token probabilities {probs(self.probabilities)}"
+        return ""
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,10 @@ def test_ask_staged_keeps_each_stage_apart_on_stdout(capsys, tmp_path):
     assert out == "\n\n".join(s.call.text for s in visible) + "\n"  # blank lines between, nothing else
     labels = [err.index(f"[{s.name}]") for s in visible]
     assert labels == sorted(labels) and "[decision strategy" in err
+    # the decision as the model made it: calibrated, with the raw probabilities and the prior it was divided by
+    decided = rec.decisions["strategy"].value["strategy"]
+    assert f'[decision strategy: {{"strategy": "{decided}"}} (calibrated: the model\'s next-token probabilities' in err
+    assert "divided by its prior on 12 other queries" in err
 
 
 def test_ask_json_has_the_documented_fields(capsys):

@@ -118,6 +118,15 @@ async def test_staged_run_shows_every_call_and_the_decisions(backend):
     decision = rec.decisions["strategy"]
     if decision.status == "decided":
         assert "decision <b>strategy</b> (by the model" in view.header.value
+        # a calibrated choice says so, with the model's raw probabilities and its prior, and the strategy panel's
+        # text (the raw option) is labelled as what it is, not as the decision
+        cal = decision.calibration
+        raw_top = max(cal["raw"], key=cal["raw"].get)
+        assert f"calibrated: the model&#x27;s next-token probabilities {raw_top} {cal['raw'][raw_top]:.2f}" \
+            in view.header.value, view.header.value
+        assert f"divided by its prior on {cal['queries']} other queries" in view.header.value
+        panel = view.widget_html(rec.stages[0].call.call_id)
+        assert "raw next-token choice, before calibration" in panel and raw_top in panel
     else:  # shown as undecided, with the value used marked as the kit's default
         assert "decision <b>strategy</b>: <span style='color:#c80'>undecided</span>" in view.header.value
         assert "the kit&#x27;s default is used" in view.header.value or "the kit's default is used" in view.header.value

@@ -355,7 +355,8 @@ class Run:
             mass=crec.choice["mass"] if decided else None, calibration=calibration)
         self._decided(stage, decision, value[name] if value else text)
         emit(Decision(run_id=self.record.run_id, t_ns=time.perf_counter_ns(), stage=stage.name, name=name,
-                      value=value, status=decision.status, call_id=call_id, used=used, source=decision.source))
+                      value=value, status=decision.status, call_id=call_id, used=used, source=decision.source,
+                      probabilities=probabilities, calibration=calibration))
 
     async def _prior(self, stage: Stage) -> Prior:
         """The model's prior over the stage's options: its probabilities on the calibration queries, each asked

@@ -262,7 +262,10 @@ def event_message(event: Event) -> Outgoing:
     if isinstance(event, Decision):
         return Outgoing("decision", run_id, t, {"stage": event.stage, "name": event.name, "value": event.value,
                                                 "status": event.status, "call_id": event.call_id,
-                                                "used": event.used, "source": event.source})
+                                                "used": event.used, "source": event.source,
+                                                "probabilities": event.probabilities,
+                                                "calibration": {k: event.calibration[k] for k in ("raw", "prior", "queries")}
+                                                if event.calibration else None, "how": event.how()})
     if isinstance(event, Error):
         return Outgoing("error", run_id, t, {"stage": event.stage, "code": event.code, "detail": event.message})
     if isinstance(event, RunEnd):

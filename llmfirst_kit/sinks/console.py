@@ -113,6 +113,7 @@ class ConsoleSink:
 
 def decision_line(ev: Decision) -> str:
     if ev.status == "decided":
-        return f"\n[decision {ev.name}: {json.dumps(ev.value, ensure_ascii=False)}]\n"
+        how = f" ({ev.how()})" if ev.how() else ""
+        return f"\n[decision {ev.name}: {json.dumps(ev.value, ensure_ascii=False)}{how}]\n"
     used: Any = json.dumps(ev.used, ensure_ascii=False)
     return f"\n[decision {ev.name}: undecided (the model's output failed twice); the kit's default is used: {used}]\n"

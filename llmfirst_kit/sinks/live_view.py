@@ -69,6 +69,7 @@ class _Panel:
     final: CallRecord | None = None  # the call's record, set when the run is over: the source of truth
     stopped: bool = False
     widget: widgets.HTML | None = None
+    raw_choice: bool = False  # its text is a choice before calibration: the decision (in the header) differs
 
     @property
     def text(self) -> str:
@@ -203,6 +204,10 @@ class LiveView:
         elif isinstance(event, Decision):
             self.decisions.append(event)
             self._header_dirty = True
+            p = self._panels.get(event.call_id)
+            if p is not None and event.calibration:
+                p.raw_choice = True
+                self._dirty.add(event.call_id)
         elif isinstance(event, Error):
             self.errors.append(event)
             self._header_dirty = True
@@ -357,8 +362,9 @@ class LiveView:
                                                              for s in self.stopped_stages))
         for d in self.decisions:
             if d.status == "decided":
+                how = f" — {html.escape(d.how())}" if d.how() else ""
                 lines.append(f"decision <b>{html.escape(d.name)}</b> (by the model, stage "
-                             f"{html.escape(d.stage)}): {_decision_text(d.value)}")
+                             f"{html.escape(d.stage)}): {_decision_text(d.value)}{how}")
             else:
                 lines.append(f"decision <b>{html.escape(d.name)}</b>: <span style='color:#c80'>undecided</span> "
                              f"(the model's output failed twice, stage {html.escape(d.stage)}); the kit's default "
@@ -389,6 +395,8 @@ def _panel_html(p: _Panel, now_ns: int) -> str:
     head = " · ".join([
         f"<b>{title}</b>", _badge(state), html.escape(p.model),
         "shown to the user" if p.visible else "internal",
+        *(["the model's raw next-token choice, before calibration: the decision is in the header"]
+          if p.raw_choice else []),
         f"TTFT {_s(f['ttft_s'])}", f"{_num(f['tokens_per_s'], 1)} tok/s", f"{f['tokens']} tokens",
         f"{f['elapsed_s']:.2f} s",
     ])
