@@ -175,3 +175,34 @@ def test_decisions_reads_raw_and_calibrated_choices_from_one_call_and_scores_bot
 def test_read_bandwidth_uses_every_usable_core():
     out = memory_read_bandwidth(size_mb=64, repeats=1)
     assert out["threads"] == usable_cores() and out["gb_per_s"] > 0 and "read" in out["method"]
+
+
+# ------------------------------------------------------------------------------------------- language
+
+def test_bare_preset_is_a_plain_chat(backend):
+    from llmfirst_kit.pipeline.presets import ANSWER_INSTRUCTION, BARE_SYSTEM_PROMPT
+
+    rec = asyncio.run(Pipeline.from_preset("bare", backend=backend, model=TEST_MODEL, max_tokens=8).run("Hi?"))
+    assert rec.status == "ok" and [s.name for s in rec.stages] == ["answer"]
+    assert rec.kit_prompts == [BARE_SYSTEM_PROMPT]  # no task, no budget note: only the minimal system prompt
+    assert not any(ANSWER_INSTRUCTION in p for p in rec.kit_prompts)
+
+
+def test_language_bench_tells_languages_apart(backend, tmp_path):
+    """SmolLM2 (English only) answers English queries in English and Korean ones mostly not in Korean: the
+    figure comes out high for one language and low for the other."""
+    from llmfirst_kit.bench.language import language, script_of
+
+    assert script_of("호주의 수도는 캔버라입니다.") == "ko" and script_of("Canberra.") == "en" and script_of("42") is None
+    rows = [{"id": "en-1", "lang": "en", "query": "What is the capital of France?",
+             "facts": [{"en": "Paris", "any": ["Paris"]}]},
+            {"id": "en-2", "lang": "en", "query": "Name a primary colour.", "facts": []},
+            {"id": "ko-1", "lang": "ko", "query": "프랑스의 수도는 어디인가요?", "facts": [{"ko": "파리", "any": ["파리", "Paris"]}]},
+            {"id": "ko-2", "lang": "ko", "query": "하늘은 왜 파란가요?", "facts": []}]
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    out = asyncio.run(language(TEST_MODEL, ("bare", "direct"), queries=path, max_tokens=16, backend=backend))
+    for name in ("bare", "direct"):
+        row = out["presets"][name]
+        assert row["en_answered_in_en"] == 1.0 and row["ko_answered_in_ko"] < 1.0, row
+        assert row["ko_queries"] == 2 and 0 <= row["key_fact_recall"] <= 1

@@ -116,7 +116,7 @@ def test_ask_slo_verdict_is_the_users_wait_not_the_answer_calls(backend):
     (["ask", "   "], "empty"),
     (["ask", "hi", "--model", "nope"], "known: gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m"),
     (["ask", "hi", "--backend", "carrier-pigeon"], "known: embedded, ollama"),
-    (["ask", "hi", "--preset", "turbo"], "known: direct, staged, staged:analysis-first, cascade"),
+    (["ask", "hi", "--preset", "turbo"], "known: bare, direct, staged, staged:analysis-first, cascade"),
     (["ask", "x " * 5000, "--model", TEST_MODEL], "the context of smollm2-135m is 4096"),
 ])
 def test_bad_input_exits_2_with_the_fix(capsys, argv, needle):

@@ -452,7 +452,7 @@ def test_preset_names_are_parsed_in_one_place_and_a_wrong_variant_is_refused():
     assert parse_preset("staged:analysis-first").analysis_first and not parse_preset("staged").analysis_first
     assert [parse_preset(n).label for n in PRESET_NAMES] == list(PRESET_NAMES)
     for wrong in ("direct:analysis-first", "staged:fast", "Staged", "cascade:", ""):
-        with pytest.raises(InvalidInput, match="known: direct, staged, staged:analysis-first, cascade"):
+        with pytest.raises(InvalidInput, match="known: bare, direct, staged, staged:analysis-first, cascade"):
             parse_preset(wrong)
 
 

@@ -169,7 +169,7 @@ MALFORMED = [
     (json.dumps({"query": SHORT, "model": "gpt-9"}), "unknown_model", "known: "),
     (json.dumps({"query": SHORT, "model": "/etc/passwd"}), "unknown_model", "known: "),
     (json.dumps({"query": SHORT, "preset": "fancy"}), "invalid_input",
-     "known: direct, staged, staged:analysis-first, cascade"),
+     "known: bare, direct, staged, staged:analysis-first, cascade"),
     (json.dumps({"query": SHORT, "backend": "nope"}), "invalid_input", "known: embedded, ollama"),
     (json.dumps({"query": "x" * 8001}), "query_too_long", "at most 8000"),
     (json.dumps({"query": SHORT, "max_tokens": "many"}), "invalid_field", "max_tokens must be an integer"),

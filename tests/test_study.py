@@ -224,7 +224,7 @@ def test_invalid_parameters_fail_before_any_model_call(tmp_path):
     assert "unknown parameter(s): modle" in err.evalue and "repeats must be int, got str '3'" in err.evalue
     assert "accepted:" in err.evalue and "models (list of str)" in err.evalue and "repeats (int)" in err.evalue
     err = _execute(tmp_path, presets=["fast"], models=["nope"], quantizations=["shipped", "Q9"])
-    assert "unknown preset 'fast'; known: direct, staged, staged:analysis-first, cascade" in err.evalue
+    assert "unknown preset 'fast'; known: bare, direct, staged, staged:analysis-first, cascade" in err.evalue
     assert "model 'nope' not found; known:" in err.evalue and "quantization 'Q9' is unknown" in err.evalue
     assert not (tmp_path / "cell" / study.RECORDS).exists()
     import nbformat

@@ -171,6 +171,23 @@ def judge(answer_model: str, judge_model: str, queries_path: str | None, limit: 
     return _print(result, as_json)
 
 
+@command.command("language", short_help="each preset against bare: answers in the query's language, key-fact recall")
+@click.option("--model", default=None)
+@click.option("--presets", default="bare,direct,staged", help="comma-separated (default bare,direct,staged)")
+@click.option("--max-tokens", type=POSITIVE, default=48)
+@click.option("--concurrency", type=POSITIVE, default=8, help="queries answered at once (default 8)")
+@click.option("--threads", type=POSITIVE, default=None, help="decoding threads (default: all cores)")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def language(model: str | None, presets: str, max_tokens: int, concurrency: int, threads: int | None,
+             as_json: bool) -> int:
+    """each preset against bare: the share of queries answered in their language, key-fact recall"""
+    from ..bench.language import language as run
+
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    return _print(asyncio.run(run(model, names, max_tokens=max_tokens, concurrency=concurrency,
+                                  n_threads=threads)), as_json)
+
+
 @command.command("view", short_help="a run with and without the live notebook view attached")
 @click.option("--model", default="smollm2-135m")
 @click.option("--runs", type=POSITIVE, default=3)

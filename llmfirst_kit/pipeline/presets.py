@@ -1,6 +1,7 @@
 """The stages of the kit's pipelines: prompts, schemas and presets, as data.
 
-A preset is named ``direct`` (the baseline: one answer), ``staged`` (the paper's flow: strategy decision,
+A preset is named ``bare`` (the reference: the model with only a minimal system prompt, as a person would chat
+with it; no kit instruction), ``direct`` (the baseline: one answer), ``staged`` (the paper's flow: strategy decision,
 analysis, reasoning, answer), ``staged:analysis-first`` (the same, with the visible analysis before the
 invisible decision) or ``cascade`` (a fast model's opening sentence while the main model answers), with
 optional modifiers: ``+rewrite`` (a query-rewrite stage first) and ``+revise`` (a judge reviews the answer and
@@ -90,6 +91,7 @@ class Stage:
     replies: bool = False  # the stage replies to the user: the query is the user turn, the rest is context
     query_first: bool = False
     notes_instruction: str = ""  # added to the task only when the stage is shown earlier stages' notes
+    system_prompt: str | None = None  # a bare chat: this system prompt and the query, no task, no budget
 
 
 def strategy_stage() -> Stage:
@@ -139,6 +141,7 @@ def revision_stage(answer: Stage) -> Stage:
 
 
 ANSWER_INSTRUCTION = "Answer the query helpfully and accurately."
+BARE_SYSTEM_PROMPT = "You are a helpful assistant."  # the bare reference: what a chat UI gives a model by default
 
 
 def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_model: str | None = None,
@@ -150,7 +153,9 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
     ``revise`` adds the review (the judge, ``judge_model`` or the answering model) and the revision it decides.
     """
     q = ("rewrite",) if rewrite else ("query",)
-    if name == "direct":
+    if name == "bare":
+        stages = [Stage(name="answer", instruction="", sees=q, replies=True, system_prompt=BARE_SYSTEM_PROMPT)]
+    elif name == "direct":
         stages = [Stage(name="answer", instruction=ANSWER_INSTRUCTION, sees=q, replies=True)]
     elif name == "staged":
         # the model's strategy chooses the stages and their budgets (code only acts on that choice)
@@ -194,10 +199,10 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
     return stages
 
 
-PRESETS = ("direct", "staged", "cascade")
+PRESETS = ("bare", "direct", "staged", "cascade")
 
 
-PRESET_NAMES = ("direct", "staged", "staged:analysis-first", "cascade")  # every base name parse_preset accepts
+PRESET_NAMES = ("bare", "direct", "staged", "staged:analysis-first", "cascade")  # every base name parse_preset accepts
 MODIFIERS = ("rewrite", "revise")  # appended as +rewrite, +revise (in this order), to any of them
 
 
@@ -235,6 +240,6 @@ def with_model(stages: list[Stage], name: str, model: str) -> list[Stage]:
     return [replace(s, model=model) if s.name == name else s for s in stages]
 
 
-__all__ = ["ANSWER_INSTRUCTION", "DEFAULT_STRATEGY", "MODIFIERS", "PRESETS", "PRESET_NAMES", "PresetName",
+__all__ = ["ANSWER_INSTRUCTION", "BARE_SYSTEM_PROMPT", "DEFAULT_STRATEGY", "MODIFIERS", "PRESETS", "PRESET_NAMES", "PresetName",
            "REVIEW_SCHEMA", "STRATEGIES", "STRATEGY_SCHEMA", "SYSTEM_PROMPT", "Stage", "parse_preset", "preset",
            "review_stage", "revision_stage", "rewrite_stage", "strategy_stage", "with_model"]

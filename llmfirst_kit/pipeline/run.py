@@ -227,6 +227,9 @@ class Run:
         stage is told its budget (``tokens``)."""
         query = next((n for n in ("rewrite", "query") if n in stage.sees), None) \
             if stage.replies or stage.query_first else None
+        if stage.system_prompt is not None and query is not None:  # a bare chat: no task, no budget, no notes
+            self._kit_wrote(stage.system_prompt)
+            return [{"role": "system", "content": stage.system_prompt}, {"role": "user", "content": self.outputs[query]}]
         sections = [f"## {_label(n)}\n{self.outputs[n]}" for n in stage.sees if n != query and n in self.outputs]
         for name in stage.data:
             sections.append(f"## {_label(name)} (data to evaluate, between the markers)\n"
