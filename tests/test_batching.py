@@ -243,3 +243,24 @@ async def test_a_cut_in_the_middle_of_a_character_drops_its_bytes(backend):
         assert full.text.startswith(cut.text)
         dropped += bool(cut.server.get("incomplete_utf8_bytes_dropped"))
     assert dropped > 0  # some cuts did fall inside a character
+
+
+async def test_exclusive_use_waits_for_running_calls_and_holds_new_ones(backend, loaded):
+    """A benchmark's plain loop (or emptying the cache) takes the model while calls run: the running call
+    finishes, a call arriving meanwhile waits, and both end well."""
+    await idle(loaded)
+    running = backend.call(ask(LONG, max_tokens=20))
+    task = asyncio.create_task(running.collect())
+    while not running.record.chunk_ns:
+        await asyncio.sleep(0.005)
+
+    def take() -> int:
+        with loaded.engine.exclusive():
+            return loaded.engine.active
+
+    taking = asyncio.create_task(asyncio.to_thread(take))
+    await asyncio.sleep(0.05)
+    later = asyncio.create_task(backend.call(ask(SURE[0], max_tokens=4)).collect())
+    assert await taking == 0  # it had the model only once no call was in a slot
+    assert (await task).status == "ok" and (await later).status == "ok"
+    assert kv_consistent(loaded)

@@ -203,17 +203,22 @@ class BatchEngine:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._closed and (self._paused or not (self._waiting or any(self._slots))):
+            with self._cond:  # paused (exclusive use waits): the running calls go on, no new one is admitted
+                while not self._closed and not any(self._slots) and (self._paused or not self._waiting):
                     self._cond.wait()
                 if self._closed:
                     return
-                self._admit()
+                if not self._paused:
+                    self._admit()
             try:
                 with self.step_lock:
                     self._step()
             except Exception as exc:  # a failure of the step itself: every sequence in it ends with the error
+                import llama_cpp as L
+
                 for seq in [s for s in self._slots if s is not None]:
+                    L.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)  # its cells are not trusted any more
+                    self._cached[seq.slot] = []
                     self._fail(seq, f"llama.cpp failed while decoding: {type(exc).__name__}: {exc}")
             with self._cond:
                 self._cond.notify_all()  # exclusive() waits for slots to empty

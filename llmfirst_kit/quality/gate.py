@@ -126,10 +126,10 @@ def planted_pairs(answers: Sequence[RealAnswer], *, kinds: Iterable[str] = KINDS
 # reference can catch; the rest must stay as written, so that only the fact tells the two answers apart.
 FACT_CHANGE_SYSTEM = "You edit texts exactly as asked and reply with the edited text only."
 FACT_CHANGE_TASK = (
-    "Below, as JSON data, are an answer and one fact it states. Rewrite the answer so that this fact becomes wrong: "
-    "replace it with a plausible but false one (another name, number, date or reason), and keep every other "
-    "sentence exactly as it is, in the same language. Do not say that anything was changed. Reply with JSON: "
-    "{\"answer\": the rewritten answer}."
+    "Below, as JSON data, are an answer, one fact it states and the words of the answer that state it. Rewrite the "
+    "answer so that this fact becomes wrong: replace those words with a plausible but false alternative (another "
+    "name, number, date or reason), and keep every other sentence exactly as it is, in the same language. Do not "
+    "say that anything was changed. Reply with JSON: {\"answer\": the rewritten answer}."
 )
 # the reply as structured output (the 1.5B echoed the data object back when asked for plain text)
 FACT_CHANGE_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"answer": {"type": "string"}},
@@ -137,10 +137,11 @@ FACT_CHANGE_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"answer":
 FACT_CHANGE_TOKENS_MARGIN = 48  # the rewrite may be a little longer than the answer
 
 
-def fact_change_messages(answer: str, fact: str) -> list[dict[str, str]]:
+def fact_change_messages(answer: str, fact: str, words: Sequence[str] = ()) -> list[dict[str, str]]:
     import json
 
-    data = json.dumps({"answer": answer, "fact_to_make_wrong": fact}, ensure_ascii=False, indent=1)
+    data = json.dumps({"answer": answer, "fact_to_make_wrong": fact, "words_to_replace": list(words)},
+                      ensure_ascii=False, indent=1)
     return [{"role": "system", "content": FACT_CHANGE_SYSTEM},
             {"role": "user", "content": f"{FACT_CHANGE_TASK}\n\n```json\n{data}\n```"}]
 
@@ -161,11 +162,20 @@ def fact_change_problem(real: str, planted: str, fact: Any) -> str | None:
     return None
 
 
+def _stating_words(text: str, fact: Any) -> list[str]:
+    """The fact's surface forms (``any``) that occur in ``text``: the words the rewrite must replace."""
+    from .facts import recalled
+
+    return [str(f).rstrip("*") for f in fact.get("any", []) if str(f).strip() and recalled(text, {"any": [f]})]
+
+
 async def fact_changed_pairs(backend: Any, answers: Sequence[RealAnswer], *, model: str | None = None,
                              on_rejected: Callable[[RealAnswer, str], Any] | None = None) -> list[GatePair]:
     """One ``fact_changed`` pair per real answer that states one of its query's facts: ``model`` on ``backend``
-    rewrites the answer with that fact made wrong (all answers at once: on the embedded engine, one batch). A
-    rewrite that fails :func:`fact_change_problem` is dropped (``on_rejected`` hears why), never repaired."""
+    rewrites the answer with that fact made wrong (all answers at once: on the embedded engine, one batch), shown
+    the words of the answer that state the fact (the fact's surface forms found in it). A rewrite that fails
+    :func:`fact_change_problem` is asked for once more, sampled (temperature 0.8): the 1.5B model at temperature 0
+    gave back 11 of 24 answers unchanged. A second failure is dropped (``on_rejected`` hears why), never repaired."""
     import asyncio
 
     from ..backends import CallRequest
@@ -177,19 +187,23 @@ async def fact_changed_pairs(backend: Any, answers: Sequence[RealAnswer], *, mod
         if fact is None:
             return None
         stated = str(fact.get(real.lang) or fact.get("en") or "")
+        words = _stating_words(real.text, fact)
         tokens = max(64, len(real.text) + FACT_CHANGE_TOKENS_MARGIN)  # a Korean character can be a token or two
-        rec = await backend.call(CallRequest(messages=fact_change_messages(real.text, stated), model=model,
-                                             max_tokens=tokens, temperature=0.0, seed=0,
-                                             json_schema=FACT_CHANGE_SCHEMA)).collect()
-        written = ""
-        if rec.status != "ok":
-            problem = rec.error or rec.status
-        elif rec.finish_reason == "length":
-            problem = "the rewrite was cut by its token limit"
-        else:
-            value, problem = parse_structured(rec.text, FACT_CHANGE_SCHEMA)
-            written = str(value["answer"]).strip() if problem is None else ""
-            problem = problem or fact_change_problem(real.text, written, fact)
+        for temperature, seed in ((0.0, 0), (0.8, 1)):
+            rec = await backend.call(CallRequest(messages=fact_change_messages(real.text, stated, words), model=model,
+                                                 max_tokens=tokens, temperature=temperature, seed=seed,
+                                                 json_schema=FACT_CHANGE_SCHEMA)).collect()
+            written = ""
+            if rec.status != "ok":
+                problem = rec.error or rec.status
+            elif rec.finish_reason == "length":
+                problem = "the rewrite was cut by its token limit"
+            else:
+                value, problem = parse_structured(rec.text, FACT_CHANGE_SCHEMA)
+                written = str(value["answer"]).strip() if problem is None else ""
+                problem = problem or fact_change_problem(real.text, written, fact)
+            if problem is None:
+                break
         if problem is not None:
             if on_rejected is not None:
                 on_rejected(real, problem)
