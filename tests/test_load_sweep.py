@@ -61,6 +61,9 @@ async def test_sweep_against_the_kit_server_counts_every_token(server, loaded):
     fig = charts.load_sweep(result)
     assert len([t for t in fig.data if t.type == "scatter"]) == 9 and fig.data[-1].type == "bar"
     assert list(fig.data[0].x) == [1, 2]
+    # the five panel titles fit their panels (they overlapped: "output tokens/s (overall)" ran into the next)
+    titles = [a for a in fig.layout.annotations if a.text and a.yref == "paper" and a.y >= 1]
+    assert len(titles) == 5 and all(max(len(line) for line in a.text.split("<br>")) <= 18 for a in titles)
 
 
 async def test_sweep_stops_when_the_error_rate_passes_the_bound(server):

@@ -117,6 +117,7 @@ def test_report_has_the_table_and_offline_charts(tiny):
     assert "Plotly.newPlot" in html and "<script src=" not in html
     assert "user_ttft_s_p95" in html and "smollm2-135m" in html and "Latency by configuration" in html
     assert "embedded engine" in html and "extra buffers" in html  # which engine configuration ran the study
+    assert "<title>" in html and "llmfirst study report</title>" in html  # not "Notebook"
 
 
 def test_rerun_skips_finished_cells(tiny):

@@ -209,11 +209,12 @@ def load_sweep(result: dict[str, Any], *, title: str | None = None) -> go.Figure
     x = [lv["rate_rps"] if open_loop else lv["concurrency"] for lv in levels]
     slo = result.get("slo") or slo_dict(DEFAULT_SLO)
     sched = "_from_scheduled" if open_loop else ""
-    panels = ((f"ttft{sched}_s", "TTFT from scheduled send (s)" if open_loop else "TTFT (s)", slo["ttft_s"]),
+    panels = ((f"ttft{sched}_s", "TTFT (s) from<br>scheduled send" if open_loop else "TTFT (s)", slo["ttft_s"]),
               ("tpot_s", "TPOT (s)", slo["tpot_s"]),
-              (f"e2e{sched}_s", "E2E from scheduled send (s)" if open_loop else "E2E (s)", slo["e2e_s"]))
-    fig = make_subplots(rows=1, cols=5, subplot_titles=[*(p[1] for p in panels), "output tokens/s (overall)",
-                                                        "requests/s: all ok vs goodput"])
+              (f"e2e{sched}_s", "E2E (s) from<br>scheduled send" if open_loop else "E2E (s)", slo["e2e_s"]))
+    fig = make_subplots(rows=1, cols=5, horizontal_spacing=0.06,  # short titles, in two lines: none overlaps
+                        subplot_titles=[*(p[1] for p in panels),
+                                        "output tokens/s<br>(overall)", "requests/s:<br>all ok vs goodput"])
     for col, (metric, _, threshold) in enumerate(panels, start=1):
         for i, q in enumerate((50, 95, 99)):
             fig.add_trace(go.Scatter(x=x, y=[lv.get(f"{metric}_p{q}") for lv in levels], mode="lines+markers",
@@ -238,7 +239,7 @@ def load_sweep(result: dict[str, Any], *, title: str | None = None) -> go.Figure
     fig.update_xaxes(title_text=f"offered rate ({result.get('arrival')}, requests/s)" if open_loop else "concurrency",
                      type="category")
     fig.update_layout(title=title or f"Load sweep · {result['model']} · {result['backend']} at {result['target']}",
-                      legend_title="", barmode="group")
+                      legend_title="", barmode="group", margin={"t": 110})
     return fig
 
 

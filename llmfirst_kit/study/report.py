@@ -51,7 +51,9 @@ def build_report(study_dir: str | os.PathLike[str], *, notebook: str | os.PathLi
     exporter = HTMLExporter(extra_loaders=[jinja2.DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
                             template_file="offline.html.j2", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    node = nbformat.read(str(executed), as_version=4)
+    node.metadata["title"] = f"{results.spec.get('name') or d.name} · llmfirst study report"  # the page's <title>
+    body, _ = exporter.from_notebook_node(node)
     html = d / "report.html"
     atomic_write(html, body)
     return {"summary": str(d / SUMMARY_CSV), "report": str(html), "notebook": str(executed),
