@@ -431,7 +431,7 @@ def test_unknown_stage_name_is_an_error():
 
 
 def test_presets_are_data():
-    assert PRESETS == ("direct", "staged", "cascade")
+    assert PRESETS == ("bare", "direct", "staged", "cascade")
     assert [s.name for s in preset("staged")] == ["strategy", "analysis", "reasoning", "answer"]
     assert [s.name for s in preset("staged", rewrite=True, review=True)] == [
         "rewrite", "strategy", "analysis", "reasoning", "answer", "review"]
