@@ -194,6 +194,7 @@ def test_language_bench_tells_languages_apart(backend, tmp_path):
     from llmfirst_kit.bench.language import language, script_of
 
     assert script_of("호주의 수도는 캔버라입니다.") == "ko" and script_of("Canberra.") == "en" and script_of("42") is None
+    assert script_of("HTTP는 HyperText Transfer Protocol입니다.") == "ko"  # a Korean sentence with an English term
     rows = [{"id": "en-1", "lang": "en", "query": "What is the capital of France?",
              "facts": [{"en": "Paris", "any": ["Paris"]}]},
             {"id": "en-2", "lang": "en", "query": "Name a primary colour.", "facts": []},

@@ -42,9 +42,11 @@ REVIEW_SCHEMA: dict[str, Any] = {
 
 DEFAULT_STRATEGY = {"strategy": "analytical"}  # used, marked as the kit's, when the model made no decision
 
+# its language sentence is chosen by measurement: README, "The kit's prompts against bare"
 SYSTEM_PROMPT = (
-    "You are one stage of a pipeline that answers a user's query. Follow your task. "
-    "Write in the language of the user's query."
+    "You are one stage of a pipeline that answers a user's query. Follow your task. Always write in the language "
+    "the user's query is written in (a query in Korean gets Korean, a query in English gets English), whatever "
+    "language your instructions are in."
 )
 
 
@@ -140,7 +142,7 @@ def revision_stage(answer: Stage) -> Stage:
     )
 
 
-ANSWER_INSTRUCTION = "Answer the query helpfully and accurately."
+ANSWER_INSTRUCTION = "Answer the query helpfully and accurately, in the language the query is written in."
 BARE_SYSTEM_PROMPT = "You are a helpful assistant."  # the bare reference: what a chat UI gives a model by default
 
 
