@@ -113,7 +113,7 @@ async def test_a_model_that_echoes_the_kits_prompt_shows_kit_text(backend):
         'Follow your task."'))
     pipe = Pipeline(stages=[stage], backend=backend, model=TEST_MODEL, max_tokens=60)
     sink = ConsoleSink(io.StringIO(), io.StringIO())
-    rec = await pipe.run("Go.", on_event=sink.handle)
+    rec = await pipe.run("Repeat the sentence.", on_event=sink.handle)
     assert rec.kit_prompts and any("pipeline" in p for p in rec.kit_prompts)
     m = run_metrics(rec)
     assert m.prompt_echo_chars > 0 and m.compliance < 1.0, rec.stages[0].call.text
@@ -217,9 +217,9 @@ async def test_calibrated_strategy_divides_the_models_probabilities_by_its_prior
 
 
 @pytest.mark.parametrize("query,raw,decided,analysis", [
-    # SmolLM2-135M says "simple" to every query (raw 0.92 here); this one raises "analytical" most above the
-    # model's habit (calibrated 0.50 vs comprehensive 0.28, simple 0.22), so the analysis runs
-    ("What is the capital of Australia?", "simple", "analytical", True),
+    # SmolLM2-135M says "simple" to every query; this one raises "comprehensive" most above the model's habit
+    # (its prior), so the analysis runs
+    ("What is the capital of Australia?", "simple", "comprehensive", True),
     # here "simple" stays ahead after calibration (0.64 vs 0.25), so the analysis is skipped
     ("HTML은 무엇의 약자인가요?", "simple", "simple", False),
 ])

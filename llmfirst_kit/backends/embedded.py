@@ -1,6 +1,6 @@
 """Embedded backend: llama-cpp-python in this process, no server.
 
-Why a decode loop of our own (on ``Llama.generate``) rather than ``create_chat_completion(stream=True)``:
+Why a decode loop of our own (llama.cpp's batch API) rather than ``create_chat_completion(stream=True)``:
 
 - exact counts: every sampled token passes through this loop, so output tokens are counted, not
   estimated, and each chunk knows how many tokens it carries;
@@ -11,7 +11,8 @@ Why a decode loop of our own (on ``Llama.generate``) rather than ``create_chat_c
   completion for every token.
 
 The prompt is built exactly as llama-cpp-python builds it (the GGUF's Jinja chat template, or a named
-chat format), and sampling uses the same ``generate`` call and parameters.
+chat format), and each call samples with llama.cpp's sampler chain built as ``Llama.generate`` builds it (grammar,
+then greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded draw).
 
 Threading and batching: one ``Llama`` per model file, shared by every backend instance in the process, and one
 decode loop per ``Llama`` (:mod:`llmfirst_kit.backends.batching`) in a thread of its own: concurrent calls are
