@@ -42,18 +42,20 @@ def script_of(text: str) -> str | None:
 
 
 async def language(model: str | None = None, presets: Sequence[str] = ("bare", "direct", "staged"), *,
-                   queries: str | Path = QUERIES, max_tokens: int = 48, concurrency: int = 8,
+                   queries: str | Path = QUERIES, max_tokens: int = 48, concurrency: int = 8, cache: str = "reuse",
                    backend: Backend | None = None, n_threads: int | None = None) -> dict[str, Any]:
-    """Per preset: language match by the query's language (with a bootstrap interval), mean key-fact recall."""
+    """Per preset: language match by the query's language (with a bootstrap interval), mean key-fact recall.
+    ``concurrency`` 1 with ``cache`` "cold" makes every answer the one the model gives alone from an empty cache
+    (bit-reproducible); answers decoded in a batch can differ at near-ties."""
     if concurrency < 1 or max_tokens < 1:
         raise InvalidInput("concurrency and max_tokens must be at least 1")
     be = backend or get_backend("embedded", **({"n_threads": n_threads} if n_threads else {}))
     qs = list(load_queries(queries))
     gate = asyncio.Semaphore(concurrency)
     out: dict[str, Any] = {"benchmark": "language", "model": be.resolve_model(model), "max_tokens": max_tokens,
-                           "queries": len(qs), "presets": {}}
+                           "queries": len(qs), "concurrency": concurrency, "cache": cache, "presets": {}}
     for name in presets:
-        pipe = Pipeline.from_preset(name, backend=be, model=model, max_tokens=max_tokens)
+        pipe = Pipeline.from_preset(name, backend=be, model=model, max_tokens=max_tokens, cache=cache)
 
         async def answer(q: Any, pipe: Pipeline = pipe) -> str:
             async with gate:
