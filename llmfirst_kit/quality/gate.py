@@ -131,7 +131,7 @@ FACT_CHANGE_TASK = (
     "name, number, date or reason), and keep every other sentence exactly as it is, in the same language. Do not "
     "say that anything was changed. Reply with JSON: {\"answer\": the rewritten answer}."
 )
-# the reply as structured output (the 1.5B echoed the data object back when asked for plain text)
+# the reply as structured output, so that the rewrite is read from one field (see reports/judge/)
 FACT_CHANGE_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"answer": {"type": "string"}},
                                       "required": ["answer"]}
 FACT_CHANGE_TOKENS_MARGIN = 48  # the rewrite may be a little longer than the answer
@@ -174,8 +174,9 @@ async def fact_changed_pairs(backend: Any, answers: Sequence[RealAnswer], *, mod
     """One ``fact_changed`` pair per real answer that states one of its query's facts: ``model`` on ``backend``
     rewrites the answer with that fact made wrong (all answers at once: on the embedded engine, one batch), shown
     the words of the answer that state the fact (the fact's surface forms found in it). A rewrite that fails
-    :func:`fact_change_problem` is asked for once more, sampled (temperature 0.8): the 1.5B model at temperature 0
-    gave back 11 of 24 answers unchanged. A second failure is dropped (``on_rejected`` hears why), never repaired."""
+    :func:`fact_change_problem` is asked for once more, sampled (temperature 0.8; at temperature 0 a small model
+    often gives the answer back unchanged, reports/judge/). A second failure is dropped (``on_rejected`` hears
+    why), never repaired."""
     import asyncio
 
     from ..backends import CallRequest
