@@ -184,3 +184,21 @@ async def test_a_judge_that_cannot_catch_wrong_facts_fails_the_subtle_gate(subtl
     assert all(j["reference"] for j in judgments)  # every judgment saw the references
     free = await PairwiseJudge(small, SMALL).compare(pairs[0].query, pairs[0].real, pairs[0].planted)
     assert not any(j.reference for j in free)  # and one without them did not
+
+
+def test_judge_bench_scores_a_position_biased_judge_by_both_rules():
+    """Hand-made judgments of a judge that always says "A": its verdicts follow the position, so MT-Bench's rule
+    (both orders must agree) decides nothing, while averaging its probabilities over the orders still finds the
+    correct answer where it leaned that way -- and finds nothing where it did not."""
+    from llmfirst_kit.bench.judge import design_figures, mt_bench_correct
+
+    def j(shown_first: str, p_first: float) -> dict:
+        return {"verdict": "A", "winner": shown_first, "shown_first": shown_first,
+                "probabilities": {"A": p_first, "B": 1 - p_first, "tie": 0.0}}
+
+    leaning = [j("real", 0.9), j("planted", 0.6)]  # the real answer: 0.9 and 0.4 -> 0.65
+    blind = [j("real", 0.6), j("planted", 0.9)]  # the real answer: 0.6 and 0.1 -> 0.35
+    assert not mt_bench_correct(leaning) and not mt_bench_correct(blind)
+    figures = design_figures([{"lang": "en", "judgments": leaning}, {"lang": "ko", "judgments": blind}])
+    assert figures["both_orders"] == 0.0 and figures["averaged"] == 0.5
+    assert figures["by_language"] == {"en": 1.0, "ko": 0.0} and figures["first_position_rate"] == 1.0

@@ -10,7 +10,6 @@ was not computed from.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from ..errors import InvalidInput
 from ..pipeline import STRATEGIES, Pipeline, strategy_stage
 from ..quality.retention import bootstrap_ci
 from ..study.queries import load_queries
+from ..sync import gather_at_most
 from ._ab import median_interval
 from .pipeline import decision_s
 
@@ -54,11 +54,8 @@ async def decisions(model: str | None = None, queries: str | Path = QUERIES, *, 
         raise InvalidInput(f"no query in {str(queries)!r} has a category label ({', '.join(STRATEGIES)}); the "
                            f"agreement needs one (the format: llmfirst_kit/assets/README.md)")
     pipe = Pipeline(stages=[strategy_stage()], name="strategy", backend=be, model=model)
-    gate = asyncio.Semaphore(concurrency)
-
     async def decide(q: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        async with gate:
-            rec = await pipe.run(q.query, labels=q.labels())
+        rec = await pipe.run(q.query, labels=q.labels())
         d = rec.decisions["strategy"]
         if not d.by_model or not d.calibration:
             raise InvalidInput(f"query {q.id}: the model made no decision ({d.problem}); nothing to compare")
@@ -67,7 +64,7 @@ async def decisions(model: str | None = None, queries: str | Path = QUERIES, *, 
                                "calibrated": d.value["strategy"], "decision_s": decision_s(rec, {"strategy"})}
 
     calibration, first = await decide(qs[0])  # the first: it says how long computing the prior took
-    rows = [first] + [row for _, row in await asyncio.gather(*(decide(q) for q in qs[1:]))]
+    rows = [first] + [row for _, row in await gather_at_most(concurrency, (decide(q) for q in qs[1:]))]
     labels = [r["label"] for r in rows]
     gain = [float(r["calibrated"] == r["label"]) - float(r["raw"] == r["label"]) for r in rows]
     out: dict[str, Any] = {

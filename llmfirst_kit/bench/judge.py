@@ -19,7 +19,6 @@ file) so the figures can be read again and the pairs reused.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..quality.gate import PLANTED, REAL, GatePair, RealAnswer, fact_changed_pai
 from ..quality.judge import PairwiseJudge
 from ..quality.retention import bootstrap_ci, first_position_rate, judgment_outcome
 from ..study.queries import load_queries
+from ..sync import gather_at_most
 
 DESIGNS = ("reference-free", "reference-guided")
 
@@ -63,15 +63,12 @@ def design_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def _judge_all(judge: PairwiseJudge, pairs: list[GatePair], refs: dict[str, list[str]] | None,
                      concurrency: int) -> list[list[dict[str, Any]]]:
-    gate = asyncio.Semaphore(concurrency)
-
     async def one(p: GatePair) -> list[dict[str, Any]]:
-        async with gate:
-            js = await judge.compare(p.query, p.real, p.planted, labels=(REAL, PLANTED),
-                                     reference=refs.get(p.query_id) if refs is not None else None)
+        js = await judge.compare(p.query, p.real, p.planted, labels=(REAL, PLANTED),
+                                 reference=refs.get(p.query_id) if refs is not None else None)
         return [j.to_dict() for j in js]
 
-    return list(await asyncio.gather(*(one(p) for p in pairs)))
+    return await gather_at_most(concurrency, (one(p) for p in pairs))
 
 
 async def judge_bench(*, answer_model: str = "qwen2.5-coder-1.5b", judge_model: str = "qwen2.5-coder-1.5b",
@@ -89,13 +86,7 @@ async def judge_bench(*, answer_model: str = "qwen2.5-coder-1.5b", judge_model: 
     backend = EmbeddedBackend(judge_model, n_threads=n_threads)
     t0 = time.perf_counter()
     pipe = Pipeline.from_preset("direct", backend=backend, model=answer_model, max_tokens=answer_tokens)
-    gate = asyncio.Semaphore(8)
-
-    async def answer(q: Any) -> Any:
-        async with gate:
-            return await pipe.run(q.query)
-
-    records = await asyncio.gather(*(answer(q) for q in qs))
+    records = await gather_at_most(8, (pipe.run(q.query) for q in qs))
     reals, dropped = [], {"not complete": 0, "misses a key fact": 0}
     for q, rec in zip(qs, records):
         text = rec.stages[-1].call.text if rec.stages else ""

@@ -10,7 +10,6 @@ after the fact, like key-fact recall; nothing a user sees is decided by it.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +20,7 @@ from ..pipeline import Pipeline
 from ..quality.facts import key_fact_recall, mean_recall
 from ..quality.retention import bootstrap_ci
 from ..study.queries import load_queries
+from ..sync import gather_at_most
 
 
 def _hangul(ch: str) -> bool:
@@ -51,19 +51,17 @@ async def language(model: str | None = None, presets: Sequence[str] = ("bare", "
         raise InvalidInput("concurrency and max_tokens must be at least 1")
     be = backend or get_backend("embedded", **({"n_threads": n_threads} if n_threads else {}))
     qs = list(load_queries(queries))
-    gate = asyncio.Semaphore(concurrency)
     out: dict[str, Any] = {"benchmark": "language", "model": be.resolve_model(model), "max_tokens": max_tokens,
                            "queries": len(qs), "concurrency": concurrency, "cache": cache, "presets": {}}
     for name in presets:
         pipe = Pipeline.from_preset(name, backend=be, model=model, max_tokens=max_tokens, cache=cache)
 
         async def answer(q: Any, pipe: Pipeline = pipe) -> str:
-            async with gate:
-                rec = await pipe.run(q.query)
+            rec = await pipe.run(q.query)
             shown = [s for s in rec.stages if s.visible]
             return shown[-1].call.text if shown else ""
 
-        texts = await asyncio.gather(*(answer(q) for q in qs))
+        texts = await gather_at_most(concurrency, (answer(q) for q in qs))
         row: dict[str, Any] = {}
         for lang in sorted({q.lang for q in qs}):
             hits = [float(script_of(t) == lang) for q, t in zip(qs, texts) if q.lang == lang]

@@ -21,7 +21,6 @@ to the same queries, which another cell produced; and the judge model is loaded 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
@@ -39,6 +38,7 @@ from ..quality.gate import (GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAns
 from ..quality.judge import PROMPT_VERSION, REASONS_TOKENS, REFERENCE_PROMPT_VERSION, PairwiseJudge
 from ..quality.retention import Outcome, Retention, judgment_outcome, retention
 from ..records import RunRecord
+from ..sync import gather_at_most
 from .quantization import SHIPPED, safe_model_id
 from .queries import load_queries
 from .spec import parse_comparison
@@ -230,15 +230,9 @@ def gate_runs(spec: Mapping[str, Any], baseline: Mapping[str, RunRecord],
 JUDGE_CONCURRENCY = 4  # pairs judged at once (two calls each, both orders): the embedded engine batches them
 
 
-async def _at_once(jobs: list[Callable[[], Awaitable[None]]], limit: int = JUDGE_CONCURRENCY) -> None:
-    """Run ``jobs`` with at most ``limit`` in flight (each logs its own judgment as it ends)."""
-    gate = asyncio.Semaphore(limit)
-
-    async def run(job: Callable[[], Awaitable[None]]) -> None:
-        async with gate:
-            await job()
-
-    await asyncio.gather(*(run(job) for job in jobs))
+async def _at_once(jobs: list[Callable[[], Awaitable[None]]]) -> None:
+    """Run ``jobs`` with at most JUDGE_CONCURRENCY in flight (each logs its own judgment as it ends)."""
+    await gather_at_most(JUDGE_CONCURRENCY, (job() for job in jobs))
 
 
 async def _fact_changed(judge: PairwiseJudge, reals: list[RealAnswer], done: Mapping[Any, dict[str, Any]],
