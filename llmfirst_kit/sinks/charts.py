@@ -286,6 +286,37 @@ def retention_intervals(summary: "pd.DataFrame", *, target: float = 0.8, title: 
     return fig
 
 
+def capacity_curves(summary: "pd.DataFrame", *, slo: Any = DEFAULT_SLO, kind: str = "concurrency",
+                    title: str | None = None) -> go.Figure:
+    """A study's configurations against load (``study.summary_table`` rows of one kind of load level: concurrency
+    or rate): TTFT, TPOT and E2E p95 with the SLO dashed (log axes), the share of runs meeting every SLO, and
+    goodput beside quality-aware goodput (requests/s). One line per model x quantization x preset."""
+    rows = summary[summary["load_kind"] == kind].sort_values("load_value")
+    panels = (("user_ttft_s_p95", "TTFT p95 (s)", slo.ttft_s), ("answer_tpot_s_p95", "TPOT p95 (s)", slo.tpot_s),
+              ("e2e_s_p95", "E2E p95 (s)", slo.e2e_s))
+    fig = make_subplots(rows=1, cols=5, horizontal_spacing=0.06,
+                        subplot_titles=[*(p[1] for p in panels), "runs meeting<br>every SLO", "goodput (requests/s):<br>"
+                                        "solid all, dotted quality-aware"])
+    for i, ((model, quant, preset), group) in enumerate(rows.groupby(["model", "quantization", "preset"], sort=False)):
+        color, name = PALETTE[i % len(PALETTE)], f"{model}@{quant} · {preset}"
+        x = group["load_value"].tolist()
+        series = [*(group[p[0]] for p in panels), group["slo_pass_rate"], group["goodput_rps"]]
+        for col, y in enumerate(series, start=1):
+            fig.add_trace(go.Scatter(x=x, y=y.tolist(), mode="lines+markers", name=name, legendgroup=name,
+                                     showlegend=col == 1, line={"color": color}), row=1, col=col)
+        if group["quality_goodput_rps"].notna().any():
+            fig.add_trace(go.Scatter(x=x, y=group["quality_goodput_rps"].tolist(), mode="lines+markers", name=name,
+                                     legendgroup=name, showlegend=False, line={"color": color, "dash": "dot"}),
+                          row=1, col=5)
+    for col, (_, _, threshold) in enumerate(panels, start=1):
+        _log_axis_with_slo(fig, threshold, col)
+    fig.update_yaxes(range=[0, 1.05], row=1, col=4)
+    fig.update_xaxes(title_text="requests in flight" if kind == "concurrency" else "offered rate (requests/s)",
+                     type="category")
+    fig.update_layout(title=title or f"Against load ({kind})", legend_title="", margin={"t": 110})
+    return fig
+
+
 def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
     """Write ``fig`` as a standalone HTML file with plotly.js embedded (opens offline); returns the path."""
     path = Path(path)
@@ -295,4 +326,5 @@ def save_html(fig: go.Figure, path: str | os.PathLike[str]) -> Path:
 
 
 __all__ = ["token_timeline", "stage_waterfall", "latency_distributions", "quality_vs_latency", "load_sweep",
+           "capacity_curves",
            "judge_gate", "retention_intervals", "save_html"]

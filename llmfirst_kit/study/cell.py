@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from ..metrics import SLO, run_metrics
 from ..pipeline import Pipeline, parse_preset
 from ..records import RunRecord
 from ..sinks.jsonl import RunLog
+from .load import engine_parallel, load_levels, run_at_load
 from .params import CellParams
 from .quantization import local_files, model_id, quantization_label
 from .store import QUALITY, RECORDS, StudyError, write_json
@@ -31,7 +33,8 @@ def make_backend(p: CellParams):
     ``ollama_host`` to ollama, ``openai_base_url`` / ``openai_response_format`` to openai)."""
     return get_backend(p.backend, **backend_options(
         p.backend, model=p.models[0], n_ctx=p.n_ctx, n_threads=p.n_threads or None, host=p.ollama_host or None,
-        base_url=p.openai_base_url or None, response_format_style=p.openai_response_format))
+        base_url=p.openai_base_url or None, response_format_style=p.openai_response_format,
+        parallel=engine_parallel({"parallel": p.parallel, "concurrency": p.concurrency})))
 
 
 def _line(rec: RunRecord, slo: SLO) -> str:
@@ -49,8 +52,10 @@ def _line(rec: RunRecord, slo: SLO) -> str:
 
 
 async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) -> dict[str, Any]:
-    """Run every model x quantization x preset of ``p`` over its queries: warm-up runs, then queries x
-    repeats, each record appended (and fsync'ed) to ``output_dir/records.jsonl`` as soon as it ends.
+    """Run every model x quantization x preset x load level of ``p`` over its queries: warm-up runs (one at a
+    time), then queries x repeats at the level (:func:`~.load.run_at_load`: ``concurrency`` in flight, or
+    Poisson arrivals at ``rates``), each record appended (and fsync'ed) to ``output_dir/records.jsonl`` as soon
+    as it ends, labelled with its load.
     Raises :class:`StudyError` if no measured run succeeded (the records stay)."""
     out = Path(p.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,8 @@ async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) 
                               "quantization": qname, "shipped": shipped, "model_id": mid, "preset": preset,
                               "judge_model": p.judge_model or None, "max_tokens": p.max_tokens,
                               "temperature": p.temperature, "seed": p.seed, "cache": p.effective_cache,
-                              "n_threads": getattr(backend, "n_threads", None)}
+                              "n_threads": getattr(backend, "n_threads", None),
+                              "parallel": getattr(backend, "parallel", None)}
                     for w in range(p.warmup_runs):
                         q = p.queries[w % len(p.queries)]
                         rec = await warm.run(q.query, labels={**labels, **q.labels(), "repeat": w}, warmup=True,
@@ -86,15 +92,22 @@ async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) 
                         counts["warmup"] += 1
                         if echo:
                             echo(_line(rec, p.slo))
-                    for r in range(p.repeats):
-                        for q in p.queries:
-                            rec = await pipe.run(q.query, labels={**labels, **q.labels(), "repeat": r}, log=log)
+                    for level in load_levels({"concurrency": p.concurrency, "rates": p.rates}):
+                        at = {**labels, **level.labels()}
+
+                        async def one(q: Any, r: int, at: dict[str, Any] = at, pipe: Pipeline = pipe) -> None:
+                            nonlocal first_error
+                            rec = await pipe.run(q.query, labels={**at, **q.labels(), "repeat": r}, log=log)
                             log.append(rec)
                             counts["runs"] += 1
                             counts["ok"] += rec.status == "ok"
                             first_error = first_error or rec.error
                             if echo:
                                 echo(_line(rec, p.slo))
+
+                        jobs = [functools.partial(one, q, r) for r in range(p.repeats) for q in p.queries]
+                        wall = await run_at_load(level, jobs, seed=p.seed, key=f"{p.cell}:{mid}:{preset}")
+                        counts.setdefault("wall_s", {})[level.key] = wall
     finally:
         await backend.aclose()
     if counts["ok"] == 0:

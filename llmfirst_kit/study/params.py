@@ -37,6 +37,10 @@ def _tuple_to_list(value: Any) -> Any:
 
 # a list of str (a tuple is taken too), each name stripped
 Names = Annotated[list[str], BeforeValidator(_tuple_to_list), AfterValidator(lambda xs: [x.strip() for x in xs])]
+Counts = Annotated[list[int], BeforeValidator(_tuple_to_list)]
+Rates = Annotated[list[float], BeforeValidator(lambda v: [float(x) if isinstance(x, int) and not isinstance(x, bool)
+                                                          else x for x in _tuple_to_list(v)]
+                                              if isinstance(v, (list, tuple)) else v)]
 
 
 def problem_error(problems: list[str]) -> PydanticCustomError:
@@ -65,6 +69,12 @@ class CellParams(BaseModel):
     query_ids: Names = Field(description="query ids to run, in this order ([] = the first query_limit queries)")
     query_limit: int = Field(description="without query_ids: run the first N queries (0 = all)")
     repeats: int = Field(description="measured runs of each query")
+    concurrency: Counts = Field(description="load levels, closed loop: requests kept in flight over the queries "
+                                            "(a grid axis: one cell per level; [1] = one at a time)")
+    rates: Rates = Field(description="load levels, open loop: Poisson arrivals at this many requests/s (a grid "
+                                     "axis beside concurrency; [] = none)")
+    parallel: int = Field(description="embedded: calls the engine decodes at once (0 = the study's largest "
+                                      "concurrency, at least 4)")
     warmup_runs: int = Field(description="runs before measuring, per model x quantization x preset (recorded, "
                                          "marked warmup)")
     seed: int = Field(description="sampling seed")
@@ -131,7 +141,13 @@ class CellParams(BaseModel):
                 parse_preset(preset)
             except InvalidInput as exc:
                 problems.append(str(exc))
-        for name, low in (("query_limit", 0), ("repeats", 1), ("warmup_runs", 0), ("max_tokens", 1),
+        if not self.concurrency and not self.rates:
+            problems.append("concurrency and rates are both empty: give at least one load level (concurrency: [1])")
+        if any(n < 1 for n in self.concurrency):
+            problems.append(f"concurrency levels must be >= 1, got {self.concurrency}")
+        if any(not r > 0 for r in self.rates):
+            problems.append(f"rates must be > 0 requests/s, got {self.rates}")
+        for name, low in (("query_limit", 0), ("repeats", 1), ("warmup_runs", 0), ("max_tokens", 1), ("parallel", 0),
                           ("n_threads", 0), ("n_ctx", 256), ("perplexity_tokens", 16)):
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -182,7 +198,8 @@ def _model_file_problems(p: CellParams) -> list[str]:
 def type_name(annotation: Any) -> str:
     """A field's type as the error messages name it: str, int, float, bool, list of str."""
     if get_origin(annotation) in (list, tuple):
-        return "list of str"
+        args = [a for a in getattr(annotation, "__args__", ()) if a is not Ellipsis]
+        return f"list of {getattr(args[0], '__name__', 'str') if args else 'str'}"
     return getattr(annotation, "__name__", str(annotation))
 
 

@@ -36,9 +36,10 @@ from ..quality.facts import key_fact_recall, mean_recall, reference_sentences
 from ..quality.gate import (GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, fact_changed_pairs, gate_result,
                             planted_pairs)
 from ..quality.judge import PROMPT_VERSION, REASONS_TOKENS, REFERENCE_PROMPT_VERSION, PairwiseJudge
-from ..quality.retention import Outcome, Retention, judgment_outcome, retention
+from ..quality.retention import Outcome, Retention, judgment_outcome, query_score, retention
 from ..records import RunRecord
 from ..sync import gather_at_most
+from .load import quality_cells
 from .quantization import SHIPPED, safe_model_id
 from .queries import load_queries
 from .spec import parse_comparison
@@ -272,7 +273,9 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
     done = {_key(line): line for line in read_judgments(d)}
     log = _Log(d / JUDGING / JUDGMENTS)
     judges: dict[tuple[str, str], PairwiseJudge] = {}
-    plan = [(c, judge_for(c, spec)) for c in res.cells if c["state"] == "done" and c["id"] != base_id]
+    judged_cell = quality_cells(res.cells)  # one judged cell per configuration: its lowest load level
+    plan = [(c, judge_for(c, spec)) for c in res.cells
+            if c["state"] == "done" and c["id"] != base_id and judged_cell.get(c["id"]) == c["id"]]
     versus = comparison_plan(res)
     needed = list(dict.fromkeys((j.model, j.backend) for _, j in plan if j.model))
     reals = gate_answers(baseline, queries, int(spec.get("gate_answers") or 8))
@@ -470,7 +473,10 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     version = judge_version(spec)
     gates = gate_results(res.directory, lines, threshold, gate_runs(spec, baseline, queries), version=version)
     out: dict[str, dict[str, Any]] = {}
-    for cell in res.cells:
+    judged_cell = quality_cells(res.cells)
+    # the judged cell of each configuration first: its other load levels take its verdict
+    order = sorted(res.cells, key=lambda c: judged_cell.get(c["id"], c["id"]) != c["id"])
+    for cell in order:
         answers = cell_answers(res.runs, cell["id"])
         complete = [r for r in answers.values() if is_complete(r)]
         truncated = [r for r in answers.values() if is_truncated(r)]
@@ -486,6 +492,17 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
             "retention_baseline": base_id, "quality_note": None,
         }
         out[cell["id"]] = row
+        judged = judged_cell.get(cell["id"], cell["id"])
+        row["quality_cell"] = judged
+        if judged != cell["id"] and judged in out:  # another load level of a judged configuration
+            verdict = {k: v for k, v in out[judged].items()
+                       if k not in ("role", "answers", "complete_answers", "truncation_rate", "key_fact_recall",
+                                    "quality_cell", "answers_differ")}
+            theirs = cell_answers(res.runs, judged)
+            row.update(verdict, answers_differ=sum(answer_text(r).strip() != answer_text(theirs[q]).strip()
+                                                   for q, r in answers.items() if q in theirs))
+            continue
+        row["answers_differ"] = 0 if judged == cell["id"] else None
         if cell["id"] == base_id:
             row["quality_note"] = "the baseline"
             continue
@@ -504,6 +521,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
                 and baseline[ln["query_id"]].run_id == ln["baseline_run_id"]
                 and answers.get(ln["query_id"]) is not None and answers[ln["query_id"]].run_id == ln["candidate_run_id"]]
         outcomes, positions, row["identical_answers"] = pair_outcomes(mine)
+        row["_query_scores"] = {q: query_score(o) for q, o in outcomes.items()}  # for quality-aware goodput
         r: Retention = retention(outcomes, positions=positions, target=target, n_boot=n_boot, seed=seed)
         gate = gates.get(choice.model)
         row.update(gate_accuracy=gate.accuracy if gate else None, gate_passed=gate.passed if gate else None,

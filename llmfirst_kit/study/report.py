@@ -16,9 +16,11 @@ from ..data import SUMMARY_NOTEBOOK
 from .notebooks import KERNEL_NAME, check_kernel
 from .store import SUMMARY_CSV, load_results
 from .comparisons import comparisons_frame
+from .load import capacity_table
 from .summary import summary_table
 
 COMPARISONS_CSV = "comparisons.csv"
+CAPACITY_CSV = "capacity.csv"
 
 # nbconvert's lab template without its CDN scripts (require.js, MathJax): the report loads nothing from the
 # network; plotly.js is embedded by `show`.
@@ -42,6 +44,9 @@ def build_report(study_dir: str | os.PathLike[str], *, notebook: str | os.PathLi
     check_kernel()
     table = summary_table(results)
     atomic_write(d / SUMMARY_CSV, table.to_csv(index=False))
+    capacity = capacity_table(table, results.slo)
+    if table["load"].nunique() > 1:  # the study ran load levels: capacity at target per configuration
+        atomic_write(d / CAPACITY_CSV, capacity.to_csv(index=False))
     versus = comparisons_frame(results)
     if len(versus):  # the study's head-to-head comparisons and revisions
         atomic_write(d / COMPARISONS_CSV, versus.to_csv(index=False))
@@ -57,7 +62,8 @@ def build_report(study_dir: str | os.PathLike[str], *, notebook: str | os.PathLi
     html = d / "report.html"
     atomic_write(html, body)
     return {"summary": str(d / SUMMARY_CSV), "report": str(html), "notebook": str(executed),
-            **({"comparisons": str(d / COMPARISONS_CSV)} if len(versus) else {})}
+            **({"comparisons": str(d / COMPARISONS_CSV)} if len(versus) else {}),
+            **({"capacity": str(d / CAPACITY_CSV)} if (d / CAPACITY_CSV).is_file() else {})}
 
 
 _plotlyjs_shown = False

@@ -97,7 +97,7 @@ def _check_same_study(out: Path, spec: StudySpec, cells: list[GridCell]) -> None
     path = out / STUDY_FILE
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        axes = ("models", "quantizations", "presets")
+        axes = ("models", "quantizations", "presets", "concurrency", "rates")
         before = {k: v for k, v in old["spec"]["parameters"].items() if k not in axes}
         now = {k: v for k, v in spec.parameters.items() if k not in axes}
         # a parameter the notebook gained since (e.g. openai_base_url), left at its default, changes nothing
@@ -118,7 +118,7 @@ def _check_same_study(out: Path, spec: StudySpec, cells: list[GridCell]) -> None
 
 def _cell_json(c: GridCell) -> dict[str, Any]:
     return {"id": c.id, "model": c.model, "quantization": c.quantization, "preset": c.preset, "role": c.role,
-            "backend": c.backend}
+            "backend": c.backend, "load": c.load}
 
 
 def run_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir: str | os.PathLike[str] | None = None,

@@ -3,8 +3,9 @@
 :class:`StudyFile`: the runner's keys are its fields (the baseline system, its judge and the judge gate are
 those of :class:`QualitySettings`, its base), every other key is a notebook parameter, checked by names and
 types against :class:`~.params.CellParams` (one left out gets the notebook's default). :func:`load_study`
-checks it, :func:`expand_grid` makes one :class:`GridCell` per model x quantization x preset, with the
-baseline system's cell (:func:`baseline_cell`) first.
+checks it, :func:`expand_grid` makes one :class:`GridCell` per model x quantization x preset x load level
+(``concurrency`` / ``rates``), with the baseline system's cell (:func:`baseline_cell`, one request at a time)
+first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..errors import InvalidInput
 from ..pipeline import parse_preset
 from ..quality.judge import REASONS_TOKENS
+from .load import LoadLevel, engine_parallel, load_levels
 from .notebooks import STUDY_NOTEBOOK, notebook_defaults
 from .params import CellParams, accepted, check_names_and_types, describe_errors, invalid, problem_error
 from .quantization import SHIPPED
@@ -278,6 +280,7 @@ class GridCell:
     parameters: dict[str, Any]
     role: str = "grid"  # grid | baseline (the baseline system's answers, which the others are judged against)
     backend: str = ""
+    load: str = ""  # the load level (load.level_key: c4 = 4 in flight, r0.5 = 0.5 requests/s); "" = one at a time
 
 
 def _slug(text: str) -> str:
@@ -285,24 +288,32 @@ def _slug(text: str) -> str:
 
 
 def expand_grid(spec: StudySpec) -> list[GridCell]:
-    """models x quantizations x presets, in that order. The first preset of each model x quantization
-    also measures perplexity / KL (once per model file)."""
+    """models x quantizations x presets x load levels (``concurrency``, then ``rates``), in that order. The
+    first preset of each model x quantization also measures perplexity / KL (once per model file). A study
+    with the one default level (concurrency [1]) keeps cell ids without a load suffix."""
     p = spec.parameters
+    levels = load_levels(p)
+    one_at_a_time = levels == [LoadLevel("concurrency", 1)]
+    parallel = engine_parallel(p)
     cells: list[GridCell] = []
     seen: set[str] = set()
     for model in p["models"]:
         short = Path(model).stem if model.endswith(".gguf") else model
         for quant in p["quantizations"]:
             for i, preset in enumerate(p["presets"]):
-                cid = _slug(f"{short}@{quant}--{preset}")
-                while cid in seen:
-                    cid += "+"
-                seen.add(cid)
-                params = {**p, "models": [model], "quantizations": [quant], "presets": [preset],
-                          "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name, "cell": cid,
-                          "perplexity_text": p.get("perplexity_text", "") if i == 0 else ""}
-                cells.append(GridCell(id=cid, model=model, quantization=quant, preset=preset, parameters=params,
-                                      backend=p.get("backend", DEFAULT_BACKEND)))
+                for j, level in enumerate(levels):
+                    cid = _slug(f"{short}@{quant}--{preset}" + ("" if one_at_a_time else f"--{level.key}"))
+                    while cid in seen:
+                        cid += "+"
+                    seen.add(cid)
+                    params = {**p, "models": [model], "quantizations": [quant], "presets": [preset],
+                              **level.parameters(), "parallel": parallel,
+                              "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name,
+                              "cell": cid,
+                              "perplexity_text": p.get("perplexity_text", "") if i == 0 and j == 0 else ""}
+                    cells.append(GridCell(id=cid, model=model, quantization=quant, preset=preset,
+                                          parameters=params, backend=p.get("backend", DEFAULT_BACKEND),
+                                          load="" if one_at_a_time else level.key))
     baseline = baseline_cell(spec, cells)
     if baseline is not None and baseline not in cells:
         cells.insert(0, baseline)  # first: its answers are what every other cell is judged against
@@ -318,13 +329,14 @@ def baseline_cell(spec: StudySpec, grid: list[GridCell]) -> GridCell | None:
     for cell in grid:
         if (cell.backend == q.baseline_backend and cell.model == q.baseline_model
                 and cell.quantization.lower() == q.baseline_quantization.lower() and cell.preset == q.baseline_preset
-                and p.get("max_tokens") == q.baseline_max_tokens):
+                and p.get("max_tokens") == q.baseline_max_tokens and cell.load in ("", "c1")):
             return cell
     short = Path(q.baseline_model).stem if q.baseline_model.endswith(".gguf") else q.baseline_model
     cid = _slug(f"baseline--{short}@{q.baseline_quantization}--{q.baseline_preset}")
     params = {**p, "backend": q.baseline_backend, "models": [q.baseline_model],
               "quantizations": [q.baseline_quantization], "presets": [q.baseline_preset],
-              "max_tokens": q.baseline_max_tokens, "perplexity_text": "",
+              "max_tokens": q.baseline_max_tokens, "perplexity_text": "", **LoadLevel("concurrency", 1).parameters(),
+              "parallel": engine_parallel(p),
               "output_dir": str(spec.output_dir / "cells" / cid), "study_name": spec.name, "cell": cid}
     return GridCell(id=cid, model=q.baseline_model, quantization=q.baseline_quantization, preset=q.baseline_preset,
                     parameters=params, role="baseline", backend=q.baseline_backend)

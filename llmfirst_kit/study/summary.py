@@ -12,7 +12,8 @@ from ..backends import DEFAULT_BACKEND
 from ..metrics import SLO, call_metrics, mbu, median_ci, percentiles, runs_frame
 from .cell import latency_view
 from .params import short_error
-from .quality import is_complete, is_truncated, quality_columns
+from .load import parse_key
+from .quality import answer_text, cell_answers, is_complete, is_truncated, quality_columns
 from .quantization import quantization_label, safe_model_id
 from .store import StudyResults
 
@@ -31,6 +32,9 @@ def runs_table(results: StudyResults):
     if df.empty:
         return df
     df["complete"] = [bool(is_complete(r)) for r in runs]
+    df["answer_text"] = [answer_text(r) for r in runs]
+    df["start_ns"] = [r.start_ns for r in runs]
+    df["end_ns"] = [r.end_ns for r in runs]
     df["truncated"] = [bool(is_truncated(r)) for r in runs]
     answer_tps, strategy, judge_status = [], [], []
     for r in runs:
@@ -72,16 +76,26 @@ def summary_table(results: StudyResults):
     sizes = _model_bytes(results)
     file_quality = {(q["model"], q["quantization"]): q for q in results.quality}
     quality = quality_columns(results)
+    answers: dict[str, dict[str, Any]] = {}
+
+    def judged_answers(cell_id: str | None) -> dict[str, Any]:
+        if cell_id and cell_id not in answers:
+            answers[cell_id] = cell_answers(results.runs, cell_id)
+        return answers.get(cell_id or "", {})
+
     rows = []
     for cell in results.cells:
         backend = cell.get("backend") or spec["parameters"].get("backend", DEFAULT_BACKEND)
         qname, shipped = quantization_label(backend, cell["model"], cell["quantization"])
         mid = safe_model_id(backend, cell["model"], cell["quantization"])
+        level = parse_key(cell.get("load"))
+        load_key = cell.get("load") or level.key
         runs = groups.get(cell["id"])
         real = runs[~runs["warmup"].astype(bool)] if runs is not None else None
         ok = real[real["status"] == "ok"] if real is not None else None
         row: dict[str, Any] = {
             "model": cell["model"], "quantization": qname, "shipped": shipped, "preset": cell["preset"],
+            "load": load_key, "load_kind": level.kind, "load_value": level.value, "cell_role": cell.get("role", "grid"),
             "backend": backend, "model_id": mid, "cell": cell["id"], "cell_state": cell["state"],
             "cell_error": short_error(cell["error"]), "cell_wall_s": cell["wall_s"],
             "n_runs": 0 if ok is None else len(ok),
@@ -100,12 +114,15 @@ def summary_table(results: StudyResults):
         row["judge_scored"] = len(scored)
         qc = dict(quality.get(cell["id"], {}))
         qc.pop("truncation_rate", None)  # the same share, from the runs above
+        scores = quality.get(qc.get("quality_cell"), {}).get("_query_scores")
+        qc.pop("_query_scores", None)
         row.update(qc)
         q = file_quality.get((cell["model"], qname)) or {}
         row.update(perplexity=q.get("perplexity"), reference_perplexity=q.get("reference_perplexity"),
                    kl_mean=q.get("kl_mean"), kl_top1_agreement=q.get("top1_agreement"), quality_tokens=q.get("tokens"))
         row.update(_run_rates(ok, cell["preset"]))
         row.update(_verdict(row, slo, spec.get("quality_target", 0.8)))
+        row.update(_load_columns(cell, real, ok, row, scores, judged_answers(row.get("quality_cell"))))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -147,6 +164,34 @@ def _run_rates(ok, preset: str) -> dict[str, Any]:
             "prompt_echo_rate": float((ok["prompt_echo_chars"].fillna(0) > 0).mean())
             if "prompt_echo_chars" in ok else None,
             "decision_compliance_mean": _mean(ok["decision_compliance"]) if "decision_compliance" in ok else None}
+
+
+def _load_columns(cell: Mapping[str, Any], real, ok, row: Mapping[str, Any], scores: Mapping[str, float | None] | None,
+                  judged: Mapping[str, Any]) -> dict[str, Any]:
+    """The load a cell ran under and what it delivered: the measured runs' wall time (first start to last
+    end), requests/s, goodput (runs meeting every SLO per second) and quality-aware goodput (those whose
+    answer also holds against the baseline: the query's averaged win-or-tie probability >= 0.5 on the answer
+    the judge saw -- a run whose answer differs from it counts as not holding, so this is a lower bound; the
+    baseline's own configuration holds by definition; None without a verdict)."""
+    out: dict[str, Any] = {"load_wall_s": None, "requests_per_s": None, "goodput_rps": None,
+                           "quality_goodput_rps": None}
+    if real is None or not len(real) or ok is None:
+        return out
+    wall = (real["end_ns"].max() - real["start_ns"].min()) / 1e9 if "end_ns" in real else None
+    if not wall or wall <= 0:
+        return out
+    passed = (ok["slo_ttft"] == True) & (ok["slo_e2e"] == True) & (ok["slo_tpot"] != False)  # noqa: E712
+    out.update(load_wall_s=float(wall), requests_per_s=len(ok) / wall, goodput_rps=float(passed.sum()) / wall)
+    if row.get("role") == "baseline" or (row.get("quality_note") == "the baseline"):
+        out["quality_goodput_rps"] = out["goodput_rps"]
+    elif row.get("meets_quality") is not None and scores:
+        holds = [scores.get(q) is not None and scores[q] >= 0.5 and q in judged
+                 and (judged[q].run_id == rid or answer_text(judged[q]).strip() == text.strip())
+                 for q, rid, text in zip(ok["query_id"], ok["run_id"], ok["answer_text"])]
+        import pandas as pd
+
+        out["quality_goodput_rps"] = float((passed & pd.Series(holds, index=ok.index)).sum()) / wall
+    return out
 
 
 def _mean(column) -> float | None:
