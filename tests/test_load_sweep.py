@@ -135,10 +135,28 @@ def test_cli_bench_load_on_the_kit_server_writes_json_and_chart(capsys, tmp_path
                       (["--time-limit", "0"], "positive number of seconds"),
                       (["--rates", "1,2"], "add --arrival poisson"), (["--arrival", "poisson"], "needs --rates"),
                       (["--arrival", "poisson", "--rates", "0"], "e.g. 0.5,1,2,4"),
-                      (["--from-file"], "give it with --jsonl")):
+                      (["--from-file"], "give it with --jsonl"), (["--judge", TEST_MODEL], "add --quality-baseline"),
+                      (["--quality-baseline", "no-such-model"], "no-such-model")):
         code = main(["bench", "load", "--model", TEST_MODEL, *argv])
         out, err = capsys.readouterr()
         assert code == EXIT_BAD_INPUT and fix in err and not out  # before any request
+
+
+def test_cli_quality_aware_goodput_against_a_baseline_model(capsys, tmp_path, loaded):
+    """``--quality-baseline``: after the load the baseline model answers each query (here the same model with
+    a longer budget, so the answers differ and the judge is asked) and the judge compares; every finished
+    call gets a line, and quality-aware goodput never exceeds goodput. What the 135M judge decides is not
+    asserted."""
+    code = main(["bench", "load", "--model", TEST_MODEL, "--concurrency", "2", "--requests", "2", "--max-tokens", "4",
+                 "--threads", str(loaded.n_threads), "--quality-baseline", TEST_MODEL, "--judge", TEST_MODEL,
+                 "--baseline-max-tokens", "12", "--jsonl", str(tmp_path / "q.jsonl"), "--json"])
+    out, _ = capsys.readouterr()
+    assert code == EXIT_OK
+    result = json.loads(out)
+    [lv] = result["levels"]
+    assert result["quality"] == "judged" and lv["ok"] == 2
+    assert len([ln for ln in _lines(tmp_path / "q.jsonl") if ln["type"] == "quality"]) == 2
+    assert lv["quality_goodput_rps"] is None or lv["quality_goodput_rps"] <= lv["goodput_rps"]
 
 
 async def test_serve_kit_through_its_openai_api(loaded):

@@ -48,7 +48,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 from ..backends import DEFAULT_BACKEND, Backend, CallRequest, backend_options, capabilities, get_backend
 from ..data import QUERIES
@@ -62,7 +62,8 @@ CLOSED_LOOP = "concurrency"
 OPEN_LOOP = ("constant", "poisson")
 ARRIVALS = (CLOSED_LOOP, *OPEN_LOOP)
 FILE_VERSION = 1
-KIT_SERVER_API = "ollama"  # the API of the kit's own server that --serve-kit loads unless told otherwise
+KIT_SERVER_API = "ollama"
+JUDGED_AT_ONCE = 4  # quality checks run together after the load (the judge's engine batches them)  # the API of the kit's own server that --serve-kit loads unless told otherwise
 
 # A quality check for quality-aware goodput: (query, the call's record) -> passed? (None: no verdict).
 QualityCheck = Callable[[str, CallRecord], Awaitable[bool | None]]
@@ -530,9 +531,13 @@ async def _sweep(backend: Backend, log: SweepLog, config: dict[str, Any], make_r
     return result
 
 
-async def _judge(log: SweepLog, quality: QualityCheck) -> None:
-    """The quality check of every finished call not yet judged (a resumed sweep judges only the new ones)."""
+async def _judge(log: SweepLog, quality: QualityCheck, at_once: int = JUDGED_AT_ONCE) -> None:
+    """The quality check of every finished call not yet judged (a resumed sweep judges only the new ones),
+    ``at_once`` checks at a time (a batched engine judges them together)."""
+    from ..sync import gather_at_most
+
     judged = {(ln["attempt"], ln["index"]) for ln in log.lines if ln.get("type") == "quality"}
+    jobs = []
     for key, level in _levels_from_lines(log.lines).items():
         attempt = level.attempt
         for rec, query, row in zip(level.records, level.queries,
@@ -540,27 +545,65 @@ async def _judge(log: SweepLog, quality: QualityCheck) -> None:
                                            and ln["attempt"] == attempt), key=lambda r: r["index"])):
             if rec.status != "ok" or (attempt, row["index"]) in judged:
                 continue
-            passed = await quality(query, rec)
-            log.append({"type": "quality", "level": key, "attempt": attempt, "index": row["index"],
-                        "passed": None if passed is None else bool(passed)})
+
+            async def one(key: str = key, attempt: int = attempt, index: int = row["index"], query: str = query,
+                          rec: CallRecord = rec) -> None:
+                passed = await quality(query, rec)
+                log.append({"type": "quality", "level": key, "attempt": attempt, "index": index,
+                            "passed": None if passed is None else bool(passed)})
+
+            jobs.append(one)
+    await gather_at_most(at_once, [job() for job in jobs])
 
 
-def judge_check(judge: Any, baselines: dict[str, str]) -> QualityCheck:
+def judge_check(judge: Any, baselines: Mapping[str, str] | Callable[[str], Awaitable[str | None]],
+                references: Mapping[str, Sequence[str]] | None = None) -> QualityCheck:
     """A quality check from the pairwise judge (:class:`llmfirst_kit.quality.judge.PairwiseJudge`): a call
-    passes when its answer wins or ties against the baseline answer to the same query in both orders; None
-    (no verdict) when the query has no baseline or the judge decided neither order."""
+    passes when its answer holds against the baseline answer to the same query as a study counts it -- the
+    win-or-tie probability averaged over both orders is at least 0.5 (an identical answer holds without a
+    call); None (no verdict) when the query has no baseline answer or the judge decided neither order.
+    ``baselines``: query -> answer, or an async function giving it (:func:`baseline_answers`); ``references``:
+    query -> its reference key facts, shown to the judge as data (reference-guided judging)."""
+    from ..quality.retention import judgment_outcome, query_score
 
     async def check(query: str, record: CallRecord) -> bool | None:
-        baseline = baselines.get(query)
+        baseline = baselines.get(query) if isinstance(baselines, Mapping) else await baselines(query)
         if baseline is None:
             return None
-        judgments = await judge.compare(query, baseline, record.text)
-        winners = [j.winner for j in judgments]
-        if None in winners:
-            return None
-        return all(w in ("candidate", "tie") for w in winners)
+        if baseline.strip() == record.text.strip():
+            return True
+        judgments = await judge.compare(query, baseline, record.text, reference=(references or {}).get(query))
+        score = query_score(judgment_outcome(j) for j in judgments)
+        return None if score is None else score >= 0.5
 
     return check
+
+
+def baseline_answers(backend: Backend, model: str, *, max_tokens: int = 512) -> Callable[[str], Awaitable[str | None]]:
+    """The baseline system's answer to a query, asked of ``model`` on ``backend`` the first time the query is
+    judged (after the load, so it never competes with it; temperature 0) and kept; None if the call failed."""
+    answers: dict[str, str | None] = {}
+
+    async def answer(query: str) -> str | None:
+        if query not in answers:
+            call = backend.call(CallRequest(messages=[{"role": "user", "content": query}], model=model,
+                                            max_tokens=max_tokens, temperature=0.0, seed=0))
+            with contextlib.suppress(Exception):
+                await call.collect()
+            answers[query] = call.record.text if call.record.status == "ok" else None
+        return answers[query]
+
+    return answer
+
+
+def query_references(queries: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Query text -> its reference key facts, for the kit's own queries (``sweep_queries``)."""
+    from ..quality.facts import reference_sentences
+    from ..study.queries import load_queries
+
+    wanted = set(queries) if queries is not None else None
+    return {q.query: reference_sentences(q.facts, q.lang) for q in load_queries(QUERIES_FILE)
+            if q.facts and (wanted is None or q.query in wanted)}
 
 
 def target_of(backend: Backend) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -227,6 +228,30 @@ def serve(clients: int, queries: int, model: str, preset: str, max_tokens: int, 
     return _print(result, as_json)
 
 
+@contextlib.asynccontextmanager
+async def _quality_check(baseline: str | None, judge_model: str | None, max_tokens: int, threads: int | None):
+    """``bench load --quality-baseline``: the baseline's answers and the judge, both embedded (checked before
+    any load is sent: an unknown model fails first); None without a baseline."""
+    if not baseline:
+        yield None
+        return
+    from ..backends.embedded import EmbeddedBackend
+    from ..bench.load_sweep import baseline_answers, judge_check, query_references
+    from ..quality.judge import PairwiseJudge
+    from ..study.spec import REFERENCE_MODEL
+
+    answers = EmbeddedBackend(baseline, n_threads=threads)
+    judge = PairwiseJudge(EmbeddedBackend(judge_model or REFERENCE_MODEL, n_threads=threads, n_ctx=4096),
+                          judge_model or REFERENCE_MODEL)
+    try:
+        answers.resolve_model(baseline)
+        judge.check()
+        yield judge_check(judge, baseline_answers(answers, baseline, max_tokens=max_tokens), query_references())
+    finally:
+        await answers.aclose()
+        await judge.backend.aclose()
+
+
 @command.command("load", short_help="latency, throughput and goodput against load (a bounded, resumable load sweep)")
 @click.option("--backend", default=DEFAULT_BACKEND, help=f"one of: {', '.join(BACKENDS)} (default {DEFAULT_BACKEND})")
 @click.option("--model", default=None, help="model name (default: the backend's default)")
@@ -257,12 +282,20 @@ def serve(clients: int, queries: int, model: str, preset: str, max_tokens: int, 
 @click.option("--parallel", type=POSITIVE, default=None,
               help="calls the embedded engine decodes at once (embedded, --serve-kit; default $LLMFIRST_PARALLEL, "
                    "else 4); --parallel 1 is one call at a time")
+@click.option("--quality-baseline", default=None,
+              help="quality-aware goodput: after the load, this embedded model answers each query (the baseline "
+                   "system) and --judge compares every answer with it, both orders averaged, reference-guided")
+@click.option("--judge", "judge_model", default=None,
+              help="the judge of --quality-baseline (an embedded model; default qwen2.5-coder-1.5b)")
+@click.option("--baseline-max-tokens", type=POSITIVE, default=512,
+              help="max tokens of the baseline's answers (default 512)")
 @click.option("--html", default=None, help="write the latency-vs-load chart to this HTML file")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def load(backend: str, model: str | None, host: str | None, base_url: str | None, serve_kit: bool, arrival: str,
          concurrency: str, rates: str | None, seed: int, requests: int, max_tokens: int, max_error_rate: float,
          time_limit: float, client_cpu_bound: float | None, jsonl: str | None, from_file: bool,
-         threads: int | None, parallel: int | None, html: str | None, as_json: bool) -> int:
+         threads: int | None, parallel: int | None, quality_baseline: str | None, judge_model: str | None,
+         baseline_max_tokens: int, html: str | None, as_json: bool) -> int:
     """latency, throughput and goodput against load (a bounded, resumable load sweep)"""
     from ..bench.load_sweep import (CLOSED_LOOP, format_sweep, load_target, parse_concurrency, parse_rates,
                                     summarize_file, sweep)
@@ -281,10 +314,18 @@ def load(backend: str, model: str | None, host: str | None, base_url: str | None
         levels = parse_concurrency(concurrency) if arrival == CLOSED_LOOP else []
         rate_levels = parse_rates(rates) if rates is not None else None
 
+        if judge_model and not quality_baseline:
+            raise InvalidInput("--judge judges against a baseline; add --quality-baseline MODEL (e.g. "
+                               "qwen2.5-coder-1.5b)")
+
         async def run() -> dict[str, Any]:
-            async with load_target(backend, host=host, base_url=base_url, serve_kit=serve_kit, model=model,
-                                   n_threads=threads, parallel=parallel) as target:
-                return await sweep(target, model=model, concurrency=levels or (1,), requests=requests,
+            async with contextlib.AsyncExitStack() as stack:
+                quality = await stack.enter_async_context(_quality_check(quality_baseline, judge_model,
+                                                                         baseline_max_tokens, threads))
+                target = await stack.enter_async_context(load_target(
+                    backend, host=host, base_url=base_url, serve_kit=serve_kit, model=model, n_threads=threads,
+                    parallel=parallel))
+                return await sweep(target, model=model, concurrency=levels or (1,), requests=requests, quality=quality,
                                    max_tokens=max_tokens, max_error_rate=max_error_rate, time_limit_s=time_limit,
                                    arrival=arrival, rates=rate_levels, seed=seed, jsonl=jsonl,
                                    client_cpu_bound=CLIENT_CPU_BOUND if client_cpu_bound is None else client_cpu_bound,
