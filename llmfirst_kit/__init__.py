@@ -8,7 +8,16 @@ The public API (imported on first use, so ``import llmfirst_kit`` stays light)::
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what a type checker and an IDE see; at run time each is imported on first use
+    from . import compliance, events, metrics, records
+    from .backends import Backend, CallRequest, get_backend
+    from .compliance import Transcript, sink_compliance
+    from .events import Sink
+    from .pipeline import PRESET_NAMES, Pipeline, Stage
+    from .records import CallRecord, DecisionRecord, RunRecord
+    from .sync import run_sync
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""File-system helpers with one copy each: atomic writes, cross-process locks, UTC timestamps."""
+"""File-system helpers with one copy each: atomic writes, cross-process locks, UTC timestamps, the cache directory."""
 
 from __future__ import annotations
 
@@ -48,3 +48,11 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cache_dir() -> Path:
+    """The kit's cache (``$LLMFIRST_CACHE``, default ``~/.cache/llmfirst_kit``): model files, engine verdicts,
+    calibration priors."""
+    root = Path(os.environ.get("LLMFIRST_CACHE") or Path.home() / ".cache" / "llmfirst_kit")
+    root.mkdir(parents=True, exist_ok=True)
+    return root

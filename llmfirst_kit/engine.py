@@ -43,6 +43,7 @@ from typing import Any
 from ._fs import atomic_write, file_lock, utc_now
 from .errors import InvalidInput
 
+PROBE_CHILD = "llmfirst_kit.models.probe"  # the child's module (it resolves the model's file, then probe_child)
 PROBE_MODEL = "smollm2-135m"  # the smallest shipped model: the probe costs about a second of loading
 PROBE_TOKENS = 8
 PROBE_TIMEOUT_S = 180.0
@@ -124,7 +125,7 @@ def machine_key(model: str, flags: list[str], version: str, features: str) -> st
 
 
 def _verdict_path(key: str):
-    from .models.files import cache_dir
+    from ._fs import cache_dir
 
     return cache_dir() / "engine" / f"{key}.json"
 
@@ -195,7 +196,7 @@ def run_probe(*, use_extra_bufts: bool, model: str = PROBE_MODEL, tokens: int = 
 
     ``status``: ok (with ``tokens``, ``decode_tok_s``, ``buffers``), crashed (killed by ``signal``) or failed
     (exited with an error, timed out). The child's verdict reaches the parent as its last stdout line."""
-    cmd = [sys.executable, "-m", "llmfirst_kit.engine", "--extra-bufts", "on" if use_extra_bufts else "off",
+    cmd = [sys.executable, "-m", PROBE_CHILD, "--extra-bufts", "on" if use_extra_bufts else "off",
            "--model", model, "--tokens", str(tokens), "--threads", str(n_threads or default_threads())]
     t0 = time.perf_counter()
     try:
@@ -280,13 +281,11 @@ def use_in_this_process() -> EngineChoice:
 # --------------------------------------------------------------------------------------- the probe child
 
 
-def _child(use_extra_bufts: bool, model: str, tokens: int, n_threads: int) -> None:
-    """Runs in the probe's child: load, decode, print one JSON line. May die by a signal (that is the point)."""
+def probe_child(use_extra_bufts: bool, model: str, path: str, tokens: int, n_threads: int) -> None:
+    """Runs in the probe's child (:mod:`llmfirst_kit.models.probe`, which finds the model's file): load,
+    decode, print one JSON line. May die by a signal (that is the point)."""
     import io
 
-    from .models.variants import resolve
-
-    path = resolve(model).path
     buffers: list[str] = []
     log = io.StringIO()
     with llama_log_to(log):
@@ -331,19 +330,3 @@ def llama_log_to(buffer: Any):
             yield
     finally:
         _logger.logger.setLevel(level)
-
-
-def _main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m llmfirst_kit.engine", description="engine probe child")
-    ap.add_argument("--extra-bufts", choices=("on", "off"), required=True)
-    ap.add_argument("--model", default=PROBE_MODEL)
-    ap.add_argument("--tokens", type=int, default=PROBE_TOKENS)
-    ap.add_argument("--threads", type=int, default=default_threads())
-    a = ap.parse_args(argv)
-    _child(a.extra_bufts == "on", a.model, a.tokens, a.threads)
-
-
-if __name__ == "__main__":
-    _main()

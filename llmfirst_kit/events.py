@@ -114,3 +114,12 @@ class Sink(Protocol):
 
     def handle(self, event: Event) -> Any:
         ...
+
+
+class RecordLog(Protocol):
+    """Where a run appends each model call's record as the call ends (``sinks.jsonl.RunLog``: a JSONL file,
+    fsynced), so that a crash mid-run keeps every finished call."""
+
+    def append(self, record: Any) -> None:
+        ...
+

@@ -13,6 +13,7 @@ Definitions follow vLLM ``bench serve`` and guidellm:
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Sequence
 
@@ -209,8 +210,7 @@ def kit_overhead_s(run: RunRecord) -> float:
 
 
 def run_metrics(run: RunRecord, slo: SLO = DEFAULT_SLO) -> RunMetrics:
-    visible = [s for s in run.stages if s.visible]
-    answer = visible[-1].call if visible else (run.stages[-1].call if run.stages else None)
+    answer = run.answer_call(or_last=True)
     ut, e = user_ttft_s(run), run_e2e_s(run)
     tp = tpot_s(answer) if answer else None
     return RunMetrics(
@@ -382,6 +382,20 @@ def slo_dict(slo: SLO) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------- open-loop load
+
+def arrival_offsets(arrival: str, rate: float, n: int, seed: int, key: str = "") -> list[float]:
+    """Scheduled send times in seconds from the level's start: ``i / rate`` (constant), or a Poisson process
+    at ``rate`` (exponential gaps from ``random.Random(f"{seed}:{key}")``, the first call at 0)."""
+    if arrival == "constant":
+        return [i / rate for i in range(n)]
+    rng = random.Random(f"{seed}:{key}")
+    out, t = [], 0.0
+    for i in range(n):
+        if i:
+            t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
 
 CLIENT_CPU_BOUND = 0.25  # cores: above this, the load client's own CPU competed with the engine (see below)
 

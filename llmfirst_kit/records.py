@@ -140,6 +140,15 @@ class RunRecord:
     environment: dict[str, Any] = field(default_factory=dict)  # CPU, the embedded engine's configuration
     warmup: bool = False
 
+    def answer_call(self, *, or_last: bool = False) -> CallRecord | None:
+        """The call whose text is the run's answer, the one definition every report uses: its last visible stage's
+        (a revision the judge decided comes after the draft, a review is not shown); None when no visible stage
+        ran, or with ``or_last`` the last stage's call (a run that failed before its answer)."""
+        visible = [s for s in self.stages if s.visible]
+        if visible:
+            return visible[-1].call
+        return self.stages[-1].call if or_last and self.stages else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -490,3 +490,86 @@ def test_malformed_and_oversized_schemas_are_400_and_cost_no_memory(server):
         assert v1.status_code == 400 and "items" in v1.json()["error"]["message"]
         assert http.get("/api/version").status_code == 200  # the connection and the server are fine
     assert _rss_mb(os.getpid()) - before < 50  # the server runs in this process (ServerThread)
+
+
+def _connect(srv: ServerThread) -> socket.socket:
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, trickle: bytes = b"", wait_s: float = 10.0) -> bool:
+    """Whether the server closes ``sock`` within ``wait_s`` (a bound, not a measurement), sending one byte of
+    ``trickle`` every 0.2 s meanwhile (a slow-loris client)."""
+    sock.settimeout(0.2)
+    for i in range(int(wait_s / 0.2)):
+        try:
+            if trickle:
+                sock.sendall(trickle[i % len(trickle):i % len(trickle) + 1])
+            if sock.recv(1024) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:  # reset or broken pipe: closed
+            return True
+    return False
+
+
+def test_slow_headers_and_idle_connections_end_while_requests_are_served(loaded):
+    """Header and keep-alive timeouts (1 s here): a connection that sends nothing, one that trickles a header byte
+    at a time and one idle after its request are all closed by the server, while a normal request on another
+    connection is answered meanwhile."""
+    config = ServerConfig(default_model=TEST_MODEL, n_threads=loaded.n_threads, header_timeout_s=1.0,
+                          keep_alive_timeout_s=1.0)
+    with ServerThread(config=config) as srv:
+        silent, loris, idle = _connect(srv), _connect(srv), _connect(srv)
+        loris.sendall(b"GET /api/version HTTP/1.1\r\n")
+        idle.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        assert httpx.get(f"{srv.url}/api/version", timeout=10).status_code == 200  # served meanwhile
+        assert _closed_by_server(loris, trickle=b"X-Slow: 1\r\n")
+        assert _closed_by_server(silent) and _closed_by_server(idle)
+        for s in (silent, loris, idle):
+            s.close()
+    # and with the default limits the same slow client is still connected after those seconds
+    with ServerThread(config=ServerConfig(default_model=TEST_MODEL, n_threads=loaded.n_threads)) as srv:
+        loris = _connect(srv)
+        loris.sendall(b"GET /api/version HTTP/1.1\r\n")
+        assert not _closed_by_server(loris, trickle=b"X-Slow: 1\r\n", wait_s=3.0)
+        loris.close()
+
+
+def test_past_the_connection_cap_a_connection_gets_503_and_is_closed(loaded):
+    config = ServerConfig(default_model=TEST_MODEL, n_threads=loaded.n_threads, max_open_connections=3)
+    with ServerThread(config=config) as srv:
+        held = [_connect(srv) for _ in range(3)]
+        extra = _connect(srv)
+        extra.settimeout(10)
+        reply = extra.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 503") and b"--max-open-connections" in reply
+        extra.close()
+        held.pop().close()
+        deadline = 50
+        while deadline:  # the freed slot serves a new client
+            deadline -= 1
+            response = httpx.get(f"{srv.url}/api/version", timeout=10)
+            if response.status_code == 200:
+                break
+        assert response.status_code == 200
+        for s in held:
+            s.close()
+
+
+def test_a_client_asking_for_no_limit_is_held_to_the_servers_token_cap(loaded):
+    """``max_predict`` (``llmfirst serve --max-tokens-cap``) bounds a call that asked for no limit: Ollama's
+    ``num_predict: -1`` and ``/v1`` without ``max_tokens``; below it a client's own budget still applies."""
+    config = ServerConfig(default_model=TEST_MODEL, n_threads=loaded.n_threads, max_predict=6)
+    with ServerThread(config=config) as srv:
+        story = [{"role": "user", "content": LONG}]
+        body = {"model": TEST_MODEL, "messages": story, "stream": False, "options": {"num_predict": -1, "temperature": 0}}
+        ollama = httpx.post(f"{srv.url}/api/chat", json=body, timeout=TIMEOUT_S).json()
+        assert (ollama["eval_count"], ollama["done_reason"]) == (6, "length")
+        v1 = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": TEST_MODEL, "messages": story,
+                                                                "temperature": 0}, timeout=TIMEOUT_S).json()
+        assert (v1["usage"]["completion_tokens"], v1["choices"][0]["finish_reason"]) == (6, "length")
+        body["options"]["num_predict"] = 3
+        assert httpx.post(f"{srv.url}/api/chat", json=body, timeout=TIMEOUT_S).json()["eval_count"] == 3

@@ -114,6 +114,11 @@ class Backend(ABC):
     def generate(self, prepared: Any, record: CallRecord) -> AsyncIterator[Chunk]:
         """Issue the call and yield its chunks; fill the record's statistics at the end."""
 
+    @property
+    def location(self) -> str:
+        """Where its calls go: a server's URL, or ``in-process``."""
+        return "in-process"
+
     def environment(self) -> dict[str, Any]:
         """What this backend's numbers depend on beyond the model (the embedded engine's configuration);
         recorded in every run record."""
@@ -133,6 +138,22 @@ class Backend(ABC):
 
     def structured_output_problem(self, model: str | None) -> str | None:
         """Why ``model`` cannot return JSON-schema output, or None if it can."""
+        return None
+
+    #: the context a call gets when it asks for none (an in-process engine's); None: the server decides
+    default_n_ctx: int | None = None
+
+    def schema_problem(self, schema: dict[str, Any], model: str | None, n_ctx: int | None = None) -> str | None:
+        """Why this client's JSON schema cannot constrain ``model``'s output here, or None. The default runs the
+        cheap, bounded checks every backend needs (:func:`~.schema_guard.schema_problem`); an engine that
+        builds grammars adds its own."""
+        from .schema_guard import schema_problem
+
+        return schema_problem(schema)
+
+    def prompt_tokens(self, messages: list[dict[str, str]], model: str | None, n_ctx: int | None = None
+                      ) -> int | None:
+        """How many tokens ``messages`` take as ``model``'s prompt here, or None when only a server knows."""
         return None
 
     def empty_caches(self) -> bool:

@@ -45,10 +45,8 @@ DEFAULT_MAX_QUEUE = 64  # calls that may wait for one model (Ollama's OLLAMA_MAX
 MAX_QUEUE_ENV = "LLMFIRST_MAX_QUEUE"
 
 
-# Sequences decoded together per model (llama.cpp server's --parallel, Ollama's OLLAMA_NUM_PARALLEL). Chosen by
-# measurement on this project's 2-core machines (README, "Continuous batching"): at 4 a step of the 0.5B default
-# model stays near 60 ms on an AMD EPYC and 48 ms on a Xeon with AMX; at 8 the EPYC's step is ~100 ms and the
-# paper's TPOT target fails under load.
+# Sequences decoded together per model (llama.cpp server's --parallel, Ollama's OLLAMA_NUM_PARALLEL), chosen by
+# measurement on 2-core machines: at 8 a step can pass the paper's 100 ms (reports/benchmarks-2026-12.md).
 DEFAULT_PARALLEL = 4
 PARALLEL_ENV = "LLMFIRST_PARALLEL"
 KV_CELLS_PER_SEQUENCE = 1024  # the shared KV cache holds max(n_ctx, this x parallel) cells
@@ -249,6 +247,16 @@ class EmbeddedBackend(Backend):
             return (f"{resolved.name} is a base model (not instruction-tuned) and cannot follow a schema as a "
                     f"decision maker or judge; use one of: {', '.join(instruct)}")
         return None
+
+    @property
+    def default_n_ctx(self) -> int:  # type: ignore[override]
+        return self.n_ctx
+
+    def schema_problem(self, schema: dict[str, Any], model: str | None, n_ctx: int | None = None) -> str | None:
+        return grammar_problem(schema, self.load(model, n_ctx))
+
+    def prompt_tokens(self, messages: list[dict[str, str]], model: str | None, n_ctx: int | None = None) -> int:
+        return len(self.load(model, n_ctx).format_prompt(messages))
 
     def load(self, model: str | None = None, n_ctx: int | None = None) -> LoadedModel:
         return load_model(model or self.default_model, n_ctx=n_ctx or self.n_ctx, n_threads=self.n_threads,

@@ -67,6 +67,10 @@ class OllamaBackend(RemoteBackend):
     cold_cache_refusal = ("Ollama has no per-request switch to evaluate a prompt without its KV cache; "
                           "use cache='reuse' with the ollama backend, or the embedded backend for cold runs")
 
+    @property
+    def location(self) -> str:
+        return self.host
+
     def __init__(self, model: str | None = None, *, host: str | None = None, timeout: float | None = None,
                  connect_timeout: float | None = None):
         super().__init__(timeout=timeout, connect_timeout=connect_timeout)

@@ -97,6 +97,10 @@ class OpenAIBackend(RemoteBackend):
                           "prefix cache; use cache='reuse' with the openai backend, or the embedded backend for "
                           "cold runs")
 
+    @property
+    def location(self) -> str:
+        return self.base_url
+
     def __init__(self, model: str | None = None, *, base_url: str | None = None, api_key: str | None = None,
                  timeout: float | None = None, response_format_style: ResponseFormatStyle = "json_schema",
                  connect_timeout: float | None = None):

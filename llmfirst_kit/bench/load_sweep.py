@@ -42,7 +42,6 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import resource
 import time
 import uuid
@@ -53,7 +52,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from ..backends import DEFAULT_BACKEND, Backend, CallRequest, backend_options, capabilities, get_backend
 from ..data import QUERIES
 from ..errors import BackendUnavailable, InvalidInput, UnknownModel
-from ..metrics import (CLIENT_CPU_BOUND, DEFAULT_SLO, SLO, client_cpu_check, load_level_metrics, slo_dict)
+from ..metrics import (CLIENT_CPU_BOUND, DEFAULT_SLO, SLO, arrival_offsets, client_cpu_check, load_level_metrics,
+                       slo_dict)
 from ..records import CallRecord
 
 QUERIES_FILE = QUERIES
@@ -142,20 +142,6 @@ def sweep_queries(limit: int = 0) -> list[str]:
     from ..study.queries import load_queries
 
     return [q.query for q in load_queries(QUERIES_FILE, limit=limit)]
-
-
-def arrival_offsets(arrival: str, rate: float, n: int, seed: int, key: str = "") -> list[float]:
-    """Scheduled send times in seconds from the level's start: ``i / rate`` (constant), or a Poisson process
-    at ``rate`` (exponential gaps from ``random.Random(f"{seed}:{key}")``, the first call at 0)."""
-    if arrival == "constant":
-        return [i / rate for i in range(n)]
-    rng = random.Random(f"{seed}:{key}")
-    out, t = [], 0.0
-    for i in range(n):
-        if i:
-            t += rng.expovariate(rate)
-        out.append(t)
-    return out
 
 
 # ------------------------------------------------------------------------------------ the JSONL file
@@ -608,7 +594,7 @@ def query_references(queries: Sequence[str] | None = None) -> dict[str, list[str
 
 def target_of(backend: Backend) -> str:
     """Where the requests went: a server URL, or ``in-process``."""
-    return str(getattr(backend, "base_url", None) or getattr(backend, "host", None) or "in-process")
+    return backend.location
 
 
 @contextlib.asynccontextmanager

@@ -32,8 +32,7 @@ def summary(rec: RunRecord, pipe: Pipeline, transcript: Transcript | None = None
     goals), not the answer call's, which in a staged run starts after the invisible stages. ``compliance`` is
     the figure of the sink that shows it: the terminal's ``transcript``, or else this object itself (its
     ``text`` and its stages' texts are what it presents as the models' words)."""
-    visible = [s for s in rec.stages if s.visible]
-    answer = visible[-1].call if visible else (rec.stages[-1].call if rec.stages else None)
+    answer = rec.answer_call(or_last=True)
     cm = call_metrics(answer, pipe.slo) if answer else None
     rm = run_metrics(rec, pipe.slo)
     out = {

@@ -28,14 +28,26 @@ REMOTE_BACKENDS = tuple(name for name in BACKENDS if not capabilities(name).in_p
               help="let WebSocket runs use this backend (your Ollama server / OpenAI key); repeatable")
 @click.option("--ws-idle-timeout", type=float, default=300.0,
               help="close a WebSocket without messages or runs after this many seconds (0: never)")
+@click.option("--header-timeout", type=float, default=20.0,
+              help="seconds an HTTP client has to send a request's headers; then the connection is closed (default 20)")
+@click.option("--keep-alive-timeout", type=float, default=5.0,
+              help="seconds an idle keep-alive HTTP connection stays open (default 5)")
+@click.option("--max-open-connections", type=POSITIVE, default=256,
+              help="open connections, HTTP and WebSocket together; one more gets 503 (default 256)")
+@click.option("--max-tokens-cap", type=POSITIVE, default=None,
+              help="tokens any one call may generate, also when a client asks for no limit (Ollama's num_predict "
+                   "-1, /v1 without max_tokens); default: until the context is full")
 def command(host: str, port: int, token: str | None, model: str | None, threads: int | None, max_queue: int | None,
-            parallel: int | None, allow_backend: tuple[str, ...], ws_idle_timeout: float) -> int:
+            parallel: int | None, allow_backend: tuple[str, ...], ws_idle_timeout: float, header_timeout: float,
+            keep_alive_timeout: float, max_open_connections: int, max_tokens_cap: int | None) -> int:
     """WebSocket + Ollama-compatible HTTP API over the embedded models"""
     from ..serve import ServerConfig, serve
 
     default = ServerConfig.model_fields["allowed_backends"].default  # the server's own backend
     config = ServerConfig(default_model=model or DEFAULT_MODEL, n_threads=threads, max_queue=max_queue,
                           parallel=parallel,
-                          allowed_backends=(*default, *allow_backend), idle_timeout_s=ws_idle_timeout or None)
+                          allowed_backends=(*default, *allow_backend), idle_timeout_s=ws_idle_timeout or None,
+                          header_timeout_s=header_timeout, keep_alive_timeout_s=keep_alive_timeout,
+                          max_open_connections=max_open_connections, max_predict=max_tokens_cap)
     serve(host, port, token, config=config)
     return EXIT_OK

@@ -16,14 +16,10 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from .._fs import atomic_write, file_lock
+from .._fs import atomic_write, cache_dir, file_lock
 from ..errors import ModelFileError
 
 
-def cache_dir() -> Path:
-    root = Path(os.environ.get("LLMFIRST_CACHE") or Path.home() / ".cache" / "llmfirst_kit")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def package_file(dist_name: str, version: str, rel: str) -> Path:

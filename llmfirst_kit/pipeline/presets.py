@@ -42,7 +42,7 @@ REVIEW_SCHEMA: dict[str, Any] = {
 
 DEFAULT_STRATEGY = {"strategy": "analytical"}  # used, marked as the kit's, when the model made no decision
 
-# its language sentence is chosen by measurement: README, "The kit's prompts against bare"
+# its language sentence is chosen by measurement: reports/benchmarks-2026-12.md, "The kit's prompts against bare"
 SYSTEM_PROMPT = (
     "You are one stage of a pipeline that answers a user's query. Follow your task. Always write in the language "
     "the user's query is written in (a query in Korean gets Korean, a query in English gets English), whatever "
@@ -94,11 +94,15 @@ class Stage:
     query_first: bool = False
     notes_instruction: str = ""  # added to the task only when the stage is shown earlier stages' notes
     system_prompt: str | None = None  # a bare chat: this system prompt and the query, no task, no budget
+    # what the run does with the stage's output, said here and never read from its name:
+    replaces_query: bool = False  # its text is the query as rewritten: a later stage that sees it takes it as the query
+    shapes_plan: bool = False  # its decision is the run's strategy: runs_for and budgets of later stages follow it
+    reviews_answer: bool = False  # its decision is the review of the answer: the record's quality (score, revise)
 
 
 def strategy_stage() -> Stage:
     return Stage(
-        name="strategy", visible=False, schema=STRATEGY_SCHEMA, decision="strategy", choices=STRATEGIES,
+        name="strategy", visible=False, schema=STRATEGY_SCHEMA, decision="strategy", choices=STRATEGIES, shapes_plan=True,
         calibrate=True, max_tokens=24, query_first=True,
         instruction=("Decide how the query above should be answered: simple (a short factual reply), analytical "
                      "(a reasoned explanation) or comprehensive (a long, structured treatment). Reply with one "
@@ -108,7 +112,7 @@ def strategy_stage() -> Stage:
 
 def rewrite_stage() -> Stage:
     return Stage(
-        name="rewrite", visible=False, max_tokens=96,
+        name="rewrite", visible=False, max_tokens=96, replaces_query=True,
         instruction=(
             "Rewrite the query so that it can be answered quickly and streamed well: keep its meaning, "
             "language and every constraint, make it explicit and concise. Reply with the rewritten query only."
@@ -118,7 +122,7 @@ def rewrite_stage() -> Stage:
 
 def review_stage(judge_model: str | None) -> Stage:
     return Stage(
-        name="review", visible=False, schema=REVIEW_SCHEMA, decision="quality", model=judge_model,
+        name="review", visible=False, schema=REVIEW_SCHEMA, decision="quality", model=judge_model, reviews_answer=True,
         max_tokens=200, sees=("query",), data=("answer",),
         instruction=(
             "You are a strict quality judge. Check the answer between the markers against the query: is it "
@@ -151,7 +155,7 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
     """The stages of a preset: ``direct`` (baseline), ``staged`` (the paper's flow) or ``cascade``.
 
     ``analysis_first`` (staged only) runs the visible analysis before the strategy decision, which then
-    sees it: the first visible token no longer waits for an invisible decision (see README, benchmarks).
+    sees it: the first visible token no longer waits for an invisible decision (reports/benchmarks-2026-12.md).
     ``revise`` adds the review (the judge, ``judge_model`` or the answering model) and the revision it decides.
     """
     q = ("rewrite",) if rewrite else ("query",)

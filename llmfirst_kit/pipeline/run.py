@@ -32,10 +32,9 @@ import fastjsonschema
 from ..backends import Backend, CallRequest, get_backend
 from ..engine import cpu_model
 from ..errors import BackendError, InvalidInput
-from ..events import Decision, Error, Event, RunEnd, StageEnd, StageStart, Token
+from ..events import Decision, Error, Event, RecordLog, RunEnd, StageEnd, StageStart, Token
 from ..metrics import DEFAULT_SLO, SLO, call_metrics, run_metrics
 from ..records import DecisionRecord, RunRecord, StageRecord, new_id
-from ..sinks.jsonl import RunLog
 from .calibration import PLACEHOLDER, Prior, calibrated, option_prior
 from .presets import DEFAULT_STRATEGY, PRESETS, SYSTEM_PROMPT, Stage, parse_preset, preset
 
@@ -74,6 +73,16 @@ class Pipeline:
         pipe.validate()
         return pipe
 
+    @property
+    def query_stages(self) -> tuple[str, ...]:
+        """The stages whose output is the query as rewritten (:attr:`Stage.replaces_query`)."""
+        return tuple(s.name for s in self.stages if s.replaces_query)
+
+    @property
+    def plan_decision(self) -> str | None:
+        """The decision that shapes the run's plan (:attr:`Stage.shapes_plan`), if a stage makes one."""
+        return next((s.decision or s.name for s in self.stages if s.shapes_plan), None)
+
     def validate(self) -> None:
         """Every mistake in the pipeline's shape, found before any model call."""
         if not self.stages:
@@ -86,6 +95,16 @@ class Pipeline:
             raise InvalidInput(f"stage name {dup!r} is used twice; stage names must be unique")
         if "query" in names:
             raise InvalidInput("'query' is reserved for the user's query; rename that stage")
+        planners = [s.name for s in self.stages if s.shapes_plan]
+        if len(planners) > 1:
+            raise InvalidInput(f"stages {', '.join(planners)} all shape the plan; at most one stage may set shapes_plan")
+        for stage in self.stages:
+            if (stage.shapes_plan or stage.reviews_answer) and stage.decision is None:
+                raise InvalidInput(f"stage {stage.name!r} shapes the plan or reviews the answer, so it must make a "
+                                   f"decision: give it decision= and a schema")
+            if stage.replaces_query and (stage.schema is not None or stage.decision is not None):
+                raise InvalidInput(f"stage {stage.name!r} replaces the query, so its output must be free text; "
+                                   f"remove its schema and decision")
         for i, stage in enumerate(self.stages):
             earlier = {"query", *names[:i]}
             for ref in (*stage.sees, *stage.data):
@@ -104,7 +123,7 @@ class Pipeline:
                                        f"set overlap=False on {ref!r}")
             if stage.schema is not None or stage.decision is not None:
                 self._check_structured(stage)
-            if stage.calibrate and (set(stage.sees) - {"query", "rewrite"} or stage.data):
+            if stage.calibrate and (set(stage.sees) - {"query", *self.query_stages} or stage.data):
                 raise InvalidInput(f"stage {stage.name!r} is calibrated, so it must see only the query: its prior is "
                                    f"measured on other queries; set calibrate=False or sees=('query',)")
             if any(not isinstance(n, int) or n <= 0 for _, n in stage.budgets):
@@ -122,7 +141,7 @@ class Pipeline:
             raise InvalidInput(f"stage {stage.name!r} needs structured output, but {problem}")
 
     def start(self, query: str, *, labels: dict[str, Any] | None = None, warmup: bool = False,
-              log: RunLog | None = None) -> "Run":
+              log: RecordLog | None = None) -> "Run":
         """A run of this pipeline: ``async for event in run`` streams it; ``run.record`` is its record.
         With ``log``, each model call is appended to it as soon as the call ends (the caller appends the
         run record at the end), so a crash mid-run keeps every finished call."""
@@ -133,7 +152,7 @@ class Pipeline:
 
     async def run(self, query: str, *, on_event: Callable[[Event], Any] | None = None,
                   labels: dict[str, Any] | None = None, warmup: bool = False,
-                  log: RunLog | None = None) -> RunRecord:
+                  log: RecordLog | None = None) -> RunRecord:
         """Run to the end, handing every event to ``on_event``; returns the run record."""
         run = self.start(query, labels=labels, warmup=warmup, log=log)
         async for event in run:
@@ -149,7 +168,7 @@ class Run:
     leaves the partial record with status ``cancelled``."""
 
     def __init__(self, pipeline: Pipeline, query: str, *, labels: dict[str, Any], warmup: bool,
-                 log: RunLog | None = None):
+                 log: RecordLog | None = None):
         self.pipeline = pipeline
         self.log = log
         labels = {"backend": pipeline.backend.name, "model": pipeline.backend.resolve_model(pipeline.model),
@@ -225,14 +244,16 @@ class Run:
         stage gets the system prompt, then one user turn: the query first, then the outputs it sees and its task
         (so such stages share their prompt prefix). Judged outputs are always data between markers. A free-text
         stage is told its budget (``tokens``)."""
-        query = next((n for n in ("rewrite", "query") if n in stage.sees), None) \
+        query = next((n for n in (*self.pipeline.query_stages, "query") if n in stage.sees), None) \
             if stage.replies or stage.query_first else None
         if stage.system_prompt is not None and query is not None:  # a bare chat: no task, no budget, no notes
             self._kit_wrote(stage.system_prompt)
             return [{"role": "system", "content": stage.system_prompt}, {"role": "user", "content": self.outputs[query]}]
-        sections = [f"## {_label(n)}\n{self.outputs[n]}" for n in stage.sees if n != query and n in self.outputs]
+        rewritten = self.pipeline.query_stages
+        sections = [f"## {_label(n, rewritten)}\n{self.outputs[n]}" for n in stage.sees
+                    if n != query and n in self.outputs]
         for name in stage.data:
-            sections.append(f"## {_label(name)} (data to evaluate, between the markers)\n"
+            sections.append(f"## {_label(name, rewritten)} (data to evaluate, between the markers)\n"
                             f"<<<BEGIN {name.upper()}>>>\n{self.outputs[name]}\n<<<END {name.upper()}>>>")
         budget = "" if stage.schema is not None or stage.choices or not tokens else BUDGET_NOTE.format(
             words=max(8, round(tokens * WORDS_PER_TOKEN)))
@@ -248,9 +269,7 @@ class Run:
             return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         if stage.query_first:
             # one user turn, the query first: every query_first stage of the run begins with the same tokens (the
-            # KV cache keeps them). Not a second user turn for the task: so laid out, the 0.5B model answered
-            # "Sydney" for the capital of Australia, and key-fact recall over 24 queries fell to 0.32 (this
-            # layout: 0.44; direct: 0.47; README, the staged study)
+            # KV cache keeps them); a second user turn for the task cost answer quality (reports/staged/README.md)
             turn = "\n\n".join([self.outputs[query], *notes, f"Your task: {task}"])
             return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": turn}]
         system = "\n\n".join([SYSTEM_PROMPT, f"Your task: {task}", *notes])
@@ -258,9 +277,10 @@ class Run:
 
     def _strategy(self) -> str | None:
         """The strategy the run goes on with (the model's, or the kit's default when undecided), if decided yet."""
-        d = self.record.decisions.get("strategy")
+        name = self.pipeline.plan_decision
+        d = self.record.decisions.get(name) if name else None
         used = d.used if d else None
-        return used.get("strategy") if isinstance(used, dict) else None
+        return used.get(name) if isinstance(used, dict) else None
 
     def _runs(self, stage: Stage) -> bool:
         """Whether the stage runs: always, unless the strategy taken is not one it runs for, or it runs ``when``
@@ -300,7 +320,7 @@ class Run:
         text, call_id = await self._call(stage, emit, stage.name, note=note)
         if stage.schema is None:
             self.outputs[stage.name] = text
-            if stage.name == "rewrite":
+            if stage.replaces_query:
                 self.record.decisions["rewritten_query"] = DecisionRecord(
                     value=text, used=text, method="free text", call_id=call_id, structured=False)
             return
@@ -317,7 +337,7 @@ class Run:
         decision = DecisionRecord(value=value if problem is None else None, used=used, status=status,
                                   source="model" if problem is None else "kit default", call_id=call_id,
                                   problem=problem, cut_by_limit=cut)
-        if stage.decision == "quality":
+        if stage.reviews_answer:
             self.record.quality = {"score": value["score"] if value else None,
                                    "improvements": value["improvements"] if value else [],
                                    "revise": value["revise"] if value else None,
@@ -369,7 +389,8 @@ class Run:
 
         def messages_for(query: str) -> list[dict[str, str]]:
             other = Run(pipe, query, labels={}, warmup=True)
-            other.outputs["rewrite"] = query  # a stage that sees the rewritten query: a calibration query in its place
+            for name in pipe.query_stages:  # a stage that sees the rewritten query: a calibration query in its place
+                other.outputs[name] = query
             return other._messages(stage)
 
         async def probabilities_of(messages: list[dict[str, str]]) -> dict[str, float]:
@@ -380,7 +401,7 @@ class Run:
                 raise BackendError(rec.error or "the backend returned no choice")
             return dict(zip(rec.choice["options"], rec.choice["probabilities"]))
 
-        key = {"backend": pipe.backend.name, "host": getattr(pipe.backend, "host", None),
+        key = {"backend": pipe.backend.name, "host": pipe.backend.location,
                "model": pipe.backend.resolve_model(model), "prompt": messages_for(PLACEHOLDER),
                "options": list(stage.choices)}
         return await option_prior(key, list(stage.choices), messages_for, probabilities_of,
@@ -389,14 +410,14 @@ class Run:
     def _default(self, name: str) -> Any:
         """What the run goes on with when the model made no decision ``name``: the configured default strategy
         (marked as the kit's); other decisions have none."""
-        return dict(self.pipeline.default_strategy) if name == "strategy" else None
+        return dict(self.pipeline.default_strategy) if name == self.pipeline.plan_decision else None
 
     def _decided(self, stage: Stage, decision: DecisionRecord, text: str) -> None:
         """Record a decision; a strategy also records the plan it makes (which later stages run)."""
         name = stage.decision or stage.name
         self.record.decisions[name] = decision
         self.outputs[stage.name] = text
-        if name == "strategy":
+        if stage.shapes_plan:
             later = self.pipeline.stages[self.pipeline.stages.index(stage) + 1:]
             runs = [s for s in later if self._runs(s) or (s.when and self._runs(replace(s, when=())))]
             decision.plan = {"runs": [s.name for s in runs if not s.when],
@@ -442,8 +463,10 @@ BUDGET_NOTE = " Use at most about {words} words, and end your reply within them.
 WORDS_PER_TOKEN = 0.6  # English ~0.75 words a token, Korean fewer: told in words, kept well inside the tokens
 
 
-def _label(name: str) -> str:
-    return {"query": "User query", "rewrite": "User query (rewritten)"}.get(name, name.capitalize())
+def _label(name: str, rewritten: tuple[str, ...] = ()) -> str:
+    if name == "query":
+        return "User query"
+    return "User query (rewritten)" if name in rewritten else name.capitalize()
 
 
 def parse_structured(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:

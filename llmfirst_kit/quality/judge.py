@@ -47,29 +47,9 @@ VERDICT_SCHEMA: dict[str, Any] = {
 
 JUDGE_SYSTEM = "You are a strict, impartial judge."
 
-# The task comes first and the data after it (a 1.5B judge followed this order better than task-last: see
-# README, "Quality"); the rubric names what makes an answer worse, so the judge's reasons have something to
-# check. Measured, not assumed: the judge gate tests the judge on exactly such answers. In the example study
-# the 1.5B judge failed its gate with the answers between <<<ANSWER A>>> markers and the query just above them
-# (0.83, 25 of 30 pairs; every wrong judgment preferred a planted answer shown as A, first-position rate 0.58).
-# Shaped by measurement on that study's 30 planted pairs (one decode thread, 160 tokens):
-# - the query and both answers as one JSON object ("query", "answer_A", "answer_B") in a ```json block
-#   instead of markers: on the 8 hardest pairs (the 5 failed ones and 3 more), 5 of 8 right in both orders with
-#   keys "A"/"B", against 3 of 8 with markers and 3 of 8 with XML tags;
-# - "instructions or a task description instead of an answer" named as worse, and reasons that end with which
-#   answer is better, so the verdict follows the reasons (with both: 7 of 8 hard pairs; full gate 0.93, 28 of
-#   30 pairs, 97 % of single judgments, first-position rate 0.51);
-# - not better: a field per check before the verdict (query_language, a_language, ..., a_answers_query: the
-#   1.5B copied A's fields into B's and said "tie", 0 of 8), naming each answer's language in the reasons
-#   (it calls "What is the capital of South Korea?" Korean; 3 of 8 and 5 of 8), telling it that the order is
-#   random (2 of 8), repeating the query after the answers (2 of 8).
-# Measured again on an Intel Xeon with AMX (reports/staged-judged, the 20 gate pairs of 4 correct 1.5B answers):
-# this JSON reply with its reasons decoded freely and the verdict read as a choice, 18 of 20 (17 with a 96-token
-# budget, see REASONS_TOKENS); the same reply under a JSON grammar, 19 of 20 (but it can loop, above); plain-text
-# reasons ("in at most 30 English words, ending with which answer is better") followed by "Better answer (A, B
-# or tie):" and a choice, 17 of 20: its reasons opened with "The answer_A is better." before any reason and once
-# followed a prompt echo's instructions ("comprehensive"). Asking it to assess A, then B, then compare: 4 of 9
-# hard pairs. One or two pairs in 20 are within noise; the gate decides on every study.
+# Task first, data after it as one JSON object, a rubric naming what makes an answer worse, reasons ending with
+# the better answer: each chosen by measurement on the judge gate's pairs (reports/judge/README.md, "How the
+# judge prompt was chosen").
 JUDGE_TASK = (
     "You will see a user query and two answers, A and B. Decide which answer is better for the user. The better "
     "answer answers this query correctly and completely, in the language of the query. An empty answer, an answer "

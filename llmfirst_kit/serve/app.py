@@ -124,6 +124,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- running
 
+def uvicorn_settings(config: ServerConfig) -> dict[str, Any]:
+    """The connection limits of ``config`` as uvicorn's settings (:mod:`~llmfirst_kit.serve.http`)."""
+    from .http import bounded_http
+
+    return {"ws_max_size": 4 * config.max_message_bytes, "timeout_keep_alive": config.keep_alive_timeout_s,
+            "http": bounded_http(config.header_timeout_s, config.max_open_connections)}
+
+
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, *,
           config: ServerConfig | None = None, log_level: str = "info") -> None:
     """Run the server until interrupted (``llmfirst serve``). Off loopback a token is required: ``token``
@@ -134,8 +142,8 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None 
     token = token or config.token or os.environ.get(TOKEN_ENV) or None
     check_bind(host, token)
     config = config.model_copy(update={"token": token, "check_host": is_loopback(host)})
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level,
-                ws_max_size=4 * config.max_message_bytes, timeout_graceful_shutdown=5)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                **uvicorn_settings(config))
 
 
 class ServerThread:
@@ -158,8 +166,8 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))  # bound here, so the port is known and cannot be taken meanwhile
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(
-            self.app, log_level=log_level, ws_max_size=4 * config.max_message_bytes, timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=2,
+                                                    **uvicorn_settings(config)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name=f"llmfirst-server-{self.port}")
 

@@ -21,8 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..backends.base import CallRequest, ModelCall
-from ..backends.embedded import DEFAULT_N_CTX, EmbeddedBackend, grammar_problem
+from ..backends.base import Backend, CallRequest, ModelCall
 from ..errors import BackendUnavailable, ContextOverflow, InvalidInput, KitError, QueueFull, UnknownModel
 from ..compliance import Transcript, sink_compliance
 from ..records import CallRecord, RunRecord, StageRecord
@@ -123,7 +122,8 @@ def config_of(request: Request) -> ServerConfig:
     return request.app.state.kit.config
 
 
-def backend_of(request: Request) -> EmbeddedBackend:
+def backend_of(request: Request) -> Backend:
+    """The backend the HTTP APIs serve (the embedded models of this process)."""
     return request.app.state.kit.embedded
 
 
@@ -160,14 +160,14 @@ class Plan:
     defaults: Mapping[str, float]  # the API's temperature, top_k and top_p when the client sends none
 
 
-def context_size(num_ctx: int | None, limit: int) -> int:
-    """The context to load: the default, or the next power of two that holds ``num_ctx`` (so a client
-    cannot make the server load one model copy per distinct value)."""
-    if num_ctx is None or num_ctx <= DEFAULT_N_CTX:
-        return DEFAULT_N_CTX
+def context_size(num_ctx: int | None, limit: int, default: int) -> int:
+    """The context to load: the backend's default, or the next power of two that holds ``num_ctx`` (so a
+    client cannot make the server load one model copy per distinct value)."""
+    if num_ctx is None or num_ctx <= default:
+        return default
     if num_ctx > limit:
         raise ApiError(400, f"num_ctx {num_ctx} is larger than this server allows ({limit}); lower num_ctx")
-    size = DEFAULT_N_CTX
+    size = default
     while size < num_ctx:
         size *= 2
     return size
@@ -181,20 +181,18 @@ def format_schema(fmt: Format) -> dict[str, Any] | None:
     return fmt  # type: ignore[return-value]
 
 
-def plan_call(plan: Plan, backend: EmbeddedBackend, config: ServerConfig) -> CallRequest:
+def plan_call(plan: Plan, backend: Backend, config: ServerConfig) -> CallRequest:
     """The CallRequest for a plan (runs in a worker thread: it may load the model and tokenize)."""
     opts = plan.options
-    n_ctx = context_size(opts.num_ctx, config.max_num_ctx)
+    default = backend.default_n_ctx or config.max_num_ctx
+    n_ctx = context_size(opts.num_ctx, config.max_num_ctx, default)
     schema = format_schema(plan.format)
-    loaded = None
     if schema is not None:
-        loaded = backend.load(plan.model, n_ctx)
-        problem = grammar_problem(schema, loaded)
+        problem = backend.schema_problem(schema, plan.model, n_ctx)
         if problem:
             raise ApiError(400, f"format: {problem}")
     if opts.num_predict is None or opts.num_predict < 0:  # Ollama's -1 / -2: until the context is full
-        loaded = loaded or backend.load(plan.model, n_ctx)
-        budget = n_ctx - len(loaded.format_prompt(plan.messages))
+        budget = n_ctx - (backend.prompt_tokens(plan.messages, plan.model, n_ctx) or 0)
         if budget <= 0:
             raise ContextOverflow(f"the prompt fills the whole context of {n_ctx} tokens; shorten it or raise "
                                   f"num_ctx (up to {config.max_num_ctx})")
@@ -212,7 +210,7 @@ def plan_call(plan: Plan, backend: EmbeddedBackend, config: ServerConfig) -> Cal
         seed=seed, top_k=defaults["top_k"] if opts.top_k is None else opts.top_k,
         top_p=defaults["top_p"] if opts.top_p is None else opts.top_p,
         stop=[s for s in opts.stop or [] if s], json_schema=schema,
-        num_ctx=None if n_ctx == DEFAULT_N_CTX else n_ctx,
+        num_ctx=None if n_ctx == default else n_ctx,
     )
 
 

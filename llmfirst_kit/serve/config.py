@@ -61,6 +61,12 @@ class ServerConfig(BaseSettings):
     # backends a WebSocket run may pick: ollama and openai spend the operator's server or key (OPENAI_API_KEY)
     allowed_backends: Names = Field((DEFAULT_BACKEND,), description="backends a WebSocket run may pick "
                                                                "(comma-separated, e.g. embedded,ollama)")
+    header_timeout_s: float = Field(20.0, gt=0, description="seconds an HTTP client has to send a request's headers "
+                                    "(from connecting, or from the request's first byte), a number")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="seconds an idle keep-alive HTTP connection stays open, "
+                                        "a number")
+    max_open_connections: int = Field(256, ge=1, description="open connections, HTTP and WebSocket together, an "
+                                      "integer; one more is answered 503 and closed")
     idle_timeout_s: float | None = Field(300.0, description="seconds before a WebSocket with no message and no run "
                                                             "is closed, a number (none: never)")
 

@@ -22,7 +22,7 @@ from ..metrics import NS, run_e2e_s, user_ttft_s
 from ..pipeline import parse_preset
 from ..quality.retention import retention
 from .cell import latency_view
-from .quality import (answer_call, cell_answers, comparison_plan, gate_results, gate_runs, judge_for, judge_version,
+from .quality import (cell_answers, draft_call, comparison_plan, gate_results, gate_runs, judge_for, judge_version,
                       pair_outcomes, read_judgments, revised)
 from .store import StudyResults
 
@@ -92,7 +92,7 @@ def comparison_rows(res: StudyResults) -> list[dict[str, Any]]:
                    and answers.get(ln["query_id"]) is not None and answers[ln["query_id"]].run_id == ln["candidate_run_id"]]
         added = []
         for rec in answers.values():
-            draft = answer_call(rec, ("answer",))
+            draft = draft_call(rec)
             end = run_e2e_s(rec)
             if draft is not None and draft.chunk_ns and end is not None:
                 added.append(end - (draft.chunk_ns[-1] - rec.start_ns) / NS)

@@ -70,7 +70,7 @@ async def run_at_load(level: LoadLevel, jobs: Sequence[Callable[[], Awaitable[An
     """Run ``jobs`` at ``level``: closed loop, ``level.value`` workers taking the next job as one ends; open
     loop, each job started at its Poisson arrival time (seeded by ``seed`` and ``key``: the same schedule on
     every rerun), however many are in flight. Returns the wall time (first start to last end), in seconds."""
-    from ..bench.load_sweep import arrival_offsets
+    from ..metrics import arrival_offsets
 
     t0 = time.perf_counter()
     if level.kind == CLOSED:

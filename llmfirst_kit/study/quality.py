@@ -52,18 +52,14 @@ MIN_COMPLETE_SHARE = 0.5  # below this share of complete answers a configuration
 
 # ------------------------------------------------------------------------------------------ answers
 
-ANSWER_STAGES = ("revision", "answer")  # the run's answer: the revision where the judge decided one, else the answer
+def answer_call(rec: RunRecord):
+    """The call that produced the run's answer (:meth:`RunRecord.answer_call`: its last visible stage)."""
+    return rec.answer_call()
 
 
-def answer_call(rec: RunRecord, stages: tuple[str, ...] = ANSWER_STAGES):
-    """The call that produced the run's answer: its ``revision`` stage where one ran, else its ``answer`` stage
-    (the last visible stage otherwise). ``stages=("answer",)``: the draft a revision improved on."""
-    for name in stages:
-        found = [s for s in rec.stages if s.name == name]
-        if found:
-            return found[-1].call
-    visible = [s for s in rec.stages if s.visible]
-    return visible[-1].call if visible else None
+def draft_call(rec: RunRecord):
+    """The draft a ``+revise`` run's revision improved on: its ``answer`` stage (the presets' name for it)."""
+    return next((s.call for s in reversed(rec.stages) if s.name == "answer"), None)
 
 
 def revised(rec: RunRecord) -> bool:
@@ -383,7 +379,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
             line = {"type": "revision", "judge": choice.model, "judge_backend": choice.backend,
                     "prompt_version": version, "cell": cell["id"], "query_id": qid,
                     "baseline_run_id": rec.run_id, "candidate_run_id": rec.run_id}
-            jobs.append(functools.partial(judge_pair, line, queries[qid], answer_call(rec, ("answer",)).text,
+            jobs.append(functools.partial(judge_pair, line, queries[qid], draft_call(rec).text,
                                           answer_text(rec), "revision"))
     await _at_once(jobs)
     for judge in judges.values():
@@ -545,7 +541,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["ANSWER_STAGES", "JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "comparison_plan",
+__all__ = ["JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "draft_call", "comparison_plan",
            "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version", "study_queries",
            "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes", "quality_columns",
            "read_judgments"]

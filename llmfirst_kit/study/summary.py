@@ -38,8 +38,8 @@ def runs_table(results: StudyResults):
     df["truncated"] = [bool(is_truncated(r)) for r in runs]
     answer_tps, strategy, judge_status = [], [], []
     for r in runs:
-        visible = [s for s in latency_view(r).stages if s.visible]
-        answer_tps.append(call_metrics(visible[-1].call).tokens_per_s if visible else None)
+        answer = r.answer_call()
+        answer_tps.append(call_metrics(answer).tokens_per_s if answer else None)
         d = r.decisions.get("strategy")
         strategy.append(d.value["strategy"] if d and d.status == "decided" and d.value else None)
         judge_status.append(r.quality.get("status") if r.quality else None)
