@@ -90,3 +90,13 @@ def test_without_a_quality_verdict_capacity_is_not_decided_never_a_level(load_st
     assert capacity_table(below, res.slo).iloc[0]["capacity_concurrency"] == NONE
     held = summary.assign(role="grid", meets_quality=True, quality_note=None)
     assert capacity_table(held, res.slo).iloc[0]["capacity_concurrency"] == "3"
+
+
+def test_the_capacity_study_expands_to_one_deployment_per_level():
+    spec = study.load_study(study.PROJECT_ROOT / "studies" / "capacity.yaml")
+    cells = study.expand_grid(spec)
+    assert len(cells) == 9 and {c.load for c in cells} == {"c1", "c4", "c8"}
+    assert {c.parameters["parallel"] for c in cells} == {8}  # the largest level: the same engine everywhere
+    assert study.baseline_cell(spec, cells).id == "qwen2.5-coder-1.5b@shipped--direct--c1"
+    queries = study.load_queries(spec.parameters["queries_file"], ids=spec.parameters["query_ids"])
+    assert len(queries) == 48 and {q.lang for q in queries} == {"en", "ko"}
