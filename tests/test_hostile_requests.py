@@ -573,3 +573,45 @@ def test_a_client_asking_for_no_limit_is_held_to_the_servers_token_cap(loaded):
         assert (v1["usage"]["completion_tokens"], v1["choices"][0]["finish_reason"]) == (6, "length")
         body["options"]["num_predict"] = 3
         assert httpx.post(f"{srv.url}/api/chat", json=body, timeout=TIMEOUT_S).json()["eval_count"] == 3
+
+
+# JSON Schema's own keywords, so that generated shapes reach the checks and the grammar converter, not only the
+# "unknown keyword" path; values of every JSON type, nested
+_KEYWORDS = ["type", "properties", "items", "$ref", "pattern", "enum", "required", "additionalProperties", "minItems",
+             "maxItems", "minLength", "maxLength", "anyOf", "oneOf", "allOf", "format", "const", "$defs",
+             "definitions", "dependencies", "patternProperties", "prefixItems", "minimum", "maximum"]
+
+
+def _hostile_schemas():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+               | st.sampled_from(["object", "array", "string", "integer", "#/$defs/a", "#", "(", "[a-z]{2,3}", "\ud800",
+                                  "file:///etc/passwd"]) | st.text(max_size=12))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.sampled_from(_KEYWORDS) | st.text(max_size=6), inner, max_size=5),
+                          max_leaves=24)
+    return st.dictionaries(st.sampled_from(_KEYWORDS), values, min_size=1, max_size=6)
+
+
+def test_fuzzed_format_and_response_format_shapes_never_give_a_500(server):
+    """A fuzzer (hypothesis) over the schema fields of both APIs -- Ollama's ``format`` and OpenAI's
+    ``response_format.json_schema.schema`` -- with hostile shapes: every answer is a 200 or a 4xx naming the
+    problem, never a 500, and the server keeps answering on the same connection."""
+    from hypothesis import HealthCheck, given, settings
+
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as http:
+        @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(schema=_hostile_schemas())
+        def check(schema: dict[str, Any]) -> None:
+            ollama = http.post("/api/chat", json=ollama_chat(schema, num_predict=1))
+            v1 = http.post("/v1/chat/completions", json={
+                "model": TEST_MODEL, "messages": QUESTION, "max_tokens": 1, "temperature": 0,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+            for answer in (ollama, v1):
+                assert answer.status_code < 500, (schema, answer.status_code, answer.text[:300])
+                assert answer.status_code in (200, 400, 422), (schema, answer.status_code, answer.text[:300])
+
+        check()
+        assert http.get("/api/version").status_code == 200

@@ -12,6 +12,7 @@ import pytest
 
 from llmfirst_kit import study
 from llmfirst_kit.data import QUERIES
+from llmfirst_kit.metrics import arrival_offsets
 from llmfirst_kit.study.load import NONE, NOT_DECIDED, capacity_table
 from llmfirst_kit.study.store import load_results
 from llmfirst_kit.study.summary import summary_table
@@ -21,12 +22,12 @@ SMALL = "smollm2-135m"
 SPEC = {
     "name": "load", "backend": "embedded", "models": [SMALL], "presets": ["direct"], "queries_file": str(QUERIES),
     "query_ids": ["en-s01", "ko-s01", "en-a01", "ko-a01"], "repeats": 1, "warmup_runs": 0, "max_tokens": 24,
-    "concurrency": [1, 3], "judge_model": "", "n_threads": THREADS, "perplexity_text": "",
+    "concurrency": [1, 3], "rates": [4.0], "judge_model": "", "n_threads": THREADS, "perplexity_text": "",
     "ttft_slo_s": 60.0, "tpot_slo_s": 2.0, "e2e_slo_s": 120.0,
     # the configuration is the baseline system itself: its quality holds by definition, no judge is loaded
     "baseline_model": SMALL, "baseline_max_tokens": 24, "quality_judge": "",
 }
-C1, C3 = f"{SMALL}@shipped--direct--c1", f"{SMALL}@shipped--direct--c3"
+C1, C3, R4 = f"{SMALL}@shipped--direct--c1", f"{SMALL}@shipped--direct--c3", f"{SMALL}@shipped--direct--r4"
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,16 @@ def _in_flight(records) -> int:
 
 def test_a_cell_at_concurrency_n_has_n_calls_in_flight(load_study):
     res = load_results(load_study)
-    assert [c["id"] for c in res.cells] == [C1, C3] and res.baseline_cell == C1
-    by_cell = {cid: [r for r in res.runs if r.labels["cell"] == cid] for cid in (C1, C3)}
+    assert [c["id"] for c in res.cells] == [C1, C3, R4] and res.baseline_cell == C1
+    by_cell = {cid: [r for r in res.runs if r.labels["cell"] == cid] for cid in (C1, C3, R4)}
     assert all(len(runs) == 4 and all(r.status == "ok" for r in runs) for runs in by_cell.values())
     assert _in_flight(by_cell[C1]) == 1 and _in_flight(by_cell[C3]) == 3
     assert {r.labels["load"] for r in by_cell[C3]} == {"c3"} and {r.labels["concurrency"] for r in by_cell[C3]} == {3}
+    # open loop: sent on the seeded Poisson schedule (4 requests/s), whatever the engine does
+    assert {(r.labels["load"], r.labels["rate"]) for r in by_cell[R4]} == {("r4", 4.0)}
+    starts = sorted(r.start_ns for r in by_cell[R4])
+    offsets = arrival_offsets("poisson", 4.0, 4, 0, f"{R4}:{SMALL}:direct")  # seed 0: the notebook default
+    assert all(abs((s - starts[0]) / 1e9 - o) < 0.15 for s, o in zip(starts, offsets))
     assert {r.labels["parallel"] for r in res.runs} == {4}  # one deployment for every level
     batch = lambda runs: max(s.call.server["batch"]["max"] for r in runs for s in r.stages)  # noqa: E731
     assert batch(by_cell[C1]) == 1 and batch(by_cell[C3]) == 3  # decoded together, not queued one by one
@@ -66,7 +72,7 @@ def test_capacity_is_the_highest_level_meeting_every_target(load_study):
     assert row["load_kind"] == "concurrency" and row["load_value"] == 3 and row["answers_differ"] is not None
     assert row["goodput_rps"] > 0 and row["quality_goodput_rps"] == row["goodput_rps"]  # the baseline holds
     cap = capacity_table(summary, res.slo).iloc[0]
-    assert cap["quality"] == "baseline" and cap["capacity_concurrency"] == "3" and cap["capacity_rate"] == ""
+    assert cap["quality"] == "baseline" and cap["capacity_concurrency"] == "3" and cap["capacity_rate"] == "4 rps"
     # the same runs against a first-token target nobody meets: no level
     res.spec["parameters"]["ttft_slo_s"] = 1e-4
     cap = capacity_table(summary_table(res), res.slo).iloc[0]
