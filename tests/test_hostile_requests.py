@@ -605,8 +605,11 @@ def test_fuzzed_format_and_response_format_shapes_never_give_a_500(server):
                   suppress_health_check=list(HealthCheck))
         @given(schema=_hostile_schemas())
         def check(schema: dict[str, Any]) -> None:
-            ollama = http.post("/api/chat", json=ollama_chat(schema, num_predict=1))
-            v1 = http.post("/v1/chat/completions", json={
+            def post(path: str, body: dict[str, Any]) -> httpx.Response:  # escaped JSON: lone surrogates travel too
+                return http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+            ollama = post("/api/chat", ollama_chat(schema, num_predict=1))
+            v1 = post("/v1/chat/completions", {
                 "model": TEST_MODEL, "messages": QUESTION, "max_tokens": 1, "temperature": 0,
                 "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
             for answer in (ollama, v1):
