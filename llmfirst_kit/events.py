@@ -122,4 +122,3 @@ class RecordLog(Protocol):
 
     def append(self, record: Any) -> None:
         ...
-

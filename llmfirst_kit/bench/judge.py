@@ -89,8 +89,9 @@ async def judge_bench(*, answer_model: str = "qwen2.5-coder-1.5b", judge_model: 
     records = await gather_at_most(8, (pipe.run(q.query) for q in qs))
     reals, dropped = [], {"not complete": 0, "misses a key fact": 0}
     for q, rec in zip(qs, records):
-        text = rec.stages[-1].call.text if rec.stages else ""
-        if rec.status != "ok" or rec.stages[-1].call.finish_reason != "stop":
+        answer = rec.answer_call()
+        text = answer.text if answer else ""
+        if rec.status != "ok" or answer is None or answer.finish_reason != "stop":
             dropped["not complete"] += 1
         elif key_fact_recall(text, q.facts) != 1.0:
             dropped["misses a key fact"] += 1

@@ -57,9 +57,8 @@ async def language(model: str | None = None, presets: Sequence[str] = ("bare", "
         pipe = Pipeline.from_preset(name, backend=be, model=model, max_tokens=max_tokens, cache=cache)
 
         async def answer(q: Any, pipe: Pipeline = pipe) -> str:
-            rec = await pipe.run(q.query)
-            shown = [s for s in rec.stages if s.visible]
-            return shown[-1].call.text if shown else ""
+            answer = (await pipe.run(q.query)).answer_call()
+            return answer.text if answer else ""
 
         texts = await gather_at_most(concurrency, (answer(q) for q in qs))
         row: dict[str, Any] = {}

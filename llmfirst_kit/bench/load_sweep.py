@@ -55,6 +55,7 @@ from ..errors import BackendUnavailable, InvalidInput, UnknownModel
 from ..metrics import (CLIENT_CPU_BOUND, DEFAULT_SLO, SLO, arrival_offsets, client_cpu_check, load_level_metrics,
                        slo_dict)
 from ..records import CallRecord
+from ..sync import gather_at_most
 
 QUERIES_FILE = QUERIES
 MIN_CALLS_BEFORE_STOPPING = 4  # the error rate of one or two calls says little
@@ -62,8 +63,8 @@ CLOSED_LOOP = "concurrency"
 OPEN_LOOP = ("constant", "poisson")
 ARRIVALS = (CLOSED_LOOP, *OPEN_LOOP)
 FILE_VERSION = 1
-KIT_SERVER_API = "ollama"
-JUDGED_AT_ONCE = 4  # quality checks run together after the load (the judge's engine batches them)  # the API of the kit's own server that --serve-kit loads unless told otherwise
+KIT_SERVER_API = "ollama"  # the API of the kit's own server that --serve-kit loads unless told otherwise
+JUDGED_AT_ONCE = 4  # quality checks run together after the load (the judge's engine batches them)
 
 # A quality check for quality-aware goodput: (query, the call's record) -> passed? (None: no verdict).
 QualityCheck = Callable[[str, CallRecord], Awaitable[bool | None]]
@@ -520,9 +521,13 @@ async def _sweep(backend: Backend, log: SweepLog, config: dict[str, Any], make_r
 async def _judge(log: SweepLog, quality: QualityCheck, at_once: int = JUDGED_AT_ONCE) -> None:
     """The quality check of every finished call not yet judged (a resumed sweep judges only the new ones),
     ``at_once`` checks at a time (a batched engine judges them together)."""
-    from ..sync import gather_at_most
-
     judged = {(ln["attempt"], ln["index"]) for ln in log.lines if ln.get("type") == "quality"}
+
+    async def one(key: str, attempt: int, index: int, query: str, rec: CallRecord) -> None:
+        passed = await quality(query, rec)
+        log.append({"type": "quality", "level": key, "attempt": attempt, "index": index,
+                    "passed": None if passed is None else bool(passed)})
+
     jobs = []
     for key, level in _levels_from_lines(log.lines).items():
         attempt = level.attempt
@@ -531,15 +536,8 @@ async def _judge(log: SweepLog, quality: QualityCheck, at_once: int = JUDGED_AT_
                                            and ln["attempt"] == attempt), key=lambda r: r["index"])):
             if rec.status != "ok" or (attempt, row["index"]) in judged:
                 continue
-
-            async def one(key: str = key, attempt: int = attempt, index: int = row["index"], query: str = query,
-                          rec: CallRecord = rec) -> None:
-                passed = await quality(query, rec)
-                log.append({"type": "quality", "level": key, "attempt": attempt, "index": index,
-                            "passed": None if passed is None else bool(passed)})
-
-            jobs.append(one)
-    await gather_at_most(at_once, [job() for job in jobs])
+            jobs.append(one(key, attempt, row["index"], query, rec))
+    await gather_at_most(at_once, jobs)
 
 
 def judge_check(judge: Any, baselines: Mapping[str, str] | Callable[[str], Awaitable[str | None]],

@@ -20,8 +20,6 @@ from .._fs import atomic_write, cache_dir, file_lock
 from ..errors import ModelFileError
 
 
-
-
 def package_file(dist_name: str, version: str, rel: str) -> Path:
     reinstall = f"pip install --force-reinstall '{dist_name}=={version}'"
     try:

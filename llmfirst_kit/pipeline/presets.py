@@ -102,8 +102,8 @@ class Stage:
 
 def strategy_stage() -> Stage:
     return Stage(
-        name="strategy", visible=False, schema=STRATEGY_SCHEMA, decision="strategy", choices=STRATEGIES, shapes_plan=True,
-        calibrate=True, max_tokens=24, query_first=True,
+        name="strategy", visible=False, schema=STRATEGY_SCHEMA, decision="strategy", choices=STRATEGIES,
+        shapes_plan=True, calibrate=True, max_tokens=24, query_first=True,
         instruction=("Decide how the query above should be answered: simple (a short factual reply), analytical "
                      "(a reasoned explanation) or comprehensive (a long, structured treatment). Reply with one "
                      "word: simple, analytical or comprehensive."),
@@ -122,8 +122,8 @@ def rewrite_stage() -> Stage:
 
 def review_stage(judge_model: str | None) -> Stage:
     return Stage(
-        name="review", visible=False, schema=REVIEW_SCHEMA, decision="quality", model=judge_model, reviews_answer=True,
-        max_tokens=200, sees=("query",), data=("answer",),
+        name="review", visible=False, schema=REVIEW_SCHEMA, decision="quality", model=judge_model,
+        reviews_answer=True, max_tokens=200, sees=("query",), data=("answer",),
         instruction=(
             "You are a strict quality judge. Check the answer between the markers against the query: is it "
             "correct, complete, relevant, clear, and in the query's language? List up to four short concrete "

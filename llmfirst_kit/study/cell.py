@@ -106,8 +106,7 @@ async def run_cell(p: CellParams, *, echo: Callable[[str], Any] | None = print) 
                                 echo(_line(rec, p.slo))
 
                         jobs = [functools.partial(one, q, r) for r in range(p.repeats) for q in p.queries]
-                        wall = await run_at_load(level, jobs, seed=p.seed, key=f"{p.cell}:{mid}:{preset}")
-                        counts.setdefault("wall_s", {})[level.key] = wall
+                        await run_at_load(level, jobs, seed=p.seed, key=f"{p.cell}:{mid}:{preset}")
     finally:
         await backend.aclose()
     if counts["ok"] == 0:

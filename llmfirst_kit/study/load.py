@@ -66,10 +66,10 @@ def engine_parallel(parameters: Mapping[str, Any]) -> int:
 
 
 async def run_at_load(level: LoadLevel, jobs: Sequence[Callable[[], Awaitable[Any]]], *, seed: int = 0,
-                      key: str = "") -> float:
+                      key: str = "") -> None:
     """Run ``jobs`` at ``level``: closed loop, ``level.value`` workers taking the next job as one ends; open
     loop, each job started at its Poisson arrival time (seeded by ``seed`` and ``key``: the same schedule on
-    every rerun), however many are in flight. Returns the wall time (first start to last end), in seconds."""
+    every rerun), however many are in flight. (The level's wall time is read from its records.)"""
     from ..metrics import arrival_offsets
 
     t0 = time.perf_counter()
@@ -89,7 +89,6 @@ async def run_at_load(level: LoadLevel, jobs: Sequence[Callable[[], Awaitable[An
             await job()
 
         await asyncio.gather(*(at(o, j) for o, j in zip(offsets, jobs)))
-    return time.perf_counter() - t0
 
 
 def quality_cells(cells: Iterable[Mapping[str, Any]]) -> dict[str, str]:

@@ -490,7 +490,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
         out[cell["id"]] = row
         judged = judged_cell.get(cell["id"], cell["id"])
         row["quality_cell"] = judged
-        if judged != cell["id"] and judged in out:  # another load level of a judged configuration
+        if judged != cell["id"]:  # another load level of a judged configuration (judged first, above)
             verdict = {k: v for k, v in out[judged].items()
                        if k not in ("role", "answers", "complete_answers", "truncation_rate", "key_fact_recall",
                                     "quality_cell", "answers_differ")}
@@ -498,7 +498,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
             row.update(verdict, answers_differ=sum(answer_text(r).strip() != answer_text(theirs[q]).strip()
                                                    for q, r in answers.items() if q in theirs))
             continue
-        row["answers_differ"] = 0 if judged == cell["id"] else None
+        row["answers_differ"] = 0
         if cell["id"] == base_id:
             row["quality_note"] = "the baseline"
             continue

@@ -44,9 +44,8 @@ def build_report(study_dir: str | os.PathLike[str], *, notebook: str | os.PathLi
     check_kernel()
     table = summary_table(results)
     atomic_write(d / SUMMARY_CSV, table.to_csv(index=False))
-    capacity = capacity_table(table, results.slo)
     if table["load"].nunique() > 1:  # the study ran load levels: capacity at target per configuration
-        atomic_write(d / CAPACITY_CSV, capacity.to_csv(index=False))
+        atomic_write(d / CAPACITY_CSV, capacity_table(table, results.slo).to_csv(index=False))
     versus = comparisons_frame(results)
     if len(versus):  # the study's head-to-head comparisons and revisions
         atomic_write(d / COMPARISONS_CSV, versus.to_csv(index=False))

@@ -280,7 +280,7 @@ class GridCell:
     parameters: dict[str, Any]
     role: str = "grid"  # grid | baseline (the baseline system's answers, which the others are judged against)
     backend: str = ""
-    load: str = ""  # the load level (load.level_key: c4 = 4 in flight, r0.5 = 0.5 requests/s); "" = one at a time
+    load: str = ""  # the load level (LoadLevel.key: c4 = 4 in flight, r0.5 = 0.5 requests/s); "" = one at a time
 
 
 def _slug(text: str) -> str:

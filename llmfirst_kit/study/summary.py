@@ -122,7 +122,8 @@ def summary_table(results: StudyResults):
                    kl_mean=q.get("kl_mean"), kl_top1_agreement=q.get("top1_agreement"), quality_tokens=q.get("tokens"))
         row.update(_run_rates(ok, cell["preset"]))
         row.update(_verdict(row, slo, spec.get("quality_target", 0.8)))
-        row.update(_load_columns(cell, real, ok, row, scores, judged_answers(row.get("quality_cell"))))
+        row.update(_load_columns(real, ok, row, scores, judged_answers(row.get("quality_cell")),
+                                 baseline=row.get("quality_cell") == results.baseline_cell))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -154,7 +155,7 @@ def _run_rates(ok, preset: str) -> dict[str, Any]:
     if ok is None or ok.empty:
         return {"slo_pass_rate": None, "strategy_decided_rate": None, "strategy_agreement": None,
                 "compliance_mean": None, "prompt_echo_rate": None, "decision_compliance_mean": None}
-    passed = (ok["slo_ttft"] == True) & (ok["slo_e2e"] == True) & (ok["slo_tpot"] != False)  # noqa: E712
+    passed = _met_every_slo(ok)
     decided = ok[ok["strategy"].notna()]
     agree = (decided["strategy"] == decided["category"]).mean() if len(decided) and "category" in decided else None
     return {"slo_pass_rate": float(passed.mean()),
@@ -166,30 +167,35 @@ def _run_rates(ok, preset: str) -> dict[str, Any]:
             "decision_compliance_mean": _mean(ok["decision_compliance"]) if "decision_compliance" in ok else None}
 
 
-def _load_columns(cell: Mapping[str, Any], real, ok, row: Mapping[str, Any], scores: Mapping[str, float | None] | None,
-                  judged: Mapping[str, Any]) -> dict[str, Any]:
+def _met_every_slo(ok):
+    """Per run: met every SLO (an undefined TPOT -- a one-token answer -- is not a miss)."""
+    return (ok["slo_ttft"] == True) & (ok["slo_e2e"] == True) & (ok["slo_tpot"] != False)  # noqa: E712
+
+
+def _load_columns(real, ok, row: Mapping[str, Any], scores: Mapping[str, float | None] | None,
+                  judged: Mapping[str, Any], *, baseline: bool) -> dict[str, Any]:
     """The load a cell ran under and what it delivered: the measured runs' wall time (first start to last
     end), requests/s, goodput (runs meeting every SLO per second) and quality-aware goodput (those whose
     answer also holds against the baseline: the query's averaged win-or-tie probability >= 0.5 on the answer
     the judge saw -- a run whose answer differs from it counts as not holding, so this is a lower bound; the
-    baseline's own configuration holds by definition; None without a verdict)."""
+    ``baseline`` system's own configuration holds by definition; None without a verdict)."""
+    import pandas as pd
+
     out: dict[str, Any] = {"load_wall_s": None, "requests_per_s": None, "goodput_rps": None,
                            "quality_goodput_rps": None}
     if real is None or not len(real) or ok is None:
         return out
-    wall = (real["end_ns"].max() - real["start_ns"].min()) / 1e9 if "end_ns" in real else None
-    if not wall or wall <= 0:
+    wall = (real["end_ns"].max() - real["start_ns"].min()) / 1e9
+    if wall <= 0:
         return out
-    passed = (ok["slo_ttft"] == True) & (ok["slo_e2e"] == True) & (ok["slo_tpot"] != False)  # noqa: E712
+    passed = _met_every_slo(ok)
     out.update(load_wall_s=float(wall), requests_per_s=len(ok) / wall, goodput_rps=float(passed.sum()) / wall)
-    if row.get("role") == "baseline" or (row.get("quality_note") == "the baseline"):
+    if baseline:
         out["quality_goodput_rps"] = out["goodput_rps"]
     elif row.get("meets_quality") is not None and scores:
         holds = [scores.get(q) is not None and scores[q] >= 0.5 and q in judged
                  and (judged[q].run_id == rid or answer_text(judged[q]).strip() == text.strip())
                  for q, rid, text in zip(ok["query_id"], ok["run_id"], ok["answer_text"])]
-        import pandas as pd
-
         out["quality_goodput_rps"] = float((passed & pd.Series(holds, index=ok.index)).sum()) / wall
     return out
 
