@@ -259,18 +259,28 @@ def test_notebook_parameters_match_the_schema():
 def test_example_and_smoke_studies_expand():
     example = study.load_study(ROOT / "studies" / "example.yaml")
     cells = study.expand_grid(example)
-    assert len(cells) == 6 and {c.model for c in cells} == {"qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "smollm2-135m"}
-    assert {c.quantization for c in cells} == {"shipped", "Q3_K_S"} and {c.preset for c in cells} == {"direct"}
-    assert len(example.parameters["query_ids"]) == 10 and example.output_dir == ROOT / "reports" / "example"
-    assert sum(bool(c.parameters["perplexity_text"]) for c in cells) == 6  # once per model file
+    # 3 models x 2 quantizations, less the two Q3_K_S files the study excludes
+    assert [c.id for c in cells] == ["qwen2.5-coder-1.5b@shipped--direct", "qwen2.5-coder-1.5b@Q3_K_S--direct",
+                                     "qwen2.5-coder-0.5b@shipped--direct", "smollm2-135m@shipped--direct"]
+    assert example.parameters["query_limit"] == 0 and example.output_dir == ROOT / "reports" / "example"
+    assert sum(bool(c.parameters["perplexity_text"]) for c in cells) == 4  # once per model file
     # the baseline system is the grid's 1.5B shipped direct cell (same max tokens), judged by the 1.5B model
     assert study.baseline_cell(example, cells).id == "qwen2.5-coder-1.5b@shipped--direct"
     assert example.quality.quality_judge == "qwen2.5-coder-1.5b" and example.quality.gate_threshold == 0.9
-    langs = {q.lang for q in study.load_queries(example.parameters["queries_file"],
-                                                ids=example.parameters["query_ids"])}
-    assert langs == {"en", "ko"}
+    queries = study.load_queries(example.parameters["queries_file"], limit=example.parameters["query_limit"])
+    assert len(queries) == 72 and sum(q.lang == "ko" for q in queries) == 36
     smoke = study.load_study(ROOT / "studies" / "smoke.yaml")
     assert len(study.expand_grid(smoke)) == 2
+
+
+def test_exclude_leaves_out_grid_cells_and_names_a_pattern_that_matches_none():
+    base = {"models": ["smollm2-135m", "qwen2.5-coder-0.5b"], "presets": ["direct", "staged"], "baseline_model": ""}
+    ids = [c.id for c in study.expand_grid(study.load_study({**base, "exclude": ["qwen2.5-coder-0.5b@*--staged"]}))]
+    assert ids == ["smollm2-135m@shipped--direct", "smollm2-135m@shipped--staged", "qwen2.5-coder-0.5b@shipped--direct"]
+    with pytest.raises(InvalidInput, match=r"'smolm2\*' matches no grid cell; the cells are: smollm2-135m@"):
+        study.expand_grid(study.load_study({**base, "exclude": ["smolm2*"]}))
+    with pytest.raises(InvalidInput, match="leaves no grid cell"):
+        study.expand_grid(study.load_study({**base, "exclude": ["*"]}))
 
 
 def test_the_files_the_kit_reads_are_package_data():

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import re
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Mapping, Sequence
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -155,6 +156,8 @@ class StudyFile(QualitySettings):
     output_dir: str = Field("", description="the study directory (relative to the study file)")
     notebook: str = Field("", description="the cell notebook (default the kit's own, llmfirst_kit/assets/study.ipynb)")
     cell_timeout_s: int = Field(0, description="papermill timeout of one notebook cell, 0 = none (default 0)")
+    exclude: Names = Field((), description="grid cells left out: shell-style patterns matched against cell ids, "
+                           "e.g. 'smollm2-135m@Q3_K_S--*' (default none)")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the cell notebook's parameters (every "
                                        "key that is not the runner's)")
 
@@ -185,7 +188,7 @@ class StudyFile(QualitySettings):
         return QualitySettings(**{k: getattr(self, k) for k in QUALITY_KEYS})
 
 
-RUNNER_KEYS = ("name", "output_dir", "notebook", *QUALITY_KEYS, "cell_timeout_s")  # the study file's own keys
+RUNNER_KEYS = ("name", "output_dir", "notebook", *QUALITY_KEYS, "cell_timeout_s", "exclude")  # the study file's own keys
 
 
 @dataclass
@@ -197,6 +200,7 @@ class StudySpec:
     quality: QualitySettings = field(default_factory=QualitySettings)
     cell_timeout_s: int = 0
     source: str | None = None
+    exclude: tuple[str, ...] = ()  # grid cells left out (shell-style patterns over cell ids)
 
     @property
     def baseline_preset(self) -> str:
@@ -213,7 +217,7 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "output_dir": str(self.output_dir), "notebook": str(self.notebook),
                 "parameters": self.parameters, **self.quality.model_dump(),
-                "cell_timeout_s": self.cell_timeout_s, "source": self.source}
+                "cell_timeout_s": self.cell_timeout_s, "exclude": list(self.exclude), "source": self.source}
 
 
 def accepted_study_keys() -> str:
@@ -268,7 +272,7 @@ def load_study(study: str | os.PathLike[str] | Mapping[str, Any], *, output_dir:
     parameters.setdefault("quantizations", [SHIPPED])
     return StudySpec(name=name, output_dir=Path(out).expanduser().resolve(),
                      notebook=notebook, parameters=parameters, quality=sf.quality(),
-                     cell_timeout_s=sf.cell_timeout_s, source=source)
+                     cell_timeout_s=sf.cell_timeout_s, source=source, exclude=tuple(sf.exclude))
 
 
 @dataclass(frozen=True)
@@ -314,10 +318,24 @@ def expand_grid(spec: StudySpec) -> list[GridCell]:
                     cells.append(GridCell(id=cid, model=model, quantization=quant, preset=preset,
                                           parameters=params, backend=p.get("backend", DEFAULT_BACKEND),
                                           load="" if one_at_a_time else level.key))
+    cells = _without_excluded(cells, spec.exclude)
     baseline = baseline_cell(spec, cells)
     if baseline is not None and baseline not in cells:
         cells.insert(0, baseline)  # first: its answers are what every other cell is judged against
     return cells
+
+
+def _without_excluded(cells: list[GridCell], patterns: Sequence[str]) -> list[GridCell]:
+    """The grid minus the cells an ``exclude`` pattern matches; a pattern matching no cell is an error (a typo
+    would otherwise run the cell it meant to leave out)."""
+    unused = [p for p in patterns if not any(fnmatchcase(c.id, p) for c in cells)]
+    if unused:
+        raise InvalidInput(f"exclude: {', '.join(map(repr, unused))} matches no grid cell; the cells are: "
+                           f"{', '.join(c.id for c in cells)}")
+    kept = [c for c in cells if not any(fnmatchcase(c.id, p) for p in patterns)]
+    if not kept:
+        raise InvalidInput("exclude leaves no grid cell; remove a pattern")
+    return kept
 
 
 def baseline_cell(spec: StudySpec, grid: list[GridCell]) -> GridCell | None:
