@@ -1,7 +1,7 @@
 """The front door and the rooms: README stays short with exactly its two set-up commands, the documentation site
 builds with ``mkdocs build --strict`` (a broken link, a missing page or an API reference that does not resolve
-fails it), and the package keeps its layer order (import-linter, ``.importlinter``), which a reversed order
-shows can fail."""
+fails it), and the package keeps its layer order (import-linter, ``.importlinter``) with no import cycle, each
+check shown to fail on a package that breaks it."""
 
 from __future__ import annotations
 
@@ -49,3 +49,28 @@ def test_the_layers_keep_their_order(tmp_path):
                                .replace("    llmfirst_kit.TMP\n", "    llmfirst_kit.backends\n"), encoding="utf-8")
     broken = _lint_imports(reversed_config)
     assert broken.returncode != 0 and "BROKEN" in broken.stdout
+
+
+def import_cycles(package: str) -> list[tuple[str, str]]:
+    """Pairs (A, B) where A imports B and B leads back to A, function-level imports included (``if
+    TYPE_CHECKING:`` imports excluded: never executed)."""
+    import grimp  # import-linter's graph builder
+
+    graph = grimp.build_graph(package, exclude_type_checking_imports=True)
+    return [(a, b) for a in sorted(graph.modules) for b in sorted(graph.find_modules_directly_imported_by(a))
+            if graph.chain_exists(importer=b, imported=a)]
+
+
+def test_no_module_imports_one_that_imports_it_back(tmp_path):
+    assert import_cycles("llmfirst_kit") == []
+    # the check can fail: a package whose two modules import each other inside functions
+    pkg = tmp_path / "cyclic"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from . import b\n")
+    (pkg / "b.py").write_text("def g():\n    from . import a\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert ("cyclic.a", "cyclic.b") in import_cycles("cyclic")
+    finally:
+        sys.path.remove(str(tmp_path))

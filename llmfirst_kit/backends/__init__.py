@@ -3,8 +3,8 @@ table of backends (names, typed arguments, capabilities)."""
 
 from __future__ import annotations
 
-from .base import Backend, CallRequest, Chunk, ModelCall
-from .registry import (BACKENDS, DEFAULT_BACKEND, Capabilities, backend_options, capabilities, check_options,
+from .base import Backend, CallRequest, Capabilities, Chunk, ModelCall
+from .registry import (BACKENDS, DEFAULT_BACKEND, backend_options, capabilities, check_options,
                        get_backend)
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "CallRequest", "Capabilities", "Chunk", "ModelCall",

@@ -19,13 +19,12 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator, ClassVar
 
 from ..errors import InvalidInput
 from ..records import CallRecord, new_id
+from .schema_guard import schema_problem as bounded_schema_problem
 
-if TYPE_CHECKING:
-    from .registry import Capabilities
 
 
 @dataclass
@@ -93,15 +92,23 @@ class Chunk:
     tokens: int | None = None  # output tokens this chunk carries, when the backend knows
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; read by the pipeline, the studies, the server and the benches."""
+
+    structured_output: bool  # JSON-schema constrained output (the pipeline's decisions, the judge)
+    cold_cache: bool  # honours cache="cold": evaluates the whole prompt again on request
+    local_model_files: bool  # models are files on this machine: sha256, NAME@TYPE variants, perplexity/KL
+    in_process: bool  # decodes in this process: shares its cores; a model load is paid by a call here
+    server_timings: bool  # the server reports its own timings (load, prompt eval, decode) per call
+    context_per_call: bool  # the context size (num_ctx) can be set per call
+    next_token_choice: bool  # a choice among options from next-token probabilities, one prefill, no decoding
+
+
 class Backend(ABC):
     name: str = ""  # its key in ``registry.REGISTRY``
 
-    @property
-    def capabilities(self) -> "Capabilities":
-        """What this backend can do (declared in the registry)."""
-        from .registry import capabilities
-
-        return capabilities(self.name)
+    capabilities: ClassVar[Capabilities]  # what it can do: its registry entry's (``registry.spec(name)``)
 
     def call(self, request: CallRequest, *, call_id: str | None = None) -> "ModelCall":
         return ModelCall(self, request, call_id=call_id)
@@ -147,9 +154,7 @@ class Backend(ABC):
         """Why this client's JSON schema cannot constrain ``model``'s output here, or None. The default runs the
         cheap, bounded checks every backend needs (:func:`~.schema_guard.schema_problem`); an engine that
         builds grammars adds its own."""
-        from .schema_guard import schema_problem
-
-        return schema_problem(schema)
+        return bounded_schema_problem(schema)
 
     def prompt_tokens(self, messages: list[dict[str, str]], model: str | None, n_ctx: int | None = None
                       ) -> int | None:

@@ -37,6 +37,7 @@ from ..errors import ContextOverflow, InvalidInput
 from ..models import DEFAULT_MODEL, REGISTRY, ResolvedModel, resolve
 from ..records import CallRecord
 from .base import Backend, CallRequest, Chunk
+from .registry import spec
 from .batching import BatchEngine, Sampling, Sequence
 from .schema_guard import MAX_GRAMMAR_CHARS, NO_FETCH, schema_problem
 
@@ -200,6 +201,7 @@ class EmbeddedBackend(Backend):
     """Stream from a GGUF model in-process (llama-cpp-python)."""
 
     name = "embedded"
+    capabilities = spec("embedded").capabilities
 
     def __init__(self, model: str | None = None, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
                  max_queue: int | None = None, parallel: int | None = None):

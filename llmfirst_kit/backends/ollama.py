@@ -28,6 +28,7 @@ from ..errors import BackendError, BackendUnavailable, KitError, UnknownModel
 from ..records import CallRecord
 from ._remote import RemoteBackend, StreamTally, connect_timeout_fix, httpx_timeout, read_timeout_fix
 from .base import CallRequest, Chunk
+from .registry import spec
 
 DEFAULT_OLLAMA_MODEL = "qwen2.5:0.5b"
 
@@ -64,6 +65,7 @@ class OllamaBackend(RemoteBackend):
     ``$LLMFIRST_CONNECT_TIMEOUT``, else 10). See :mod:`llmfirst_kit.backends._remote`."""
 
     name = "ollama"
+    capabilities = spec("ollama").capabilities
     cold_cache_refusal = ("Ollama has no per-request switch to evaluate a prompt without its KV cache; "
                           "use cache='reuse' with the ollama backend, or the embedded backend for cold runs")
 

@@ -36,6 +36,7 @@ from ..errors import BackendError, BackendUnavailable, InvalidInput, KitError, U
 from ..records import CallRecord
 from ._remote import RemoteBackend, StreamTally, connect_timeout_fix, read_timeout_fix, timeout_kind
 from .base import CallRequest, Chunk
+from .registry import spec
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # vLLM's default
 NO_KEY = "not-needed"  # local servers check no key, but the client insists on one
@@ -93,6 +94,7 @@ class OpenAIBackend(RemoteBackend):
     """
 
     name = "openai"
+    capabilities = spec("openai").capabilities
     cold_cache_refusal = ("the OpenAI API has no per-request switch to evaluate a prompt without the server's "
                           "prefix cache; use cache='reuse' with the openai backend, or the embedded backend for "
                           "cold runs")

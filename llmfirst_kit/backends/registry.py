@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import InvalidInput
 
-if TYPE_CHECKING:
-    from .base import Backend
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend can do; read by the pipeline, the studies, the server and the benches."""
-
-    structured_output: bool  # JSON-schema constrained output (the pipeline's decisions, the judge)
-    cold_cache: bool  # honours cache="cold": evaluates the whole prompt again on request
-    local_model_files: bool  # models are files on this machine: sha256, NAME@TYPE variants, perplexity/KL
-    in_process: bool  # decodes in this process: shares its cores; a model load is paid by a call here
-    server_timings: bool  # the server reports its own timings (load, prompt eval, decode) per call
-    context_per_call: bool  # the context size (num_ctx) can be set per call
-    next_token_choice: bool  # a choice among options from next-token probabilities, one prefill, no decoding
+from .base import Backend, Capabilities
 
 
 class _Options(BaseModel):
@@ -76,7 +62,7 @@ class BackendSpec:
     capabilities: Capabilities
     summary: str
 
-    def cls(self) -> type["Backend"]:
+    def cls(self) -> type[Backend]:
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -124,7 +110,7 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def get_backend(name: str = DEFAULT_BACKEND, **options: Any) -> "Backend":
+def get_backend(name: str = DEFAULT_BACKEND, **options: Any) -> Backend:
     """A backend by name: ``embedded`` (llama-cpp-python, the default), ``ollama`` or ``openai`` (any
     OpenAI-compatible server: vLLM, SGLang, llama-server, llama-cpp-python's server...)."""
     return spec(name).cls()(**check_options(name, options))

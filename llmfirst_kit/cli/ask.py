@@ -18,7 +18,7 @@ from ..pipeline import PRESET_NAMES, Pipeline
 from ..records import RunRecord
 from ..sinks.console import ConsoleSink
 from ..sinks.jsonl import RunLog
-from . import BAD_INPUT_CODES, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, POSITIVE, Command
+from .command import BAD_INPUT_CODES, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, POSITIVE, Command
 
 # the answer call's metrics at the top level of the --json object, and each stage's
 ANSWER_FIELDS = ("ttft_s", "e2e_s", "tpot_s", "output_tokens", "prompt_tokens", "tokens_per_s", "token_count_source",

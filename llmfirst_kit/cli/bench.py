@@ -11,7 +11,7 @@ import click
 
 from ..backends import BACKENDS, DEFAULT_BACKEND
 from ..models import DEFAULT_MODEL
-from . import EXIT_FAILED, EXIT_OK, POSITIVE, Group
+from .command import EXIT_FAILED, EXIT_OK, POSITIVE, Group
 
 JSON_HELP = "print one JSON object"
 REPEATS_HELP = ("run the whole benchmark N times: each headline figure's mean and 95 % interval across runs "

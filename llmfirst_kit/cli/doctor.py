@@ -7,7 +7,7 @@ import json
 import click
 
 from .. import engine
-from . import EXIT_OK, Command
+from .command import EXIT_OK, Command
 
 
 def engine_line(c: engine.EngineChoice) -> str:

@@ -10,7 +10,7 @@ import click
 
 from .. import engine
 from ..models import DEFAULT_MODEL, known_names, status
-from . import EXIT_OK, POSITIVE, Group
+from .command import EXIT_OK, POSITIVE, Group
 from .doctor import engine_line
 
 

@@ -7,7 +7,7 @@ import click
 
 from ..backends import BACKENDS, capabilities
 from ..models import DEFAULT_MODEL
-from . import EXIT_OK, POSITIVE, Command
+from .command import EXIT_OK, POSITIVE, Command
 
 # the backends a WebSocket run may be allowed to use besides the server's own: those that spend the operator's
 # server or key, i.e. not in this process

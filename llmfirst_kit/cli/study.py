@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import EXIT_FAILED, EXIT_OK, Group
+from .command import EXIT_FAILED, EXIT_OK, Group
 
 
 @click.group("study", cls=Group)
