@@ -3,9 +3,9 @@ table of backends (names, typed arguments, capabilities)."""
 
 from __future__ import annotations
 
-from .base import Backend, CallRequest, Capabilities, Chunk, ModelCall
+from .base import Backend, CallRequest, Capabilities, Chunk, LoadedModelInfo, ModelCall
 from .registry import (BACKENDS, DEFAULT_BACKEND, backend_options, capabilities, check_options,
                        get_backend)
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "CallRequest", "Capabilities", "Chunk", "ModelCall",
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "CallRequest", "Capabilities", "Chunk", "LoadedModelInfo", "ModelCall",
            "backend_options", "capabilities", "check_options", "get_backend"]

@@ -105,6 +105,20 @@ class Capabilities:
     next_token_choice: bool  # a choice among options from next-token probabilities, one prefill, no decoding
 
 
+@dataclass(frozen=True)
+class LoadedModelInfo:
+    """A model loaded in this process and its batch: what a server's ``/api/ps`` lists."""
+
+    name: str
+    path: str
+    sha256: str
+    metadata: dict[str, str]
+    n_ctx: int  # the most one call may hold
+    parallel: int  # sequences decoded at once
+    active: int  # sequences decoding now
+    waiting: int  # calls waiting for a sequence
+
+
 class Backend(ABC):
     name: str = ""  # its key in ``registry.REGISTRY``
 
@@ -169,6 +183,15 @@ class Backend(ABC):
     def grammars_built(self) -> int:
         """How many JSON-schema grammars this backend has built so far (first-run costs); 0 if it builds none."""
         return 0
+
+    def loaded(self) -> list[LoadedModelInfo]:
+        """The models this backend holds in this process's memory (a server's /api/ps); none when its models
+        are elsewhere."""
+        return []
+
+    def model_metadata(self, model: str) -> dict[str, str]:
+        """The model file's key-value metadata (GGUF keys), or {} when only a server has the file."""
+        return {}
 
 
 class ModelCall:

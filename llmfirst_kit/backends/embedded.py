@@ -36,7 +36,7 @@ from ..engine import default_threads
 from ..errors import ContextOverflow, InvalidInput
 from ..models import DEFAULT_MODEL, REGISTRY, ResolvedModel, resolve
 from ..records import CallRecord
-from .base import Backend, CallRequest, Chunk
+from .base import Backend, CallRequest, Chunk, LoadedModelInfo
 from .registry import spec
 from .batching import BatchEngine, Sampling, Sequence
 from .schema_guard import MAX_GRAMMAR_CHARS, NO_FETCH, schema_problem
@@ -241,6 +241,23 @@ class EmbeddedBackend(Backend):
 
     def grammars_built(self) -> int:
         return len(_GRAMMARS)
+
+    def loaded(self) -> list[LoadedModelInfo]:
+        return [LoadedModelInfo(name=lm.resolved.name, path=str(lm.resolved.path), sha256=lm.resolved.sha256,
+                                metadata=dict(lm.llm.metadata), n_ctx=lm.n_ctx, parallel=lm.parallel,
+                                active=lm.engine.active, waiting=lm.engine.waiting) for lm in loaded_models()]
+
+    def model_metadata(self, model: str) -> dict[str, str]:
+        """From the loaded model, else a vocab-only load (no weights read)."""
+        name = resolve(model).name
+        for lm in loaded_models():
+            if lm.resolved.name == name:
+                return dict(lm.llm.metadata)
+        llm = engine.new_llama(str(resolve(model).path), vocab_only=True)
+        try:
+            return dict(llm.metadata)
+        finally:
+            llm.close()
 
     def structured_output_problem(self, model: str | None) -> str | None:
         resolved = resolve(model or self.default_model)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
@@ -44,7 +45,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..backends.embedded import loaded_models
+from ..backends import Backend
 from ..errors import KitError
 from ..models import REGISTRY, known_names, status as model_status
 from ..records import CallRecord
@@ -210,8 +211,6 @@ def _details(name: str, metadata: dict[str, str] | None = None) -> dict[str, Any
 
 
 def _modified_at(path: str | None) -> str | None:
-    import os
-
     if not path or not os.path.exists(path):
         return None
     return datetime.fromtimestamp(os.path.getmtime(path), timezone.utc).isoformat().replace("+00:00", "Z")
@@ -230,40 +229,23 @@ def list_models() -> list[dict[str, Any]]:
     return out
 
 
-def running_models() -> list[dict[str, Any]]:
+def running_models(backend: Backend) -> list[dict[str, Any]]:
     """``/api/ps``: every loaded model (one row per context size), with its batch: ``parallel`` sequences decoded
     at once (Ollama's OLLAMA_NUM_PARALLEL), how many are decoding and how many calls wait."""
-    out = []
-    for lm in loaded_models():
-        name = lm.resolved.name
-        if name not in REGISTRY:
-            continue
-        out.append({"name": name + TAG, "model": name + TAG, "size": lm.resolved.path.stat().st_size,
-                    "digest": lm.resolved.sha256, "details": _details(name, lm.llm.metadata),
-                    "size_vram": 0, "context_length": lm.n_ctx, "parallel": lm.parallel,
-                    "active": lm.engine.active, "waiting": lm.engine.waiting})
-    return out
+    return [{"name": m.name + TAG, "model": m.name + TAG, "size": os.path.getsize(m.path), "digest": m.sha256,
+             "details": _details(m.name, m.metadata), "size_vram": 0, "context_length": m.n_ctx,
+             "parallel": m.parallel, "active": m.active, "waiting": m.waiting}
+            for m in backend.loaded() if m.name in REGISTRY]
 
 
 _METADATA: dict[str, dict[str, str]] = {}
 
 
-def model_metadata(name: str) -> dict[str, str]:
-    """The GGUF's key-value metadata (from the loaded model, else a vocab-only load: no weights)."""
-    if name in _METADATA:
-        return _METADATA[name]
-    loaded = [lm for lm in loaded_models() if lm.resolved.name == name]
-    if loaded:
-        meta = dict(loaded[0].llm.metadata)
-    else:
-        from ..engine import new_llama
-        from ..models import resolve
-
-        llm = new_llama(str(resolve(name).path), vocab_only=True)
-        meta = dict(llm.metadata)
-        llm.close()
-    _METADATA[name] = meta
-    return meta
+def model_metadata(backend: Backend, name: str) -> dict[str, str]:
+    """The GGUF's key-value metadata, read once per process."""
+    if name not in _METADATA:
+        _METADATA[name] = backend.model_metadata(name)
+    return _METADATA[name]
 
 
 def _typed(value: str) -> Any:
@@ -273,8 +255,8 @@ def _typed(value: str) -> Any:
     return value
 
 
-def show_model(name: str) -> dict[str, Any]:
-    meta = model_metadata(name)
+def show_model(backend: Backend, name: str) -> dict[str, Any]:
+    meta = model_metadata(backend, name)
     spec = REGISTRY[name]
     params = "\n".join(f"{k} {v}" for k, v in OLLAMA_DEFAULTS.items())
     info = {k: _typed(v) for k, v in meta.items() if not k.startswith("tokenizer.chat_template")}
@@ -406,8 +388,8 @@ async def tags() -> JSONResponse:
 
 
 @router.get("/ps", responses=_doc_responses(PsBody), summary="Models loaded in memory")
-async def ps() -> JSONResponse:
-    return JSONResponse({"models": running_models()})
+async def ps(request: Request) -> JSONResponse:
+    return JSONResponse({"models": running_models(backend_of(request))})
 
 
 @router.post("/show", responses=_doc_responses(ShowBody), openapi_extra=openapi_body(ShowRequestBody),
@@ -417,7 +399,7 @@ async def show(request: Request) -> JSONResponse:
     given = body.model or body.name
     if not given:
         raise ApiError(400, "the body has no 'model'; send {\"model\": \"<name>\"}")
-    return JSONResponse(await asyncio.to_thread(show_model, registry_model(given)))
+    return JSONResponse(await asyncio.to_thread(show_model, backend_of(request), registry_model(given)))
 
 
 @router.post("/generate", responses=_doc_responses(GenerateChunk, stream=True),
