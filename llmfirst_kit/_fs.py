@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from .settings import settings
+
 
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of one: a
@@ -53,6 +55,6 @@ def utc_now() -> str:
 def cache_dir() -> Path:
     """The kit's cache (``$LLMFIRST_CACHE``, default ``~/.cache/llmfirst_kit``): model files, engine verdicts,
     calibration priors."""
-    root = Path(os.environ.get("LLMFIRST_CACHE") or Path.home() / ".cache" / "llmfirst_kit")
+    root = settings().cache.expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root

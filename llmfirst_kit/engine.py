@@ -41,13 +41,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._fs import atomic_write, file_lock, utc_now
-from .errors import InvalidInput
+from .settings import settings
 
 PROBE_CHILD = "llmfirst_kit.models.probe"  # the child's module (it resolves the model's file, then probe_child)
 PROBE_MODEL = "smollm2-135m"  # the smallest shipped model: the probe costs about a second of loading
 PROBE_TOKENS = 8
 PROBE_TIMEOUT_S = 180.0
-MODES = ("auto", "safe", "fast")
 # The probe's fault injection: set in a test's environment, the probe child kills itself with SIGSEGV right
 # after loading with extra buffers on, as the AMX path does on the machines it crashes on.
 FAKE_CRASH_ENV = "LLMFIRST_ENGINE_PROBE_FAKE_CRASH"
@@ -144,9 +143,7 @@ def choice(*, refresh: bool = False) -> EngineChoice:
 
 
 def _decide(*, refresh: bool) -> EngineChoice:
-    mode = (os.environ.get("LLMFIRST_ENGINE") or "auto").strip().lower()
-    if mode not in MODES:
-        raise InvalidInput(f"LLMFIRST_ENGINE={mode!r}; accepted: {', '.join(MODES)} (auto probes the machine)")
+    mode = settings().engine
     model, flags = _cpu()
     version, features = _build()
     amx = any(f.startswith("amx") for f in flags)

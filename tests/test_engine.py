@@ -66,7 +66,7 @@ def test_operator_overrides_and_a_bad_value(fresh_engine, monkeypatch):
     monkeypatch.setenv("LLMFIRST_ENGINE", "fast")
     assert engine.choice(refresh=True).use_extra_bufts is True
     monkeypatch.setenv("LLMFIRST_ENGINE", "turbo")
-    with pytest.raises(InvalidInput, match="accepted: auto, safe, fast"):
+    with pytest.raises(InvalidInput, match="LLMFIRST_ENGINE=.turbo. is not one of: auto, safe, fast"):
         engine.choice(refresh=True)
 
 

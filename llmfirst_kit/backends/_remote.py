@@ -4,20 +4,19 @@ stream-translate-close skeleton of a call, no cold cache) and how long they wait
 Without limits, a server that accepts the connection and never answers (hung, overloaded, a wrong port
 that happens to accept) blocks the call forever. Both clients get:
 
-- a connect timeout (:data:`DEFAULT_CONNECT_TIMEOUT_S`): how long to wait for the TCP connection;
-- a read timeout (:data:`DEFAULT_READ_TIMEOUT_S`): the longest wait for the server's next bytes -- before the
+- a connect timeout (10 s by default): how long to wait for the TCP connection;
+- a read timeout (300 s: a cold load of a large model on a CPU, plus a long prompt, stays under it): the longest wait for the server's next bytes -- before the
   first token (the server may be loading a large model and evaluating a long prompt) and between tokens;
   it is not a limit on the whole answer, which may stream for as long as tokens keep coming.
 
 Each is set per backend (``timeout=`` / ``connect_timeout=``) or for every backend in the process by
-``LLMFIRST_READ_TIMEOUT`` / ``LLMFIRST_CONNECT_TIMEOUT`` (seconds; 0: no limit).
+``LLMFIRST_READ_TIMEOUT`` / ``LLMFIRST_CONNECT_TIMEOUT`` (seconds; 0: no limit; :class:`~llmfirst_kit.settings.Settings`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -27,26 +26,17 @@ import httpx
 
 from ..errors import InvalidInput, KitError
 from ..records import CallRecord
+from ..settings import settings
 from .base import Backend, CallRequest, Chunk
 
-DEFAULT_CONNECT_TIMEOUT_S = 10.0
-DEFAULT_READ_TIMEOUT_S = 300.0  # a cold load of a large model on a CPU, plus a long prompt, stays under this
 READ_TIMEOUT_ENV = "LLMFIRST_READ_TIMEOUT"
 CONNECT_TIMEOUT_ENV = "LLMFIRST_CONNECT_TIMEOUT"
 
 
-def _seconds(given: float | None, env: str, default: float) -> float | None:
-    """``given``, else the environment variable, else the default; 0 means no limit (None)."""
+def _seconds(given: float | None, from_env: float) -> float | None:
+    """``given``, else the environment's value (``Settings``); 0 means no limit (None)."""
     if given is None:
-        raw = os.environ.get(env, "").strip()
-        if not raw:
-            given = default
-        else:
-            try:
-                given = float(raw)
-            except ValueError:
-                raise InvalidInput(f"{env}={raw!r} is not a number of seconds; set it to e.g. {default:g} "
-                                   f"(0: no limit), or unset it") from None
+        given = from_env
     if given < 0:
         raise InvalidInput(f"a timeout cannot be negative ({given}); give seconds, or 0 for no limit")
     return given or None
@@ -54,8 +44,8 @@ def _seconds(given: float | None, env: str, default: float) -> float | None:
 
 def timeouts(read: float | None, connect: float | None) -> tuple[float | None, float | None]:
     """The (read, connect) timeouts in seconds for a backend's arguments; None: no limit."""
-    return (_seconds(read, READ_TIMEOUT_ENV, DEFAULT_READ_TIMEOUT_S),
-            _seconds(connect, CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S))
+    env = settings()
+    return _seconds(read, env.read_timeout), _seconds(connect, env.connect_timeout)
 
 
 def httpx_timeout(read: float | None, connect: float | None) -> httpx.Timeout:

@@ -36,41 +36,14 @@ from ..engine import default_threads
 from ..errors import ContextOverflow, InvalidInput
 from ..models import DEFAULT_MODEL, REGISTRY, ResolvedModel, resolve
 from ..records import CallRecord
+from ..settings import settings
 from .base import Backend, CallRequest, Chunk, LoadedModelInfo
 from .registry import spec
 from .batching import BatchEngine, Sampling, Sequence
 from .schema_guard import MAX_GRAMMAR_CHARS, NO_FETCH, schema_problem
 
 DEFAULT_N_CTX = 4096
-DEFAULT_MAX_QUEUE = 64  # calls that may wait for one model (Ollama's OLLAMA_MAX_QUEUE is alike, 512 by default)
-MAX_QUEUE_ENV = "LLMFIRST_MAX_QUEUE"
-
-
-# Sequences decoded together per model (llama.cpp server's --parallel, Ollama's OLLAMA_NUM_PARALLEL), chosen by
-# measurement on 2-core machines: at 8 a step can pass the paper's 100 ms (reports/benchmarks-2026-12.md).
-DEFAULT_PARALLEL = 4
-PARALLEL_ENV = "LLMFIRST_PARALLEL"
 KV_CELLS_PER_SEQUENCE = 1024  # the shared KV cache holds max(n_ctx, this x parallel) cells
-
-
-def _whole_number_from_env(name: str, default: int, what: str, minimum: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or int(raw) < minimum:
-        raise InvalidInput(f"{name}={raw!r} is not a whole number of at least {minimum}; set it to {what} "
-                           f"(e.g. {default}), or unset it")
-    return int(raw)
-
-
-def max_queue_from_env() -> int:
-    """The queue cap from LLMFIRST_MAX_QUEUE, else DEFAULT_MAX_QUEUE."""
-    return _whole_number_from_env(MAX_QUEUE_ENV, DEFAULT_MAX_QUEUE, "how many calls may wait for a model", 0)
-
-
-def parallel_from_env() -> int:
-    """Sequences decoded at once per model, from LLMFIRST_PARALLEL, else DEFAULT_PARALLEL."""
-    return _whole_number_from_env(PARALLEL_ENV, DEFAULT_PARALLEL, "how many calls a model decodes at once", 1)
 
 
 @dataclass
@@ -153,7 +126,7 @@ def load_model(name_or_path: str | None, *, n_ctx: int = DEFAULT_N_CTX, n_thread
 
     resolved = resolve(name_or_path)
     n_threads = n_threads or default_threads()
-    parallel = parallel or parallel_from_env()
+    parallel = parallel or settings().parallel
     key = (str(resolved.path), n_ctx, n_threads, parallel)
     with _LOAD_LOCK:
         if key in _LOADED:
@@ -211,10 +184,10 @@ class EmbeddedBackend(Backend):
         self.default_model = model or DEFAULT_MODEL
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
-        self.max_queue = max_queue_from_env() if max_queue is None else max_queue
+        self.max_queue = settings().max_queue if max_queue is None else max_queue
         if self.max_queue < 0:
             raise InvalidInput(f"max_queue must be 0 or more, got {self.max_queue}")
-        self.parallel = parallel_from_env() if parallel is None else parallel
+        self.parallel = settings().parallel if parallel is None else parallel
         if not isinstance(self.parallel, int) or self.parallel < 1:
             raise InvalidInput(f"parallel must be a whole number of at least 1, got {self.parallel!r}")
 

@@ -1,9 +1,10 @@
-"""The server's settings: one pydantic-settings model, read from keyword arguments and ``LLMFIRST_*``
-environment variables (a keyword argument wins over the environment).
+"""The server's settings: the kit's :class:`~llmfirst_kit.settings.Settings` (``parallel``, ``max_queue``, ...)
+and what only a server has, read from keyword arguments and ``LLMFIRST_*`` environment variables (a keyword
+argument wins over the environment).
 
 Every field has an environment variable, ``LLMFIRST_`` + the field name in capitals: ``LLMFIRST_TOKEN``,
-``LLMFIRST_MAX_QUEUE`` (both read before this model existed, and still), ``LLMFIRST_N_THREADS``,
-``LLMFIRST_IDLE_TIMEOUT_S`` (``none``: never)... Lists take commas: ``LLMFIRST_ALLOWED_BACKENDS=embedded,ollama``.
+``LLMFIRST_MAX_QUEUE``, ``LLMFIRST_N_THREADS``, ``LLMFIRST_IDLE_TIMEOUT_S`` (``none``: never)... Lists take
+commas: ``LLMFIRST_ALLOWED_BACKENDS=embedded,ollama``.
 A value that does not fit is refused with :class:`~llmfirst_kit.errors.InvalidInput` naming the variable (or
 argument) and what the field accepts.
 """
@@ -11,27 +12,25 @@ argument) and what the field accepts.
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from ..backends.registry import DEFAULT_BACKEND
-from ..errors import InvalidInput
+from ..settings import ENV_PREFIX, Settings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-ENV_PREFIX = "LLMFIRST_"
 TOKEN_ENV = ENV_PREFIX + "TOKEN"
 
 Names = Annotated[tuple[str, ...], NoDecode]  # from the environment: comma-separated (or a JSON list)
 
 
-class ServerConfig(BaseSettings):
+class ServerConfig(Settings):
     """What an operator can set. The defaults suit one researcher's machine."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_parse_none_str="none")
+    model_config = SettingsConfigDict(frozen=True)
 
     token: str | None = Field(None, repr=False,
                               description="required off loopback; checked on every request when set")
@@ -54,10 +53,6 @@ class ServerConfig(BaseSettings):
     preload: Names = Field((), description="embedded models to load at start-up, registry names (comma-separated)")
     n_threads: int | None = Field(None, description="decoding threads of the embedded models, an integer "
                                                     "(unset: all cores)")
-    max_queue: int | None = Field(None, ge=0, description="calls that may wait per model, a whole number (e.g. 64; "
-                                                          "unset: 64); one more is refused with 503")
-    parallel: int | None = Field(None, ge=1, description="calls each embedded model decodes at once, a whole number "
-                                                         "(unset: $LLMFIRST_PARALLEL, else 4)")
     # backends a WebSocket run may pick: ollama and openai spend the operator's server or key (OPENAI_API_KEY)
     allowed_backends: Names = Field((DEFAULT_BACKEND,), description="backends a WebSocket run may pick "
                                                                "(comma-separated, e.g. embedded,ollama)")
@@ -70,12 +65,6 @@ class ServerConfig(BaseSettings):
     idle_timeout_s: float | None = Field(300.0, description="seconds before a WebSocket with no message and no run "
                                                             "is closed, a number (none: never)")
 
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            raise InvalidInput(describe_settings_error(exc, values)) from None
-
     @field_validator("allowed_origins", "preload", "allowed_backends", mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
@@ -86,25 +75,3 @@ class ServerConfig(BaseSettings):
             return tuple(part.strip() for part in text.split(",") if part.strip())
         return value
 
-
-def env_name(field: str) -> str:
-    return ENV_PREFIX + field.upper()
-
-
-def describe_settings_error(exc: ValidationError, given: dict[str, Any]) -> str:
-    """A settings error as lines naming where the value came from (argument or environment variable) and
-    what the field accepts."""
-    fields = ServerConfig.model_fields
-    parts = []
-    for err in exc.errors()[:3]:
-        name = str(err["loc"][0]) if err["loc"] else ""
-        if name not in fields:
-            parts.append(f"unknown setting {name!r}; ServerConfig takes: {', '.join(fields)}")
-            continue
-        env = env_name(name)
-        if name not in given and env in os.environ:
-            source = f"{env}={os.environ[env]!r}"
-        else:
-            source = f"{name}={err.get('input')!r}"
-        parts.append(f"{source} is not accepted ({err['msg']}); {name}: {fields[name].description}")
-    return "server settings: " + "; ".join(parts)

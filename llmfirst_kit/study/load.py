@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
+from ..settings import DEFAULT_PARALLEL
+
 CLOSED, OPEN = "concurrency", "rate"
 NOT_DECIDED, NONE = "not decided", "none"
 
@@ -60,8 +62,6 @@ def parse_key(key: str | None) -> LoadLevel:
 def engine_parallel(parameters: Mapping[str, Any]) -> int:
     """Sequences the embedded engine decodes at once in every cell of a study: ``parallel``, or (0) the largest
     concurrency level and at least the engine's default, so that all levels run on one deployment."""
-    from ..backends.embedded import DEFAULT_PARALLEL
-
     return int(parameters.get("parallel") or max([DEFAULT_PARALLEL, *parameters.get("concurrency", [1])]))
 
 
