@@ -17,7 +17,7 @@ from llmfirst_kit.events import Decision, Error, RunEnd, StageEnd, StageStart, T
 from llmfirst_kit.compliance import Transcript, decision_compliance, sink_compliance
 from llmfirst_kit.metrics import kit_overhead_s, run_metrics, user_ttft_s
 from llmfirst_kit.pipeline import (PRESETS, STRATEGIES, STRATEGY_SCHEMA, SYSTEM_PROMPT, Pipeline, Stage, preset,
-                                   strategy_stage, with_model)
+                                   strategy_stage, structured_retry, with_model)
 from llmfirst_kit.pipeline import calibration
 from llmfirst_kit.pipeline.calibration import calibration_queries, forget_priors
 from llmfirst_kit.sinks.console import ConsoleSink
@@ -248,6 +248,11 @@ async def test_invalid_structured_output_is_retried_once_then_undecided(backend)
     rec, events = await collect(pipe)
     names = [s.name for s in rec.stages]
     assert names[:2] == ["strategy", "strategy.retry"]
+    # the retry is the one structured-output retry: the invalid reply sent back as the model's turn, then what was
+    # wrong (a kit prompt: a model that echoes it shows kit text)
+    retry = structured_retry([{"role": "user", "content": "q"}], rec.stages[0].call.text, "x")
+    assert [m["role"] for m in retry] == ["user", "assistant", "user"] and retry[1]["content"] == rec.stages[0].call.text
+    assert any(p.startswith("Your reply was not valid (not JSON") for p in rec.kit_prompts)
     decision = rec.decisions["strategy"]
     assert decision.status == "undecided" and decision.source == "kit default" and decision.cut_by_limit
     assert decision.value is None and decision.used == pipe.default_strategy and decision.problem

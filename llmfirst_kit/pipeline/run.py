@@ -327,8 +327,7 @@ class Run:
         value, problem = parse_structured(text, stage.schema)
         cut = self.record.stages[-1].call.finish_reason == "length"  # the token limit, not the model, ended it
         if problem is not None:  # ask the model once more, telling it what was wrong
-            note += f"\nYour previous reply was not valid ({problem}). Reply again with JSON only."
-            text, call_id = await self._call(stage, emit, f"{stage.name}.retry", note=note)
+            text, call_id = await self._call(stage, emit, f"{stage.name}.retry", note=note, retry_of=(text, problem))
             value, problem = parse_structured(text, stage.schema)
             cut = cut or self.record.stages[-1].call.finish_reason == "length"
         status = "decided" if problem is None else "undecided"
@@ -426,11 +425,16 @@ class Run:
                                 "budgets": {s.name: self._budget(s) for s in runs if not s.schema}}
 
     async def _call(self, stage: Stage, emit: Callable[[Event], None], record_name: str,
-                    note: str = "") -> tuple[str, str]:
+                    note: str = "", retry_of: tuple[str, str] | None = None) -> tuple[str, str]:
+        """One call of ``stage``; ``retry_of``: (its invalid reply, what was wrong), sent back once."""
         pipe, rec = self.pipeline, self.record
         choice = self._as_choice(stage)
         tokens = self._budget(stage)
-        request = CallRequest(messages=self._messages(stage, note, tokens), model=stage.model or pipe.model,
+        messages = self._messages(stage, note, tokens)
+        if retry_of is not None:
+            messages = structured_retry(messages, *retry_of)
+            self._kit_wrote(messages[-1]["content"])
+        request = CallRequest(messages=messages, model=stage.model or pipe.model,
                               max_tokens=tokens, temperature=pipe.temperature, seed=pipe.seed,
                               json_schema=None if choice else stage.schema,
                               choices=list(stage.choices) if choice else None, cache=pipe.cache)
@@ -469,6 +473,13 @@ def _label(name: str, rewritten: tuple[str, ...] = ()) -> str:
     return "User query (rewritten)" if name in rewritten else name.capitalize()
 
 
+def structured_retry(messages: list[dict[str, str]], reply: str, problem: str) -> list[dict[str, str]]:
+    """The one structured-output retry (the pipeline's decisions, the judge's verdict elsewhere than embedded):
+    the invalid reply stays in the conversation as the model's turn, and a user turn says what was wrong."""
+    return [*messages, {"role": "assistant", "content": reply},
+            {"role": "user", "content": f"Your reply was not valid ({problem}). Reply again with JSON only."}]
+
+
 def parse_structured(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
     """The model's JSON and None, or None and what was wrong with it."""
     try:
@@ -488,4 +499,4 @@ def _validator(schema_json: str) -> Callable[[Any], Any]:
     return fastjsonschema.compile(json.loads(schema_json))
 
 
-__all__ = ["Pipeline", "Run", "parse_structured"]
+__all__ = ["Pipeline", "Run", "parse_structured", "structured_retry"]

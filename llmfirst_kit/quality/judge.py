@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..backends import Backend, CallRequest
-from ..pipeline import parse_structured
+from ..pipeline import parse_structured, structured_retry
 
 VERDICTS = ("A", "B", "tie")
 # the judge's reply: its reasons first, so the verdict follows them (structured output where a backend cannot
@@ -235,9 +235,7 @@ class PairwiseJudge:
             if problem is None:
                 return Verdict(value["better"], str(value["reasons"]).strip(), "decided", None, records,
                                "structured output")
-            ask = messages + [{"role": "assistant", "content": rec.text},
-                              {"role": "user", "content": f"Your reply was not valid ({problem}). Reply again with "
-                                                          f"JSON only."}]
+            ask = structured_retry(messages, rec.text, problem)
         return Verdict(None, None, "undecided", problem, records, "structured output",
                        reasons_cut=records[-1].finish_reason == "length")
 
