@@ -3,15 +3,19 @@
 Records hold raw observations only (monotonic ``time.perf_counter_ns()`` stamps, texts, token counts as
 the backend reported them). Every derived figure (TTFT, TPOT, ...) is computed from them in
 ``llmfirst_kit.metrics``; nothing here does arithmetic on time.
+
+They are pydantic models: typed, checked when built or read back (``from_dict``), written as JSON
+(``to_dict``); fields a later version adds are ignored when an older kit reads its log. Assignment is not
+validated: a call's record is filled in as its tokens stream.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 def new_id(prefix: str) -> str:
@@ -22,8 +26,20 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-@dataclass
-class CallRecord:
+class Record(BaseModel):
+    """What every record shares: a plain-JSON form and back."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls.model_validate(data)
+
+
+class CallRecord(Record):
     """One streamed model call, as observed by the client.
 
     ``start_ns`` is taken just before the backend call is issued (after prompt building).
@@ -35,12 +51,12 @@ class CallRecord:
     call_id: str
     backend: str
     model: str
-    params: dict[str, Any] = field(default_factory=dict)
-    started_at: str = field(default_factory=utc_now)
+    params: dict[str, Any] = Field(default_factory=dict)
+    started_at: str = Field(default_factory=utc_now)
     start_ns: int = 0
     end_ns: int = 0  # when the call returned (after its final statistics)
-    chunk_ns: list[int] = field(default_factory=list)
-    chunk_tokens: list[int] = field(default_factory=list)
+    chunk_ns: list[int] = Field(default_factory=list)
+    chunk_tokens: list[int] = Field(default_factory=list)
     text: str = ""
     prompt_tokens: int | None = None
     output_tokens: int | None = None
@@ -50,34 +66,24 @@ class CallRecord:
     error: str | None = None
     load_s: float | None = None  # model load paid by this call (embedded load or Ollama load_duration)
     cold_load: bool = False
-    server: dict[str, Any] = field(default_factory=dict)  # server-side timings in ns, as the server gave them
+    server: dict[str, Any] = Field(default_factory=dict)  # server-side timings in ns, as the server gave them
     # a server's own per-request timings beside the client's clock (llama-server's ``timings``, cached prompt
     # tokens from OpenAI ``usage``): {"source": ..., "raw": {...as sent}, normalised fields}; None: none sent
     server_timings: dict[str, Any] | None = None
-    model_info: dict[str, Any] = field(default_factory=dict)
+    model_info: dict[str, Any] = Field(default_factory=dict)
     choice: dict[str, Any] | None = None  # a choice call: options, their probabilities, the one chosen
     run_id: str | None = None  # the pipeline run this call belongs to (None: a call on its own)
     warmup: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CallRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-@dataclass
-class StageRecord:
+class StageRecord(Record):
     name: str
     visible: bool
     call: CallRecord
     wait_ns: int = 0  # run start -> this stage's request start
 
 
-@dataclass
-class DecisionRecord:
+class DecisionRecord(Record):
     """One decision of a run: what the model chose and what the run went on with.
 
     ``value`` is the model's structured output (None: undecided); ``used`` is what the run acted on: the
@@ -110,34 +116,25 @@ class DecisionRecord:
     def by_model(self) -> bool:
         return self.status == "decided" and self.source == "model"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DecisionRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-@dataclass
-class RunRecord:
+class RunRecord(Record):
     """One pipeline run: its stages (each one model call), its decisions and the kit prompts it sent. What a
     person saw is each sink's own record (``compliance.Transcript``)."""
 
     run_id: str
     preset: str
     query: str
-    started_at: str = field(default_factory=utc_now)
+    started_at: str = Field(default_factory=utc_now)
     start_ns: int = 0
     end_ns: int = 0
     status: str = "running"  # running | ok | cancelled | error
     error: str | None = None
-    stages: list[StageRecord] = field(default_factory=list)
-    decisions: dict[str, DecisionRecord] = field(default_factory=dict)  # by name: strategy, quality, ...
-    kit_prompts: list[str] = field(default_factory=list)  # the kit-written prompt texts sent (prompt-echo check)
+    stages: list[StageRecord] = Field(default_factory=list)
+    decisions: dict[str, DecisionRecord] = Field(default_factory=dict)  # by name: strategy, quality, ...
+    kit_prompts: list[str] = Field(default_factory=list)  # the kit-written prompt texts sent (prompt-echo check)
     quality: dict[str, Any] | None = None
-    labels: dict[str, Any] = field(default_factory=dict)  # study parameters: model, quantization, repeat...
-    environment: dict[str, Any] = field(default_factory=dict)  # CPU, the embedded engine's configuration
+    labels: dict[str, Any] = Field(default_factory=dict)  # study parameters: model, quantization, repeat...
+    environment: dict[str, Any] = Field(default_factory=dict)  # CPU, the embedded engine's configuration
     warmup: bool = False
 
     def answer_call(self, *, or_last: bool = False) -> CallRecord | None:
@@ -148,18 +145,3 @@ class RunRecord:
         if visible:
             return visible[-1].call
         return self.stages[-1].call if or_last and self.stages else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
-        data = dict(data)
-        data["stages"] = [
-            StageRecord(name=s["name"], visible=s["visible"], call=CallRecord.from_dict(s["call"]),
-                        wait_ns=s.get("wait_ns", 0))
-            for s in data.get("stages", [])
-        ]
-        data["decisions"] = {name: DecisionRecord.from_dict(d) for name, d in (data.get("decisions") or {}).items()}
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})

@@ -155,8 +155,8 @@ def two_stage_run() -> RunRecord:
     return RunRecord(
         run_id="run-1", preset="route+answer", query="capital of France?", start_ns=T0,
         end_ns=T0 + 1300 * MS, status="ok",
-        stages=[StageRecord("route", False, route, wait_ns=10 * MS),
-                StageRecord("answer", True, answer, wait_ns=350 * MS)],
+        stages=[StageRecord(name="route", visible=False, call=route, wait_ns=10 * MS),
+                StageRecord(name="answer", visible=True, call=answer, wait_ns=350 * MS)],
     )
 
 
@@ -188,10 +188,11 @@ def test_kit_overhead_of_overlapping_stages_is_zero():
     b = call(start_ns=T0 + 200 * MS, chunks_ms=(100, 600), end_ms=700, call_id="b")  # 200..900 ms
     c = call(start_ns=T0 + 1000 * MS, chunks_ms=(50,), end_ms=60, call_id="c")  # 1000..1060 ms
     cascade = RunRecord(run_id="r", preset="cascade", query="q", start_ns=T0,
-                        stages=[StageRecord("a", True, a), StageRecord("b", True, b)])
+                        stages=[StageRecord(name="a", visible=True, call=a),
+                                StageRecord(name="b", visible=True, call=b)])
     assert m.kit_overhead_s(cascade) == 0.0
     # c follows both: only the gap after the later end (900 ms) counts
-    cascade.stages.append(StageRecord("c", True, c))
+    cascade.stages.append(StageRecord(name="c", visible=True, call=c))
     assert m.kit_overhead_s(cascade) == pytest.approx(0.100)
 
 
@@ -199,7 +200,8 @@ def test_kit_overhead_falls_back_to_last_chunk_without_end_ns():
     a = call(start_ns=T0, chunks_ms=(100, 200), call_id="a")  # end_ns unknown (0)
     b = call(start_ns=T0 + 230 * MS, chunks_ms=(100,), call_id="b")
     run = RunRecord(run_id="r", preset="p", query="q", start_ns=T0,
-                    stages=[StageRecord("a", False, a), StageRecord("b", True, b)])
+                    stages=[StageRecord(name="a", visible=False, call=a),
+                            StageRecord(name="b", visible=True, call=b)])
     assert m.kit_overhead_s(run) == pytest.approx(0.030)
 
 

@@ -300,7 +300,7 @@ class CallResponse(Response):
         bodies' content against the call's output (an extra key; clients of both APIs ignore keys they do not
         know). The client wrote the prompt, so nothing the model repeats of it is the kit's."""
         run = RunRecord(run_id=self.call.record.call_id, preset="api", query="",
-                        stages=[StageRecord("answer", True, self.call.record)])
+                        stages=[StageRecord(name="answer", visible=True, call=self.call.record)])
         report = sink_compliance(run, self.transcript)
         return {**obj, "llmfirst": {"compliance": report.compliance, "sink": report.to_dict()}}
 

@@ -9,7 +9,6 @@ out of the latency figures (:func:`latency_view`).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -144,4 +143,4 @@ def latency_view(rec: RunRecord) -> RunRecord:
     review is part of the flow (it decides the revision the user waits for) and stays."""
     if parse_preset(rec.preset).revise:
         return rec
-    return dataclasses.replace(rec, stages=[s for s in rec.stages if s.name not in JUDGE_STAGES])
+    return rec.model_copy(update={"stages": [s for s in rec.stages if s.name not in JUDGE_STAGES]})
