@@ -71,8 +71,8 @@ class Stage:
     revision runs when the judge decided ``revise``; an undecided review revises nothing).
     ``overlap`` starts the stage without waiting for it, so the next stage runs at the same time.
     ``query_first`` lays the prompt out as system prompt, then one user turn with the user's query first and the
-    task after it: stages laid out so share their prompt prefix, which the KV cache keeps (the decision's
-    prefill is mostly the answer's).
+    task after it: stages laid out so share their prompt prefix, which the KV cache keeps (the staged flow's
+    decision, analysis and reasoning; its answer replies in the chat shape, which keeps the query's language).
     """
 
     name: str
@@ -174,7 +174,9 @@ def preset(name: str, *, rewrite: bool = False, review: bool = False, judge_mode
                   budgets=(("comprehensive", 128),), max_tokens=128,
                   instruction=("Reason about how best to answer, given the analysis: what matters, what to "
                                "include, what to avoid. Do not write the answer yet.")),
-            Stage(name="answer", sees=(*q, "analysis", "reasoning"), replies=True, query_first=True,
+            # the answer in the chat shape (the query as the user's turn, task and notes in the system prompt): laid
+            # out query first, one Korean query in six was answered in English (reports/benchmarks-2026-12.md)
+            Stage(name="answer", sees=(*q, "analysis", "reasoning"), replies=True,
                   budgets=(("simple", 128), ("analytical", 256), ("comprehensive", 512)),
                   instruction=ANSWER_INSTRUCTION,
                   notes_instruction=("Use the notes from the earlier stages where they are right; the facts you "
