@@ -191,10 +191,13 @@ def test_bare_preset_is_a_plain_chat(backend):
 def test_language_bench_tells_languages_apart(backend, tmp_path):
     """SmolLM2 (English only) answers English queries in English and Korean ones mostly not in Korean: the
     figure comes out high for one language and low for the other."""
-    from llmfirst_kit.bench.language import language, script_of
+    from llmfirst_kit.bench.language import language
+    from llmfirst_kit.quality.language import language_match, script_of
 
     assert script_of("호주의 수도는 캔버라입니다.") == "ko" and script_of("Canberra.") == "en" and script_of("42") is None
     assert script_of("HTTP는 HyperText Transfer Protocol입니다.") == "ko"  # a Korean sentence with an English term
+    assert language_match([("서울입니다.", "ko"), ("Seoul.", "ko"), ("Seoul.", "en"), ("x", "fr")]) == 2 / 3
+    assert language_match([("Seoul.", "ko")]) == 0.0 and language_match([]) is None
     rows = [{"id": "en-1", "lang": "en", "query": "What is the capital of France?",
              "facts": [{"en": "Paris", "any": ["Paris"]}]},
             {"id": "en-2", "lang": "en", "query": "Name a primary colour.", "facts": []},

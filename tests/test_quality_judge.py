@@ -109,6 +109,26 @@ async def test_retention_falls_for_a_worse_configuration(reference, baseline, qu
     assert r.order_disagreement is not None
 
 
+async def test_the_load_sweeps_judge_check_comes_out_either_way(reference, baseline, queries):
+    """``bench load --quality-baseline``'s check (``judge_check``) with the 1.5B judge: another query's answer
+    does not hold against the real one (False), the real answer holds against another query's (True), an
+    identical answer holds without a call, a query without a baseline gets no verdict."""
+    from llmfirst_kit.bench.load_sweep import judge_check
+    from llmfirst_kit.records import CallRecord
+
+    q, other = queries[2], queries[0]  # ko-s05, and as the wrong answer ko-s01's (another Korean query's)
+    real, wrong = baseline[q.id][0], baseline[other.id][0]
+    judge = PairwiseJudge(reference, REFERENCE)
+
+    def answered(text: str) -> CallRecord:
+        return CallRecord(call_id="c", backend="embedded", model="m", status="ok", text=text)
+
+    assert await judge_check(judge, {q.query: real})(q.query, answered(wrong)) is False
+    assert await judge_check(judge, {q.query: wrong})(q.query, answered(real)) is True
+    assert await judge_check(judge, {q.query: real})(q.query, answered(real)) is True
+    assert await judge_check(judge, {})(q.query, answered(real)) is None
+
+
 # ------------------------------------------------------------------------------ subtle errors and references
 
 

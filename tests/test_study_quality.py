@@ -86,9 +86,10 @@ def test_summary_shows_a_quality_verdict_only_with_a_passed_gate(quality_study):
     rows = pd.read_csv(out / study.SUMMARY_CSV).set_index("cell")
     base, small = rows.loc[BASE_CELL], rows.loc[SMALL_CELL]
     assert base["role"] == "baseline" and base["quality_note"] == "the baseline" and pd.isna(base["meets_quality"])
-    for col in ("truncation_rate", "key_fact_recall", "gate_accuracy", "order_disagreement", "retention_ci_low",
-                "retention_ci_high", "n_complete", "quality_judge"):
+    for col in ("truncation_rate", "key_fact_recall", "language_match", "gate_accuracy", "order_disagreement",
+                "retention_ci_low", "retention_ci_high", "n_complete", "quality_judge"):
         assert col in rows.columns
+    assert 0 <= base["language_match"] <= 1 and 0 <= small["language_match"] <= 1
     assert small["quality_judge"] == BASE and 0 <= small["truncation_rate"] <= 1
     assert small["n_complete"] + round(small["truncation_rate"] * small["n_runs"]) <= small["n_runs"]
     if bool(small["gate_passed"]):

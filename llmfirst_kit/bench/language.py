@@ -2,10 +2,8 @@
 a minimal system prompt, as a person would chat with it) on the same queries: the share of Korean queries answered
 in Korean (and English in English), and key-fact recall.
 
-The language of an answer is read from its words: a word with Hangul in it is Korean, a word of Latin letters only is
-English, and the answer is in the language of most of its words ("HTTP는 HyperText Transfer Protocol입니다." is
-Korean; counted by letters, as first planned, the acronym's letters made it English). An evaluation metric computed
-after the fact, like key-fact recall; nothing a user sees is decided by it.
+The language of an answer is read from its words (:func:`~llmfirst_kit.quality.language.script_of`): an evaluation
+metric computed after the fact, like key-fact recall; nothing a user sees is decided by it.
 """
 
 from __future__ import annotations
@@ -18,27 +16,10 @@ from ..data import QUERIES
 from ..errors import InvalidInput
 from ..pipeline import Pipeline
 from ..quality.facts import key_fact_recall, mean_recall
+from ..quality.language import script_of
 from ..quality.retention import bootstrap_ci
 from ..study.queries import load_queries
 from ..sync import gather_at_most
-
-
-def _hangul(ch: str) -> bool:
-    return "\uac00" <= ch <= "\ud7a3" or "\u1100" <= ch <= "\u11ff" or "\u3130" <= ch <= "\u318f"
-
-
-def script_of(text: str) -> str | None:
-    """``"ko"`` when most words are Korean (hold Hangul), ``"en"`` when most are English (Latin letters only),
-    None without either."""
-    korean = english = 0
-    for word in text.split():
-        if any(_hangul(ch) for ch in word):
-            korean += 1
-        elif any(ch.isascii() and ch.isalpha() for ch in word):
-            english += 1
-    if not korean and not english:
-        return None
-    return "ko" if korean >= english else "en"
 
 
 async def language(model: str | None = None, presets: Sequence[str] = ("bare", "direct", "staged"), *,

@@ -33,6 +33,7 @@ from ..backends import DEFAULT_BACKEND
 from ..errors import KitError
 from ..pipeline import parse_preset
 from ..quality.facts import key_fact_recall, mean_recall, reference_sentences
+from ..quality.language import language_match
 from ..quality.gate import (GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, fact_changed_pairs, gate_result,
                             planted_pairs)
 from ..quality.judge import PROMPT_VERSION, REASONS_TOKENS, REFERENCE_PROMPT_VERSION, PairwiseJudge
@@ -482,7 +483,10 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
             "role": "baseline" if cell["id"] == base_id else cell.get("role", "grid"),
             "answers": len(answers), "complete_answers": len(complete),
             "truncation_rate": len(truncated) / len(answers) if answers else None,
-            "key_fact_recall": recall, "quality_judge": None, "gate_accuracy": None, "gate_passed": None,
+            "key_fact_recall": recall,
+            # every answer, complete or cut: its language is what the user saw either way
+            "language_match": language_match((answer_text(r), queries[q].lang) for q, r in answers.items()
+                                             if q in queries), "quality_judge": None, "gate_accuracy": None, "gate_passed": None,
             "quality_retention": None, "retention_ci_low": None, "retention_ci_high": None, "retention_queries": 0,
             "order_disagreement": None, "first_position_rate": None, "identical_answers": 0,
             "retention_baseline": base_id, "quality_note": None,
@@ -493,7 +497,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
         if judged != cell["id"]:  # another load level of a judged configuration (judged first, above)
             verdict = {k: v for k, v in out[judged].items()
                        if k not in ("role", "answers", "complete_answers", "truncation_rate", "key_fact_recall",
-                                    "quality_cell", "answers_differ")}
+                                    "language_match", "quality_cell", "answers_differ")}
             theirs = cell_answers(res.runs, judged)
             row.update(verdict, answers_differ=sum(answer_text(r).strip() != answer_text(theirs[q]).strip()
                                                    for q, r in answers.items() if q in theirs))
