@@ -26,7 +26,6 @@ from ..records import CallRecord, new_id
 from .schema_guard import schema_problem as bounded_schema_problem
 
 
-
 @dataclass
 class CallRequest:
     messages: list[dict[str, str]]
