@@ -51,6 +51,8 @@ class Settings(BaseSettings):
         return value.strip().lower() if isinstance(value, str) else value
 
     def __init__(self, **values: Any) -> None:
+        # None for one of these fields means "not given": the environment, else the default
+        values = {k: v for k, v in values.items() if v is not None or k not in Settings.model_fields}
         try:
             super().__init__(**values)
         except ValidationError as exc:

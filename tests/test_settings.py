@@ -28,7 +28,7 @@ def test_the_environment_is_read_when_asked_and_an_argument_wins(monkeypatch, tm
     backend = EmbeddedBackend(max_queue=2)
     assert (backend.parallel, backend.max_queue) == (3, 2)
     assert EmbeddedBackend(parallel=5).parallel == 5
-    server = ServerConfig(max_queue=7)  # the server's settings extend the kit's
+    server = ServerConfig(max_queue=7, parallel=None)  # the server's settings extend the kit's; None: not given
     assert (server.parallel, server.max_queue) == (3, 7)
 
 

@@ -609,8 +609,7 @@ async def load_target(backend: str = DEFAULT_BACKEND, *, host: str | None = None
 
         name = model or DEFAULT_MODEL
         client = KIT_SERVER_API if capabilities(backend).in_process else backend
-        given = {"parallel": parallel} if parallel else {}  # else $LLMFIRST_PARALLEL
-        with ServerThread(config=ServerConfig(default_model=name, n_threads=n_threads, **given)) as srv:
+        with ServerThread(config=ServerConfig(default_model=name, n_threads=n_threads, parallel=parallel)) as srv:
             target = get_backend(client, **backend_options(client, model=name, host=srv.url,
                                                            base_url=f"{srv.url}/v1"))
             try:

@@ -44,8 +44,8 @@ def command(host: str, port: int, token: str | None, model: str | None, threads:
     from ..serve import ServerConfig, serve
 
     default = ServerConfig.model_fields["allowed_backends"].default  # the server's own backend
-    given = {k: v for k, v in (("max_queue", max_queue), ("parallel", parallel)) if v is not None}  # else $LLMFIRST_*
-    config = ServerConfig(default_model=model or DEFAULT_MODEL, n_threads=threads, **given,
+    config = ServerConfig(default_model=model or DEFAULT_MODEL, n_threads=threads, max_queue=max_queue,
+                          parallel=parallel,
                           allowed_backends=(*default, *allow_backend), idle_timeout_s=ws_idle_timeout or None,
                           header_timeout_s=header_timeout, keep_alive_timeout_s=keep_alive_timeout,
                           max_open_connections=max_open_connections, max_predict=max_tokens_cap)
