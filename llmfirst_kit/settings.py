@@ -32,13 +32,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_parse_none_str="none",
                                       env_ignore_empty=True)
 
-    cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "llmfirst_kit", description="the kit's cache: model files, engine "
-                        "verdicts, calibration priors", json_schema_extra={"takes": "a directory path"})
+    cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "llmfirst_kit",
+                        description="the kit's cache: model files, engine verdicts, calibration priors",
+                        json_schema_extra={"takes": "a directory path"})
     engine: Literal["auto", "safe", "fast"] = Field("auto", description="the engine's extra buffers (auto probes the "
                                                     "machine)", json_schema_extra={"takes": "one of: auto, safe, fast"})
     parallel: int = Field(DEFAULT_PARALLEL, ge=1, description="how many calls a model decodes at once",
                           json_schema_extra={"takes": "a whole number of at least 1 (e.g. 4)"})
-    max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=0, description="how many calls may wait for a model; one more is refused",
+    max_queue: int = Field(DEFAULT_MAX_QUEUE, ge=0,
+                           description="how many calls may wait for a model; one more is refused",
                            json_schema_extra={"takes": "a whole number (e.g. 64)"})
     read_timeout: float = Field(300.0, ge=0, description="how long to wait for a server's next bytes",
                                 json_schema_extra={"takes": "a number of seconds (e.g. 300; 0: no limit)"})

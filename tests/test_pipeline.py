@@ -251,7 +251,8 @@ async def test_invalid_structured_output_is_retried_once_then_undecided(backend)
     # the retry is the one structured-output retry: the invalid reply sent back as the model's turn, then what was
     # wrong (a kit prompt: a model that echoes it shows kit text)
     retry = structured_retry([{"role": "user", "content": "q"}], rec.stages[0].call.text, "x")
-    assert [m["role"] for m in retry] == ["user", "assistant", "user"] and retry[1]["content"] == rec.stages[0].call.text
+    assert [m["role"] for m in retry] == ["user", "assistant", "user"]
+    assert retry[1]["content"] == rec.stages[0].call.text
     assert any(p.startswith("Your reply was not valid (not JSON") for p in rec.kit_prompts)
     decision = rec.decisions["strategy"]
     assert decision.status == "undecided" and decision.source == "kit default" and decision.cut_by_limit

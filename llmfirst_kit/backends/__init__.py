@@ -7,5 +7,6 @@ from .base import Backend, CallRequest, Capabilities, Chunk, LoadedModelInfo, Mo
 from .registry import (BACKENDS, DEFAULT_BACKEND, backend_options, capabilities, check_options,
                        get_backend)
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "CallRequest", "Capabilities", "Chunk", "LoadedModelInfo", "ModelCall",
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "CallRequest", "Capabilities", "Chunk", "LoadedModelInfo",
+           "ModelCall",
            "backend_options", "capabilities", "check_options", "get_backend"]

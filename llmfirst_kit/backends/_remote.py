@@ -5,12 +5,14 @@ Without limits, a server that accepts the connection and never answers (hung, ov
 that happens to accept) blocks the call forever. Both clients get:
 
 - a connect timeout (10 s by default): how long to wait for the TCP connection;
-- a read timeout (300 s: a cold load of a large model on a CPU, plus a long prompt, stays under it): the longest wait for the server's next bytes -- before the
-  first token (the server may be loading a large model and evaluating a long prompt) and between tokens;
-  it is not a limit on the whole answer, which may stream for as long as tokens keep coming.
+- a read timeout (300 s: a cold load of a large model on a CPU, plus a long prompt, stays under it): the longest
+  wait for the server's next bytes -- before the first token (the server may be loading a large model and
+  evaluating a long prompt) and between tokens; it is not a limit on the whole answer, which may stream for as
+  long as tokens keep coming.
 
 Each is set per backend (``timeout=`` / ``connect_timeout=``) or for every backend in the process by
-``LLMFIRST_READ_TIMEOUT`` / ``LLMFIRST_CONNECT_TIMEOUT`` (seconds; 0: no limit; :class:`~llmfirst_kit.settings.Settings`).
+``LLMFIRST_READ_TIMEOUT`` / ``LLMFIRST_CONNECT_TIMEOUT`` (seconds; 0: no limit;
+:class:`~llmfirst_kit.settings.Settings`).
 """
 
 from __future__ import annotations

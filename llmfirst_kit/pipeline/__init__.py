@@ -7,5 +7,6 @@ from .presets import (DEFAULT_STRATEGY, MODIFIERS, PRESET_NAMES, PRESETS, REVIEW
 from .run import Pipeline, Run, parse_structured, structured_retry
 
 __all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "PRESETS", "PRESET_NAMES", "REVIEW_SCHEMA", "STRATEGIES", "STRATEGY_SCHEMA", "SYSTEM_PROMPT",
-           "Pipeline", "PresetName", "Run", "Stage", "parse_preset", "parse_structured", "preset", "structured_retry", "review_stage",
+           "Pipeline", "PresetName", "Run", "Stage", "parse_preset", "parse_structured", "preset",
+           "structured_retry", "review_stage",
            "revision_stage", "rewrite_stage", "strategy_stage", "with_model"]

@@ -486,7 +486,8 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
             "key_fact_recall": recall,
             # every answer, complete or cut: its language is what the user saw either way
             "language_match": language_match((answer_text(r), queries[q].lang) for q, r in answers.items()
-                                             if q in queries), "quality_judge": None, "gate_accuracy": None, "gate_passed": None,
+                                             if q in queries),
+            "quality_judge": None, "gate_accuracy": None, "gate_passed": None,
             "quality_retention": None, "retention_ci_low": None, "retention_ci_high": None, "retention_queries": 0,
             "order_disagreement": None, "first_position_rate": None, "identical_answers": 0,
             "retention_baseline": base_id, "quality_note": None,

@@ -188,7 +188,8 @@ class StudyFile(QualitySettings):
         return QualitySettings(**{k: getattr(self, k) for k in QUALITY_KEYS})
 
 
-RUNNER_KEYS = ("name", "output_dir", "notebook", *QUALITY_KEYS, "cell_timeout_s", "exclude")  # the study file's own keys
+# the study file's own keys
+RUNNER_KEYS = ("name", "output_dir", "notebook", *QUALITY_KEYS, "cell_timeout_s", "exclude")
 
 
 @dataclass
