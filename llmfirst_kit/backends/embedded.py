@@ -222,11 +222,11 @@ class EmbeddedBackend(Backend):
 
     def model_metadata(self, model: str) -> dict[str, str]:
         """From the loaded model, else a vocab-only load (no weights read)."""
-        name = resolve(model).name
+        resolved = resolve(model)
         for lm in loaded_models():
-            if lm.resolved.name == name:
+            if lm.resolved.name == resolved.name:
                 return dict(lm.llm.metadata)
-        llm = engine.new_llama(str(resolve(model).path), vocab_only=True)
+        llm = engine.new_llama(str(resolved.path), vocab_only=True)
         try:
             return dict(llm.metadata)
         finally:
