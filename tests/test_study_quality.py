@@ -4,7 +4,7 @@ only judges itself), the judge gate, pairwise judging, resume, the summary's qua
 Small and fast: SmolLM2-135M and Qwen2.5-Coder-0.5B answer two queries (English, Korean) in 48 tokens;
 the 0.5B model is the baseline system and the judge of SmolLM2's answers. The judge's ability is not what
 is tested here (test_quality_judge.py does that with the 1.5B model): the rules are -- a verdict only with a
-passed gate, complete answers only, the truncation rate reported.
+passed gate, the queries the baseline answered completely, the truncation rate reported.
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ def test_the_quality_phase_judges_against_the_baseline(quality_study):
     assert all(len(ln["judgments"]) == 2 and ln["judgments"][0]["shown_first"] == "real" for ln in gate)
     pairs = [ln for ln in lines if ln["type"] == "pair"]
     assert {ln["cell"] for ln in pairs} <= {SMALL_CELL} and all(ln["judge"] == BASE for ln in pairs)
+    # the judged queries: those the baseline answered completely; the candidate's answer cut off or not
+    res = study.load_results(out)
+    base, small = quality.cell_answers(res.runs, BASE_CELL), quality.cell_answers(res.runs, SMALL_CELL)
+    assert {ln["query_id"] for ln in pairs} == {q for q, b in base.items()
+                                                if quality.is_complete(b) and quality.answered(small[q])}
     # resume: nothing is judged twice
     again = quality.judge_study(out, echo=lambda _: None)
     assert again["gate_pairs"] == again["pairs"] == again["identical"] == 0
@@ -104,6 +109,21 @@ def test_summary_shows_a_quality_verdict_only_with_a_passed_gate(quality_study):
     assert bool(strict["gate_passed"]) == (small["gate_accuracy"] == 1.0)
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "The judge gate" in html and "Quality against the baseline" in html and BASE in html
+
+
+def test_a_baseline_mostly_cut_off_gives_no_configuration_a_verdict(quality_study):
+    """The same study read as if the baseline's answers had hit the token limit: no retention, and the note
+    names the setting to raise."""
+    _, out = quality_study
+    res = study.load_results(out)
+    assert study.summary_table(res).set_index("cell").loc[SMALL_CELL, "quality_note"] != (
+        "the baseline's answers mostly cut off: 0 of 2 complete; raise max_tokens")
+    for run in res.runs:
+        if run.labels.get("cell") == BASE_CELL:
+            run.answer_call().finish_reason = "length"
+    small = study.summary_table(res).set_index("cell").loc[SMALL_CELL]
+    assert pd.isna(small["quality_retention"]) and pd.isna(small["meets_quality"])
+    assert small["quality_note"] == "the baseline's answers mostly cut off: 0 of 2 complete; raise max_tokens"
 
 
 def test_e2e_percentiles_use_complete_answers_only(quality_study):

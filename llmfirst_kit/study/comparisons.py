@@ -48,7 +48,7 @@ def _verdict(lines: list[dict[str, Any]], gate: Any, n_boot: int, seed: int) -> 
     elif not gate.passed:
         row["note"] = f"judge cannot judge: gate accuracy {gate.accuracy if gate.accuracy is None else round(gate.accuracy, 2)}"
     elif r.n_queries == 0:
-        row["note"] = "no query with complete answers on both sides judged"
+        row["note"] = "no query the reference answered completely was judged"
     else:
         row.update(win_or_tie=r.share, ci_low=r.ci_low, ci_high=r.ci_high, holds=r.ci_low >= HOLDS_AT)
     return row

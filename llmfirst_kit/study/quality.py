@@ -5,9 +5,12 @@ Why after the cells, in the runner's process: a configuration is judged against 
 to the same queries, which another cell produced; and the judge model is loaded once for the whole study.
 (With the Dask executor the cells run on the workers; the judging runs where the runner runs.)
 
-- **Complete answers only**: an answer is the text of the pipeline's ``answer`` stage; it is complete when
-  that call ended on its own (``finish_reason == "stop"``), not on the token limit. Only complete answers
-  are judged or used as the baseline; the truncation rate is reported beside every verdict.
+- **Which queries**: an answer is the text of the pipeline's ``answer`` stage; it is complete when that call
+  ended on its own (``finish_reason == "stop"``), not on the token limit. The judged queries are those the
+  baseline answered completely; on them every configuration's answer is judged as its user saw it, cut off or
+  not (a model that loops until the limit loses there). The same queries for every configuration: a
+  configuration's own truncation does not choose which of its answers are judged. Below half of the queries
+  answered completely by the baseline, no configuration gets a verdict (raise ``max_tokens``).
 - **Which judge**: ``quality_judge`` (default the 1.5B model), on ``quality_judge_backend``. A configuration
   answered by that very model (same backend and model file) is judged by ``second_judge`` instead, so that no
   model only judges itself; without a second judge it gets no quality verdict.
@@ -48,7 +51,7 @@ from .store import StudyResults, load_results
 
 JUDGING = "judging"
 JUDGMENTS = "judgments.jsonl"
-MIN_COMPLETE_SHARE = 0.5  # below this share of complete answers a configuration gets no quality verdict
+MIN_COMPLETE_SHARE = 0.5  # below this share of complete baseline answers no configuration gets a quality verdict
 
 
 # ------------------------------------------------------------------------------------------ answers
@@ -79,6 +82,12 @@ def is_complete(rec: RunRecord) -> bool | None:
     if call is None:
         return None
     return rec.status == "ok" and call.finish_reason == "stop"
+
+
+def answered(rec: RunRecord) -> bool:
+    """The run answered: its answer ended on its own or on the token limit (what its user saw either way)."""
+    call = answer_call(rec)
+    return rec.status == "ok" and call is not None and call.finish_reason in ("stop", "length")
 
 
 def is_truncated(rec: RunRecord) -> bool | None:
@@ -314,7 +323,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
         mine = cell_answers(res.runs, cell["id"])
         for qid, q in queries.items():
             b, c = baseline.get(qid), mine.get(qid)
-            if b is None or c is None or not is_complete(b) or not is_complete(c):
+            if b is None or c is None or not is_complete(b) or not answered(c):
                 counts["skipped"] += 1
                 continue
             line = {"type": "pair", "judge": choice.model, "judge_backend": choice.backend,
@@ -363,7 +372,7 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
         mine, theirs = cell_answers(res.runs, cand["id"]), cell_answers(res.runs, ref["id"])
         for qid, q in queries.items():
             c, r = mine.get(qid), theirs.get(qid)
-            if c is None or r is None or not is_complete(c) or not is_complete(r):
+            if c is None or r is None or not answered(c) or not is_complete(r):
                 counts["skipped"] += 1
                 continue
             line = {"type": "versus", "judge": choice.model, "judge_backend": choice.backend,
@@ -466,6 +475,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
         queries = {}
     base_id = res.baseline_cell
     baseline = cell_answers(res.runs, base_id) if base_id else {}
+    base_complete = sum(bool(is_complete(r)) for r in baseline.values())
     lines = read_judgments(res.directory)
     version = judge_version(spec)
     gates = gate_results(res.directory, lines, threshold, gate_runs(spec, baseline, queries), version=version)
@@ -489,6 +499,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
                                              if q in queries),
             "quality_judge": None, "gate_accuracy": None, "gate_passed": None,
             "quality_retention": None, "retention_ci_low": None, "retention_ci_high": None, "retention_queries": 0,
+            "retention_cut_answers": 0,
             "order_disagreement": None, "first_position_rate": None, "identical_answers": 0,
             "retention_baseline": base_id, "quality_note": None,
         }
@@ -522,23 +533,23 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
                 and baseline[ln["query_id"]].run_id == ln["baseline_run_id"]
                 and answers.get(ln["query_id"]) is not None and answers[ln["query_id"]].run_id == ln["candidate_run_id"]]
         outcomes, positions, row["identical_answers"] = pair_outcomes(mine)
+        row["retention_cut_answers"] = sum(bool(is_truncated(answers[q])) for q in outcomes)
         row["_query_scores"] = {q: query_score(o) for q, o in outcomes.items()}  # for quality-aware goodput
         r: Retention = retention(outcomes, positions=positions, target=target, n_boot=n_boot, seed=seed)
         gate = gates.get(choice.model)
         row.update(gate_accuracy=gate.accuracy if gate else None, gate_passed=gate.passed if gate else None,
                    order_disagreement=r.order_disagreement, first_position_rate=r.first_position_rate,
                    retention_queries=r.n_queries)
-        complete_share = len(complete) / len(answers) if answers else 0.0
-        if gate is None:
+        if base_complete < MIN_COMPLETE_SHARE * len(baseline):
+            row["quality_note"] = (f"the baseline's answers mostly cut off: {base_complete} of {len(baseline)} "
+                                   f"complete; raise max_tokens")
+        elif gate is None:
             row["quality_note"] = f"judge {choice.model} not gated (no complete baseline answers to plant from)"
         elif not gate.passed:
             acc = "n/a" if gate.accuracy is None else f"{gate.accuracy:.2f}"
             row["quality_note"] = f"judge cannot judge: gate accuracy {acc} < {threshold:g}"
-        elif complete_share < MIN_COMPLETE_SHARE:
-            row["quality_note"] = (f"answers mostly cut off: {len(complete)} of {len(answers)} complete; raise "
-                                   f"max_tokens")
         elif r.n_queries == 0:
-            row["quality_note"] = "no query with complete answers on both sides judged"
+            row["quality_note"] = "no query the baseline answered completely was judged"
         else:
             row.update(quality_retention=r.share, retention_ci_low=r.ci_low, retention_ci_high=r.ci_high)
             if choice.note:
@@ -548,5 +559,5 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
 
 __all__ = ["JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "draft_call", "comparison_plan",
            "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version", "study_queries",
-           "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes", "quality_columns",
+           "answered", "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes", "quality_columns",
            "read_judgments"]
