@@ -217,10 +217,10 @@ async def test_calibrated_strategy_divides_the_models_probabilities_by_its_prior
 
 
 @pytest.mark.parametrize("query,raw,decided,analysis", [
-    # SmolLM2-135M says "simple" to every query; this one raises "analytical" most above the model's habit
-    # (its prior: 1.66x, "comprehensive" 1.23x, "simple" 0.98x), so the analysis runs
-    ("What is the capital of Australia?", "simple", "analytical", True),
-    # here "simple" stays ahead after calibration (1.04x vs 0.33x), so the analysis is skipped
+    # SmolLM2-135M says "simple" to every query; this one raises "comprehensive" most above the model's habit
+    # (its prior), so the analysis runs
+    ("What is the capital of Australia?", "simple", "comprehensive", True),
+    # here "simple" stays ahead after calibration (0.64 vs 0.25), so the analysis is skipped
     ("HTML은 무엇의 약자인가요?", "simple", "simple", False),
 ])
 async def test_calibration_moves_the_decision_only_where_the_query_does(backend, query, raw, decided, analysis):

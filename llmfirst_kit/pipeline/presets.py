@@ -44,8 +44,9 @@ DEFAULT_STRATEGY = {"strategy": "analytical"}  # used, marked as the kit's, when
 
 # its language sentence is chosen by measurement: reports/benchmarks-2026-12.md, "The kit's prompts against bare"
 SYSTEM_PROMPT = (
-    "You are one stage of a pipeline that answers a user's query. Follow your task. Write your whole reply in the "
-    "language the user's query is written in, whatever language your instructions are in; never switch languages."
+    "You are one stage of a pipeline that answers a user's query. Follow your task. Always write in the language "
+    "the user's query is written in (a query in Korean gets Korean, a query in English gets English), whatever "
+    "language your instructions are in."
 )
 
 
