@@ -8,7 +8,7 @@ to the same queries, which another cell produced; and the judge model is loaded 
 - **Which queries**: an answer is the text of the pipeline's ``answer`` stage; it is complete when that call
   ended on its own (``finish_reason == "stop"``), not on the token limit. The judged queries are those the
   baseline answered completely; on them every configuration's answer is judged as its user saw it, cut off or
-  not (a model that loops until the limit loses there). The same queries for every configuration: a
+  not (a model that loops until the limit is judged on its loops). The same queries for every configuration: a
   configuration's own truncation does not choose which of its answers are judged. Below half of the queries
   answered completely by the baseline, no configuration gets a verdict (raise ``max_tokens``).
 - **Which judge**: ``quality_judge`` (default the 1.5B model), on ``quality_judge_backend``. A configuration
@@ -559,5 +559,5 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
 
 __all__ = ["JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "draft_call", "comparison_plan",
            "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version", "study_queries",
-           "answered", "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes", "quality_columns",
-           "read_judgments"]
+           "answered", "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes",
+           "quality_columns", "read_judgments"]
