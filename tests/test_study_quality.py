@@ -86,6 +86,30 @@ def test_the_quality_phase_judges_against_the_baseline(quality_study):
     assert len(quality.read_judgments(out)) == len(lines)
 
 
+def test_a_gate_pair_planted_otherwise_since_is_judged_again_and_counted_once(quality_study, tmp_path):
+    """A gate grown from more answers plants some pairs anew (``other_query`` picks from a larger pool): a stored
+    judgment of another planted text is not reused, and the gate counts each pair once, as last judged."""
+    import shutil
+
+    _, out = quality_study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    log = copy / quality.JUDGING / quality.JUDGMENTS
+    lines = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()]
+    stale = next(ln for ln in lines if ln["type"] == "gate" and ln["kind"] == "other_query")
+    stale["pair"]["planted"] = "An answer this gate no longer plants."
+    log.write_text("".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in lines), encoding="utf-8")
+    again = quality.judge_study(copy, echo=lambda _: None)
+    assert again["gate_pairs"] == 1 and again["pairs"] == 0
+    res = study.load_results(copy)
+    base = quality.cell_answers(res.runs, BASE_CELL)
+    gate = quality.gate_results(copy, current=quality.gate_runs(res.spec, base),
+                                version=quality.judge_version(res.spec))[BASE]
+    assert gate.n_pairs == sum(ln["type"] == "gate" for ln in lines)  # 4 pairs, not 5
+    relogged = [ln for ln in quality.read_judgments(copy) if ln["type"] == "gate"][-1]
+    assert relogged["query_id"] == stale["query_id"] and relogged["pair"]["planted"] != stale["pair"]["planted"]
+
+
 def test_summary_shows_a_quality_verdict_only_with_a_passed_gate(quality_study):
     _, out = quality_study
     rows = pd.read_csv(out / study.SUMMARY_CSV).set_index("cell")

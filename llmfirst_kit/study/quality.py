@@ -299,8 +299,8 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
             line = {"type": "gate", "judge": model, "judge_backend": backend, "prompt_version": version,
                     "kind": pair.kind,
                     "query_id": pair.query_id, "baseline_run_id": base_runs[pair.query_id], "candidate_run_id": None}
-            if _key(line) in done:
-                continue
+            if (done.get(_key(line)) or {}).get("pair") == pair.to_dict():
+                continue  # judged already (a pair planted otherwise since, e.g. from more answers, is judged anew)
 
             async def gate_pair(pair: Any = pair, line: dict[str, Any] = line, judge: PairwiseJudge = judge,
                                 model: str = model) -> None:
@@ -429,8 +429,7 @@ def gate_results(study_dir: str | os.PathLike[str], lines: list[dict[str, Any]] 
     gate must be built from; older lines, of a redone baseline, are left out; ``version``: the study's
     :func:`judge_version`)."""
     lines = read_judgments(study_dir) if lines is None else lines
-    by_judge: dict[str, list[tuple[GatePair, list[dict[str, Any]]]]] = {}
-    backends: dict[str, str] = {}
+    latest: dict[tuple, dict[str, Any]] = {}  # a pair judged again (planted anew) counts once, as last judged
     for line in lines:
         if line["type"] != "gate":
             continue
@@ -438,6 +437,10 @@ def gate_results(study_dir: str | os.PathLike[str], lines: list[dict[str, Any]] 
             continue
         if line.get("prompt_version") != version:  # judged with another prompt or budget: not this judge's figure
             continue
+        latest[_key(line)] = line
+    by_judge: dict[str, list[tuple[GatePair, list[dict[str, Any]]]]] = {}
+    backends: dict[str, str] = {}
+    for line in latest.values():
         by_judge.setdefault(line["judge"], []).append((GatePair(**line["pair"]), line["judgments"]))
         backends[line["judge"]] = line.get("judge_backend", "")
     return {j: gate_result(v, threshold=threshold, judge_model=j, judge_backend=backends[j]) for j, v in by_judge.items()}
