@@ -131,6 +131,8 @@ def test_summary_shows_a_quality_verdict_only_with_a_passed_gate(quality_study):
     res.spec["gate_threshold"] = 1.0
     strict = study.summary_table(res).set_index("cell").loc[SMALL_CELL]
     assert bool(strict["gate_passed"]) == (small["gate_accuracy"] == 1.0)
+    if not strict["gate_passed"]:  # the note names what to change
+        assert pd.isna(strict["quality_retention"]) and "use a stronger quality_judge" in strict["quality_note"]
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "The judge gate" in html and "Quality against the baseline" in html and BASE in html
 
@@ -237,6 +239,7 @@ def test_a_comparison_holds_only_when_its_interval_clears_one_half():
     assert worse["holds"] is False and worse["win_or_tie"] == 0.25
     failed = _verdict(lines(["candidate"] * 4), SimpleNamespace(passed=False, accuracy=0.6), 500, 0)
     assert failed["holds"] is None and "judge cannot judge" in failed["note"]
+    assert "use a stronger quality_judge" in failed["note"]  # and what to change
 
 
 def test_a_comparison_must_name_two_of_the_studys_presets():

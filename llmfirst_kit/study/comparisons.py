@@ -22,8 +22,8 @@ from ..metrics import NS, run_e2e_s, user_ttft_s
 from ..pipeline import parse_preset
 from ..quality.retention import retention
 from .cell import latency_view
-from .quality import (cell_answers, draft_call, comparison_plan, gate_results, gate_runs, judge_for, judge_version,
-                      pair_outcomes, read_judgments, revised)
+from .quality import (STRONGER_JUDGE, cell_answers, draft_call, comparison_plan, gate_results, gate_runs, judge_for,
+                      judge_version, pair_outcomes, read_judgments, revised)
 from .store import StudyResults
 
 HOLDS_AT = 0.5  # the candidate wins or ties at least half the time: it does not hurt
@@ -46,7 +46,8 @@ def _verdict(lines: list[dict[str, Any]], gate: Any, n_boot: int, seed: int) -> 
     if gate is None:
         row["note"] = "judge not gated"
     elif not gate.passed:
-        row["note"] = f"judge cannot judge: gate accuracy {gate.accuracy if gate.accuracy is None else round(gate.accuracy, 2)}"
+        acc = "n/a" if gate.accuracy is None else f"{gate.accuracy:.2f}"
+        row["note"] = f"judge cannot judge: gate accuracy {acc}; {STRONGER_JUDGE}"
     elif r.n_queries == 0:
         row["note"] = "no query the reference answered completely was judged"
     else:

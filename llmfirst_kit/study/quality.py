@@ -234,6 +234,9 @@ def gate_runs(spec: Mapping[str, Any], baseline: Mapping[str, RunRecord],
     return {a.query_id: baseline[a.query_id].run_id for a in reals}
 
 
+# what a failed gate's note tells the reader to do
+STRONGER_JUDGE = "use a stronger quality_judge (any backend: quality_judge_backend)"
+
 JUDGE_CONCURRENCY = 4  # pairs judged at once (two calls each, both orders): the embedded engine batches them
 
 
@@ -550,7 +553,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
             row["quality_note"] = f"judge {choice.model} not gated (no complete baseline answers to plant from)"
         elif not gate.passed:
             acc = "n/a" if gate.accuracy is None else f"{gate.accuracy:.2f}"
-            row["quality_note"] = f"judge cannot judge: gate accuracy {acc} < {threshold:g}"
+            row["quality_note"] = f"judge cannot judge: gate accuracy {acc} < {threshold:g}; {STRONGER_JUDGE}"
         elif r.n_queries == 0:
             row["quality_note"] = "no query the baseline answered completely was judged"
         else:
@@ -560,7 +563,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["JUDGING", "JUDGMENTS", "JudgeChoice", "answer_call", "answer_text", "draft_call", "comparison_plan",
-           "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version", "study_queries",
-           "answered", "is_complete", "judge_for", "judge_study", "judge_study_async", "pair_outcomes",
-           "quality_columns", "read_judgments"]
+__all__ = ["JUDGING", "JUDGMENTS", "STRONGER_JUDGE", "JudgeChoice", "answer_call", "answer_text", "draft_call",
+           "comparison_plan", "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version",
+           "study_queries", "answered", "is_complete", "judge_for", "judge_study", "judge_study_async",
+           "pair_outcomes", "quality_columns", "read_judgments"]
