@@ -137,6 +137,30 @@ def test_summary_shows_a_quality_verdict_only_with_a_passed_gate(quality_study):
     assert "The judge gate" in html and "Quality against the baseline" in html and BASE in html
 
 
+def test_the_key_fact_difference_is_paired_over_the_judged_queries(quality_study):
+    """Judge-free, beside the verdict: the configuration's recall minus the baseline's, query by query."""
+    from llmfirst_kit.quality.facts import key_fact_recall
+
+    _, out = quality_study
+    res = study.load_results(out)
+    rows = study.summary_table(res).set_index("cell")
+    base, small = quality.cell_answers(res.runs, BASE_CELL), quality.cell_answers(res.runs, SMALL_CELL)
+    queries = quality.study_queries(res.spec)
+    diffs = [key_fact_recall(quality.answer_text(small[q]), queries[q].facts)
+             - key_fact_recall(quality.answer_text(base[q]), queries[q].facts)
+             for q in queries if quality.is_complete(base[q]) and quality.answered(small[q])]
+    row = rows.loc[SMALL_CELL]
+    assert row["key_fact_diff_queries"] == len(diffs) == row["retention_queries"]
+    if diffs:
+        assert row["key_fact_diff"] == pytest.approx(sum(diffs) / len(diffs))
+        assert row["key_fact_diff_ci_low"] <= row["key_fact_diff"] <= row["key_fact_diff_ci_high"]
+    assert pd.isna(rows.loc[BASE_CELL, "key_fact_diff"]) and rows.loc[BASE_CELL, "key_fact_diff_queries"] == 0
+    # against itself a configuration differs by nothing
+    same = quality.key_fact_difference(base, base, queries, n_boot=100, seed=0)
+    assert same["key_fact_diff"] in (0.0, None) and same["key_fact_diff_queries"] == sum(
+        bool(quality.is_complete(b)) for b in base.values())
+
+
 def test_a_baseline_mostly_cut_off_gives_no_configuration_a_verdict(quality_study):
     """The same study read as if the baseline's answers had hit the token limit: no retention, and the note
     names the setting to raise."""

@@ -40,7 +40,7 @@ from ..quality.language import language_match
 from ..quality.gate import (GATE_THRESHOLD, KINDS, GatePair, GateResult, RealAnswer, fact_changed_pairs, gate_result,
                             planted_pairs)
 from ..quality.judge import PROMPT_VERSION, REASONS_TOKENS, REFERENCE_PROMPT_VERSION, PairwiseJudge
-from ..quality.retention import Outcome, Retention, judgment_outcome, query_score, retention
+from ..quality.retention import Outcome, Retention, bootstrap_ci, judgment_outcome, query_score, retention
 from ..records import RunRecord
 from ..sync import gather_at_most
 from .load import quality_cells
@@ -466,6 +466,25 @@ def pair_outcomes(lines: Iterable[Mapping[str, Any]]) -> tuple[dict[str, list[Ou
     return outcomes, positions, identical
 
 
+def key_fact_difference(answers: Mapping[str, RunRecord], baseline: Mapping[str, RunRecord],
+                        queries: Mapping[str, Any], *, n_boot: int, seed: int) -> dict[str, Any]:
+    """Judge-free and lexical, beside the judge: the configuration's key-fact recall minus the baseline's, paired
+    query by query over the judged queries (the baseline's answer complete, the configuration's answered, cut off
+    or not), with a bootstrap interval. It still says something where a judge fails its gate; it misses a fact
+    stated in other words, so it never gives a verdict."""
+    diffs = []
+    for q, b in baseline.items():
+        c = answers.get(q)
+        if q not in queries or c is None or not is_complete(b) or not answered(c):
+            continue
+        mine, theirs = (key_fact_recall(answer_text(r), queries[q].facts) for r in (c, b))
+        if mine is not None and theirs is not None:
+            diffs.append(mine - theirs)
+    low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+    return {"key_fact_diff": sum(diffs) / len(diffs) if diffs else None, "key_fact_diff_ci_low": low,
+            "key_fact_diff_ci_high": high, "key_fact_diff_queries": len(diffs)}
+
+
 def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
     """Cell id -> its quality columns: the judge, its gate, retention with interval, order disagreement,
     key-fact recall, truncation, and why there is no verdict when there is none."""
@@ -500,6 +519,10 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
             "answers": len(answers), "complete_answers": len(complete),
             "truncation_rate": len(truncated) / len(answers) if answers else None,
             "key_fact_recall": recall,
+            **(key_fact_difference(answers, baseline, queries, n_boot=n_boot, seed=seed)
+               if base_id and cell["id"] != base_id else
+               {"key_fact_diff": None, "key_fact_diff_ci_low": None, "key_fact_diff_ci_high": None,
+                "key_fact_diff_queries": 0}),
             # every answer, complete or cut: its language is what the user saw either way
             "language_match": language_match((answer_text(r), queries[q].lang) for q, r in answers.items()
                                              if q in queries),
@@ -515,7 +538,8 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
         if judged != cell["id"]:  # another load level of a judged configuration (judged first, above)
             verdict = {k: v for k, v in out[judged].items()
                        if k not in ("role", "answers", "complete_answers", "truncation_rate", "key_fact_recall",
-                                    "language_match", "quality_cell", "answers_differ")}
+                                    "language_match", "quality_cell", "answers_differ")
+                       and not k.startswith("key_fact_diff")}
             theirs = cell_answers(res.runs, judged)
             row.update(verdict, answers_differ=sum(answer_text(r).strip() != answer_text(theirs[q]).strip()
                                                    for q, r in answers.items() if q in theirs))
@@ -566,4 +590,4 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
 __all__ = ["JUDGING", "JUDGMENTS", "STRONGER_JUDGE", "JudgeChoice", "answer_call", "answer_text", "draft_call",
            "comparison_plan", "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version",
            "study_queries", "answered", "is_complete", "judge_for", "judge_study", "judge_study_async",
-           "pair_outcomes", "quality_columns", "read_judgments"]
+           "key_fact_difference", "pair_outcomes", "quality_columns", "read_judgments"]
