@@ -110,6 +110,35 @@ def test_a_gate_pair_planted_otherwise_since_is_judged_again_and_counted_once(qu
     assert relogged["query_id"] == stale["query_id"] and relogged["pair"]["planted"] != stale["pair"]["planted"]
 
 
+def test_no_verdict_until_every_judged_query_is_judged(quality_study, tmp_path):
+    """A study stopped in its judging: a verdict over the queries judged first would be over a subset; the note
+    says so, and resuming judges the rest."""
+    import shutil
+
+    _, out = quality_study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    log = copy / quality.JUDGING / quality.JUDGMENTS
+    lines = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()]
+    pairs = [ln for ln in lines if ln["type"] == "pair"]
+    assert pairs, "the fixture's baseline answered no query completely: nothing to test"
+    log.write_text("".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in lines if ln is not pairs[0]),
+                   encoding="utf-8")
+
+    def row():
+        res = study.load_results(copy)
+        res.spec["gate_threshold"] = 0.0  # whatever the small judge's gate: this test is about the judged set
+        return study.summary_table(res).set_index("cell").loc[SMALL_CELL]
+
+    cut = row()
+    assert pd.isna(cut["quality_retention"]) and cut["quality_note"] == (
+        f"judging unfinished: {len(pairs) - 1} of {len(pairs)} queries judged; run the study again to judge the rest")
+    again = quality.judge_study(copy, echo=lambda _: None)
+    assert again["pairs"] + again["identical"] == 1
+    whole = row()
+    assert not pd.isna(whole["quality_retention"]) and whole["retention_queries"] == len(pairs)
+
+
 def test_summary_shows_a_quality_verdict_only_with_a_passed_gate(quality_study):
     _, out = quality_study
     rows = pd.read_csv(out / study.SUMMARY_CSV).set_index("cell")
@@ -264,6 +293,9 @@ def test_a_comparison_holds_only_when_its_interval_clears_one_half():
     failed = _verdict(lines(["candidate"] * 4), SimpleNamespace(passed=False, accuracy=0.6), 500, 0)
     assert failed["holds"] is None and "judge cannot judge" in failed["note"]
     assert "use a stronger quality_judge" in failed["note"]  # and what to change
+    unfinished = _verdict(lines(["candidate"] * 4), gate, 500, 0, planned=[f"q{i}" for i in range(5)])
+    assert unfinished["holds"] is None and unfinished["note"].startswith("judging unfinished: 4 of 5 queries judged")
+    assert _verdict(lines(["candidate"] * 4), gate, 500, 0, planned=[f"q{i}" for i in range(4)])["holds"] is True
 
 
 def test_a_comparison_must_name_two_of_the_studys_presets():

@@ -18,12 +18,13 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from ..errors import KitError
 from ..metrics import NS, run_e2e_s, user_ttft_s
 from ..pipeline import parse_preset
 from ..quality.retention import retention
 from .cell import latency_view
-from .quality import (STRONGER_JUDGE, cell_answers, draft_call, comparison_plan, gate_results, gate_runs, judge_for,
-                      judge_version, pair_outcomes, read_judgments, revised)
+from .quality import (STRONGER_JUDGE, answered, cell_answers, draft_call, comparison_plan, gate_results, gate_runs,
+                      is_complete, judge_for, judge_version, pair_outcomes, read_judgments, revised, study_queries)
 from .store import StudyResults
 
 HOLDS_AT = 0.5  # the candidate wins or ties at least half the time: it does not hurt
@@ -38,8 +39,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _verdict(lines: list[dict[str, Any]], gate: Any, n_boot: int, seed: int) -> dict[str, Any]:
+def _verdict(lines: list[dict[str, Any]], gate: Any, n_boot: int, seed: int,
+             planned: list[str] | None = None) -> dict[str, Any]:
+    """``planned``: the queries the comparison judges (where known); a verdict waits until all are judged."""
     outcomes, positions, _ = pair_outcomes(lines)
+    unjudged = sum(q not in outcomes for q in planned or ())
     r = retention(outcomes, positions=positions, target=HOLDS_AT, n_boot=n_boot, seed=seed)
     row: dict[str, Any] = {"queries": r.n_queries, "order_disagreement": r.order_disagreement,
                            "win_or_tie": None, "ci_low": None, "ci_high": None, "holds": None, "note": None}
@@ -48,6 +52,9 @@ def _verdict(lines: list[dict[str, Any]], gate: Any, n_boot: int, seed: int) -> 
     elif not gate.passed:
         acc = "n/a" if gate.accuracy is None else f"{gate.accuracy:.2f}"
         row["note"] = f"judge cannot judge: gate accuracy {acc}; {STRONGER_JUDGE}"
+    elif unjudged:
+        row["note"] = (f"judging unfinished: {len(planned or ()) - unjudged} of {len(planned or ())} queries judged; "
+                       f"run the study again to judge the rest")
     elif r.n_queries == 0:
         row["note"] = "no query the reference answered completely was judged"
     else:
@@ -63,6 +70,10 @@ def comparison_rows(res: StudyResults) -> list[dict[str, Any]]:
     logged = read_judgments(res.directory)  # read once: the gate's lines and the comparisons' come from it
     lines = [ln for ln in logged if ln.get("prompt_version") == version]
     baseline = cell_answers(res.runs, res.baseline_cell) if res.baseline_cell else {}
+    try:
+        queries = study_queries(spec)
+    except KitError:
+        queries = {}
     gates = gate_results(res.directory, logged, float(spec.get("gate_threshold") or 0.9), gate_runs(spec, baseline),
                          version=version)
     rows = []
@@ -74,13 +85,14 @@ def comparison_rows(res: StudyResults) -> list[dict[str, Any]]:
                    and mine.get(ln["query_id"]) is not None and mine[ln["query_id"]].run_id == ln["candidate_run_id"]
                    and theirs.get(ln["query_id"]) is not None and theirs[ln["query_id"]].run_id == ln["baseline_run_id"]]
         both = [q for q in mine if q in theirs]
+        planned = [q for q in both if q in queries and is_complete(theirs[q]) and answered(mine[q])]
         c_ttft = _median([user_ttft_s(latency_view(mine[q])) for q in both])
         r_ttft = _median([user_ttft_s(latency_view(theirs[q])) for q in both])
         c_e2e = _median([run_e2e_s(latency_view(mine[q])) for q in both])
         r_e2e = _median([run_e2e_s(latency_view(theirs[q])) for q in both])
         rows.append({"kind": "versus", "model": cand["model"], "quantization": cand["quantization"],
                      "candidate": cand["preset"], "reference": ref["preset"], "judge": judge,
-                     **_verdict(current, gates.get(judge), n_boot, seed),
+                     **_verdict(current, gates.get(judge), n_boot, seed, planned),
                      "candidate_user_ttft_s": c_ttft, "reference_user_ttft_s": r_ttft, "ttft_ratio": _ratio(c_ttft, r_ttft),
                      "candidate_e2e_s": c_e2e, "reference_e2e_s": r_e2e, "e2e_ratio": _ratio(c_e2e, r_e2e),
                      "revise_rate": None, "added_s": None})

@@ -563,6 +563,9 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
                 and baseline[ln["query_id"]].run_id == ln["baseline_run_id"]
                 and answers.get(ln["query_id"]) is not None and answers[ln["query_id"]].run_id == ln["candidate_run_id"]]
         outcomes, positions, row["identical_answers"] = pair_outcomes(mine)
+        planned = [q for q in queries if baseline.get(q) is not None and is_complete(baseline[q])
+                   and answers.get(q) is not None and answered(answers[q])]  # what judge_study judges
+        unjudged = sum(q not in outcomes for q in planned)
         row["retention_cut_answers"] = sum(bool(is_truncated(answers[q])) for q in outcomes)
         row["_query_scores"] = {q: query_score(o) for q, o in outcomes.items()}  # for quality-aware goodput
         r: Retention = retention(outcomes, positions=positions, target=target, n_boot=n_boot, seed=seed)
@@ -578,6 +581,9 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
         elif not gate.passed:
             acc = "n/a" if gate.accuracy is None else f"{gate.accuracy:.2f}"
             row["quality_note"] = f"judge cannot judge: gate accuracy {acc} < {threshold:g}; {STRONGER_JUDGE}"
+        elif unjudged:  # a verdict over some of the queries would be over the ones judged first
+            row["quality_note"] = (f"judging unfinished: {len(planned) - unjudged} of {len(planned)} queries judged; "
+                                   f"run the study again to judge the rest")
         elif r.n_queries == 0:
             row["quality_note"] = "no query the baseline answered completely was judged"
         else:
