@@ -23,8 +23,8 @@ from ..metrics import NS, run_e2e_s, user_ttft_s
 from ..pipeline import parse_preset
 from ..quality.retention import retention
 from .cell import latency_view
-from .quality import (STRONGER_JUDGE, answered, cell_answers, draft_call, comparison_plan, gate_results, gate_runs,
-                      is_complete, judge_for, judge_version, pair_outcomes, read_judgments, revised, study_queries)
+from .quality import (STRONGER_JUDGE, cell_answers, draft_call, comparison_plan, gate_results, gate_runs,
+                      judge_for, judge_version, judged_queries, pair_outcomes, read_judgments, revised, study_queries)
 from .store import StudyResults
 
 HOLDS_AT = 0.5  # the candidate wins or ties at least half the time: it does not hurt
@@ -43,7 +43,8 @@ def _verdict(lines: list[dict[str, Any]], gate: Any, n_boot: int, seed: int,
              planned: list[str] | None = None) -> dict[str, Any]:
     """``planned``: the queries the comparison judges (where known); a verdict waits until all are judged."""
     outcomes, positions, _ = pair_outcomes(lines)
-    unjudged = sum(q not in outcomes for q in planned or ())
+    planned = planned or []
+    unjudged = sum(q not in outcomes for q in planned)
     r = retention(outcomes, positions=positions, target=HOLDS_AT, n_boot=n_boot, seed=seed)
     row: dict[str, Any] = {"queries": r.n_queries, "order_disagreement": r.order_disagreement,
                            "win_or_tie": None, "ci_low": None, "ci_high": None, "holds": None, "note": None}
@@ -53,7 +54,7 @@ def _verdict(lines: list[dict[str, Any]], gate: Any, n_boot: int, seed: int,
         acc = "n/a" if gate.accuracy is None else f"{gate.accuracy:.2f}"
         row["note"] = f"judge cannot judge: gate accuracy {acc}; {STRONGER_JUDGE}"
     elif unjudged:
-        row["note"] = (f"judging unfinished: {len(planned or ()) - unjudged} of {len(planned or ())} queries judged; "
+        row["note"] = (f"judging unfinished: {len(planned) - unjudged} of {len(planned)} queries judged; "
                        f"run the study again to judge the rest")
     elif r.n_queries == 0:
         row["note"] = "no query the reference answered completely was judged"
@@ -85,7 +86,7 @@ def comparison_rows(res: StudyResults) -> list[dict[str, Any]]:
                    and mine.get(ln["query_id"]) is not None and mine[ln["query_id"]].run_id == ln["candidate_run_id"]
                    and theirs.get(ln["query_id"]) is not None and theirs[ln["query_id"]].run_id == ln["baseline_run_id"]]
         both = [q for q in mine if q in theirs]
-        planned = [q for q in both if q in queries and is_complete(theirs[q]) and answered(mine[q])]
+        planned = judged_queries(queries, theirs, mine)
         c_ttft = _median([user_ttft_s(latency_view(mine[q])) for q in both])
         r_ttft = _median([user_ttft_s(latency_view(theirs[q])) for q in both])
         c_e2e = _median([run_e2e_s(latency_view(mine[q])) for q in both])

@@ -90,6 +90,15 @@ def answered(rec: RunRecord) -> bool:
     return rec.status == "ok" and call is not None and call.finish_reason in ("stop", "length")
 
 
+def judged_queries(queries: Iterable[str], reference: Mapping[str, RunRecord],
+                   candidate: Mapping[str, RunRecord]) -> list[str]:
+    """The queries a comparison judges, in ``queries`` order: the reference (the baseline) answered completely,
+    the candidate answered, cut off or not. The judging, the verdicts' completeness check and ``key_fact_diff``
+    all use this one plan."""
+    return [q for q in queries if reference.get(q) is not None and is_complete(reference[q])
+            and candidate.get(q) is not None and answered(candidate[q])]
+
+
 def is_truncated(rec: RunRecord) -> bool | None:
     call = answer_call(rec)
     return None if call is None else call.finish_reason == "length"
@@ -324,11 +333,10 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
             continue
         judge = judges[(choice.model, choice.backend)]
         mine = cell_answers(res.runs, cell["id"])
-        for qid, q in queries.items():
-            b, c = baseline.get(qid), mine.get(qid)
-            if b is None or c is None or not is_complete(b) or not answered(c):
-                counts["skipped"] += 1
-                continue
+        judged = judged_queries(queries, baseline, mine)
+        counts["skipped"] += len(queries) - len(judged)
+        for qid in judged:
+            q, b, c = queries[qid], baseline[qid], mine[qid]
             line = {"type": "pair", "judge": choice.model, "judge_backend": choice.backend,
                     "prompt_version": version, "cell": cell["id"],
                     "query_id": qid, "baseline_run_id": b.run_id, "candidate_run_id": c.run_id}
@@ -373,11 +381,10 @@ async def judge_study_async(study_dir: str | os.PathLike[str], *, echo: Callable
         if choice.model is None or (choice.model, choice.backend) not in judges:
             continue
         mine, theirs = cell_answers(res.runs, cand["id"]), cell_answers(res.runs, ref["id"])
-        for qid, q in queries.items():
-            c, r = mine.get(qid), theirs.get(qid)
-            if c is None or r is None or not answered(c) or not is_complete(r):
-                counts["skipped"] += 1
-                continue
+        judged = judged_queries(queries, theirs, mine)
+        counts["skipped"] += len(queries) - len(judged)
+        for qid in judged:
+            q, c, r = queries[qid], mine[qid], theirs[qid]
             line = {"type": "versus", "judge": choice.model, "judge_backend": choice.backend,
                     "prompt_version": version, "cell": cand["id"], "reference_cell": ref["id"],
                     "query_id": qid, "baseline_run_id": r.run_id, "candidate_run_id": c.run_id}
@@ -473,11 +480,8 @@ def key_fact_difference(answers: Mapping[str, RunRecord], baseline: Mapping[str,
     or not), with a bootstrap interval. It still says something where a judge fails its gate; it misses a fact
     stated in other words, so it never gives a verdict."""
     diffs = []
-    for q, b in baseline.items():
-        c = answers.get(q)
-        if q not in queries or c is None or not is_complete(b) or not answered(c):
-            continue
-        mine, theirs = (key_fact_recall(answer_text(r), queries[q].facts) for r in (c, b))
+    for q in judged_queries(queries, baseline, answers):
+        mine, theirs = (key_fact_recall(answer_text(r), queries[q].facts) for r in (answers[q], baseline[q]))
         if mine is not None and theirs is not None:
             diffs.append(mine - theirs)
     low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
@@ -563,8 +567,7 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
                 and baseline[ln["query_id"]].run_id == ln["baseline_run_id"]
                 and answers.get(ln["query_id"]) is not None and answers[ln["query_id"]].run_id == ln["candidate_run_id"]]
         outcomes, positions, row["identical_answers"] = pair_outcomes(mine)
-        planned = [q for q in queries if baseline.get(q) is not None and is_complete(baseline[q])
-                   and answers.get(q) is not None and answered(answers[q])]  # what judge_study judges
+        planned = judged_queries(queries, baseline, answers)  # what judge_study judges
         unjudged = sum(q not in outcomes for q in planned)
         row["retention_cut_answers"] = sum(bool(is_truncated(answers[q])) for q in outcomes)
         row["_query_scores"] = {q: query_score(o) for q, o in outcomes.items()}  # for quality-aware goodput
@@ -596,4 +599,4 @@ def quality_columns(res: StudyResults) -> dict[str, dict[str, Any]]:
 __all__ = ["JUDGING", "JUDGMENTS", "STRONGER_JUDGE", "JudgeChoice", "answer_call", "answer_text", "draft_call",
            "comparison_plan", "revised", "cell_answers", "gate_answers", "gate_results", "gate_runs", "judge_version",
            "study_queries", "answered", "is_complete", "judge_for", "judge_study", "judge_study_async",
-           "key_fact_difference", "pair_outcomes", "quality_columns", "read_judgments"]
+           "judged_queries", "key_fact_difference", "pair_outcomes", "quality_columns", "read_judgments"]
